@@ -1,0 +1,241 @@
+"""Checkpoints in the official layout: resolve (local dir or hub id), load, save, and make tiny ones.
+
+A released checkpoint dir holds config.json, generation_config.json, the Qwen tokenizer files and
+`model.safetensors` (or shards with `model.safetensors.index.json`) keyed by the official module
+tree. Our module tree is flatter; `official_key` maps between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hico.config import VideoChatFlashConfig, preset
+from hico.generation import GenerationSettings
+from hico.model import VideoChatFlash
+from hico.tokenizer import load_tokenizer, train_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448"
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# (our prefix, official prefix), most specific first.
+KEY_PREFIXES = (
+    ("vision_tower.", "model.vision_tower.vision_tower.encoder."),
+    ("mm_projector.", "model.mm_projector."),
+    ("llm.model.", "model."),
+    ("llm.lm_head.", "lm_head."),
+)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
+
+def official_key(key: str) -> str:
+    for ours, theirs in KEY_PREFIXES:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    raise KeyError(key)
+
+
+def our_key(key: str) -> str | None:
+    for ours, theirs in KEY_PREFIXES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    return None
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise TypeError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return dtype
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike[str]) -> Path:
+    """A local dir as is; otherwise a hub id, downloaded (or found in the HF cache) with huggingface_hub."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_hub_id)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise CheckpointError(f"{name}: not a checkpoint directory and not a hub id like {DEFAULT_MODEL}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated, disk full: all end the same way for the user
+        raise CheckpointError(
+            f"cannot get {name} from the Hugging Face hub ({type(e).__name__}: {e}). Without network access, "
+            "download the checkpoint elsewhere and pass its local directory, or set HF_HUB_OFFLINE=1 to "
+            "use a copy already in the HF cache."
+        ) from e
+
+
+def read_config(directory: Path) -> VideoChatFlashConfig:
+    path = directory / "config.json"
+    try:
+        return VideoChatFlashConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{directory}: no config.json") from e
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / s for s in shards]
+    else:
+        files = [directory / "model.safetensors"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: missing weight files {missing}")
+    return files
+
+
+def read_weights(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors under their official names, on `device`, in the stored dtype."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(directory):
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from e
+    return tensors
+
+
+def check_weights(model: VideoChatFlash, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map official names to ours; raise naming every missing, unexpected or misshapen tensor."""
+    expected = {official_key(k): (k, v.shape) for k, v in model.state_dict().items()}
+    optional = set()
+    if model.config.text.tie_word_embeddings:
+        # The released 2B stores lm_head.weight although it is tied to embed_tokens; we ignore it.
+        expected.pop("lm_head.weight")
+        optional.add("lm_head.weight")
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected) - optional)
+    wrong = sorted(
+        f"{k}: checkpoint {list(weights[k].shape)} vs model {list(shape)}"
+        for k, (_, shape) in expected.items()
+        if k in weights and weights[k].shape != shape
+    )
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items
+        ]
+        raise CheckpointError("weights do not fit the config: " + "; ".join(parts))
+    return {ours: weights[k] for k, (ours, _) in expected.items()}
+
+
+def load_model(
+    path_or_hub_id: str | os.PathLike[str] = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str | None = None,
+) -> VideoChatFlash:
+    """Build the model on the meta device and fill it straight from the safetensors files."""
+    dtype, device = as_dtype(dtype), torch.device(device)
+    directory = resolve_checkpoint(path_or_hub_id)
+    config = read_config(directory)
+    tokenizer = load_tokenizer(directory)
+    generation = GenerationSettings.from_file(directory / "generation_config.json")
+    if not generation.eos_token_ids:
+        generation = generation.override(eos_token_ids=(tokenizer.eos_token_id,))
+    with torch.device("meta"):
+        model = VideoChatFlash(config, tokenizer, generation).to(dtype)
+    weights = check_weights(model, read_weights(directory, device))
+    model.to_empty(device=device)
+    model.load_state_dict(weights, strict=False)  # strictness checked above; tied lm_head follows embed
+    model.init_buffers()
+    if attn_implementation is None:
+        attn_implementation = "flash_attention_2" if device.type == "cuda" and has_flash_attn() else "sdpa"
+    model.llm.set_attention(attn_implementation)
+    log.info("loaded %s (%s, %s, %s attention)", directory, dtype, device, attn_implementation)
+    return model.eval()
+
+
+def has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_checkpoint(model: VideoChatFlash, directory: str | os.PathLike[str]) -> Path:
+    """Write weights (official names, one file) and config.json; tokenizer files are written separately."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {official_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.text.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # stored untied, like the released 2B
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict() | {"torch_dtype": str(model.dtype).removeprefix("torch.")}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+@torch.no_grad()
+def init_random_(model: VideoChatFlash, seed: int) -> None:
+    """Random weights that exercise every parameter: no zero biases, no unit norms."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        noise = torch.randn(p.shape, generator=gen)
+        if name.endswith("norm.weight") or re.search(r"norm\d?\.weight$|layernorm\.weight$", name):
+            p.copy_(1 + 0.1 * noise)
+        elif p.ndim == 1:
+            p.copy_(0.1 * noise)
+        else:
+            p.copy_(0.02 * noise)
+
+
+def make_tiny_checkpoint(directory: str | os.PathLike[str], res: int = 224, seed: int = 0) -> Path:
+    """A random tiny model in the exact official layout, with a trained byte-level BPE tokenizer.
+
+    Everything runs offline in seconds on it; its answers are noise.
+    """
+    if res not in (224, 448):
+        raise ValueError(f"res must be 224 or 448, got {res}")
+    config = preset("tiny", image_size=res)
+    model = VideoChatFlash(config)
+    init_random_(model, seed)
+    directory = save_checkpoint(model, directory)
+    train_tiny_tokenizer(directory, vocab_size=config.text.vocab_size)
+    bos, eos = config.bos_token_id, config.eos_token_id
+    generation = {
+        "bos_token_id": bos,
+        "do_sample": True,
+        "eos_token_id": [eos, bos],
+        "pad_token_id": bos,
+        "repetition_penalty": 1.1,
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.8,
+    }
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return directory

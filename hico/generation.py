@@ -1,0 +1,95 @@
+"""Decoding settings from generation_config.json and the per-step token choice."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The knobs of generation_config.json that change the output, with the official defaults.
+
+    `do_sample` defaults to greedy as in the official README and evaluation, whatever the file says;
+    the repetition penalty from the file applies either way (the released 2B uses 1.1).
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    max_new_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @classmethod
+    def from_file(cls, path: Path) -> Self:
+        d: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        eos = d.get("eos_token_id", [])
+        return cls(
+            temperature=float(d.get("temperature", 1.0)),
+            top_k=d.get("top_k"),
+            top_p=d.get("top_p"),
+            repetition_penalty=float(d.get("repetition_penalty", 1.0)),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+        )
+
+    def override(self, **kwargs: Any) -> Self:
+        """A copy with the non-None keyword arguments applied (unknown names are an error)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {sorted(names)}")
+        return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
+
+    def processors(self) -> LogitsProcessorList:
+        """Repetition penalty, then (when sampling) temperature, top-k and top-p, as HF generate orders them."""
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+def next_token(
+    logits: torch.Tensor,
+    generated: torch.Tensor,
+    settings: GenerationSettings,
+    processors: LogitsProcessorList,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Choose the next token. logits: [1, V] float32; generated: [1, n] ids produced so far.
+
+    As in the official path (HF generate over inputs_embeds), the repetition penalty sees only the
+    generated tokens, not the prompt.
+    """
+    scores = processors(generated, logits)
+    if not settings.do_sample:
+        return int(scores.argmax(-1))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

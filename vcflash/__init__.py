@@ -1,0 +1,1 @@
+"""vcflash: streaming video understanding on VideoChat-Flash. The `vcflash` command lives in `vcflash.cli`."""
