@@ -170,6 +170,7 @@ def load_model(
         model = VideoChatFlash(config, tokenizer, generation).to(dtype)
     weights = check_weights(model, read_weights(directory, device))
     model.to_empty(device=device)
+    model.llm.tie_weights()  # to_empty gives every module its own fresh tensors
     model.load_state_dict(weights, strict=False)  # strictness checked above; tied lm_head follows embed
     model.init_buffers()
     if attn_implementation is None:
@@ -201,7 +202,7 @@ def save_checkpoint(model: VideoChatFlash, directory: str | os.PathLike[str]) ->
 
 
 @torch.no_grad()
-def init_random_(model: VideoChatFlash, seed: int) -> None:
+def init_random_(model: torch.nn.Module, seed: int) -> None:
     """Random weights that exercise every parameter: no zero biases, no unit norms."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):

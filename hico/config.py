@@ -73,8 +73,7 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -170,15 +169,12 @@ class VideoChatFlashConfig:
 
     def __post_init__(self) -> None:
         if self.mm_hidden_size != self.vision.hidden_size:
-            raise ValueError(
-                f"mm_hidden_size {self.mm_hidden_size} != vision hidden_size {self.vision.hidden_size}"
-            )
+            raise ValueError(f"mm_hidden_size {self.mm_hidden_size} != vision hidden_size {self.vision.hidden_size}")
         if self.drop is not None:
             self.drop.check_depth(self.text.num_hidden_layers)
         if self.tokens_per_clip >= self.vision.tokens_per_clip:
             raise ValueError(
-                f"merge target {self.tokens_per_clip} must be below the {self.vision.tokens_per_clip} "
-                "tokens a clip has"
+                f"merge target {self.tokens_per_clip} must be below the {self.vision.tokens_per_clip} tokens a clip has"
             )
 
     @property

@@ -69,9 +69,7 @@ def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch
     return x / size, size
 
 
-def merge_clip_tokens(
-    x: torch.Tensor, target: int, num_heads: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_clip_tokens(x: torch.Tensor, target: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge each clip's tokens down to `target`.
 
     x: [B, P, C] clip tokens (P = frames·L). The metric of every step is the mean over `num_heads`

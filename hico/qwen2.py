@@ -152,9 +152,7 @@ class Qwen2Attention(nn.Module):
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.reshape(*x.shape[:2], n, self.head_dim).transpose(1, 2)  # [B, n, S, hd]
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         q = apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin)
         k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
@@ -194,9 +192,7 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -270,7 +266,11 @@ class Qwen2ForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the embedding table (Qwen2.5-1.5B); redo after `to_empty`."""
+        if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_attention(self, name: str) -> None:

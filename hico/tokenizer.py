@@ -224,9 +224,7 @@ def tiny_corpus() -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _byte_level_bpe(
-    vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None
-) -> Tokenizer:
+def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None) -> Tokenizer:
     """Build an (untrained) tokenizer with the exact Qwen2 pipeline: NFC, regex split, byte-level BPE."""
     tok = Tokenizer(
         models.BPE(
@@ -400,9 +398,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
         finally:
             transformers_logging.set_verbosity(verbosity)
     except Exception as exc:
-        raise TokenizerLoadError(
-            f"failed to load tokenizer from {str(d)!r} ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise TokenizerLoadError(f"failed to load tokenizer from {str(d)!r} ({type(exc).__name__}: {exc})") from exc
     vocab = tok.get_vocab()
     absent = [t for t in SPECIAL_TOKENS if t not in vocab]
     if absent:

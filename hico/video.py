@@ -186,9 +186,7 @@ def _plan_sampling(
             "because the model encodes 4-frame clips"
         )
     if start_s is None and end_s is None:
-        indices = sample_frame_indices(
-            vlen, fps, max_num_frames=max_num_frames, min_num_frames=min_num_frames
-        )
+        indices = sample_frame_indices(vlen, fps, max_num_frames=max_num_frames, min_num_frames=min_num_frames)
         return _Plan(indices, duration)
 
     # Official sub-range semantics: clamp, stay 0.1 s clear of the end, then sample the
@@ -207,9 +205,7 @@ def _plan_sampling(
             f"at least {MIN_VIDEO_FRAMES} are needed because the model encodes 4-frame clips"
         )
     first = int(start * fps)
-    indices = sample_frame_indices(
-        clip_len, fps, max_num_frames=max_num_frames, min_num_frames=min_num_frames
-    )
+    indices = sample_frame_indices(clip_len, fps, max_num_frames=max_num_frames, min_num_frames=min_num_frames)
     return _Plan([first + index for index in indices], end - start)
 
 
