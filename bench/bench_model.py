@@ -24,7 +24,6 @@ from hico.checkpoint import as_dtype
 from hico.config import DropConfig, preset
 from hico.generation import GenerationSettings
 from hico.model import VideoChatFlash
-from hico.qwen2 import VisualSpan
 
 PROMPT_TEXT_TOKENS = (14, 40)  # roughly the chat template around the video, before and after
 
@@ -80,8 +79,8 @@ def bench_prefill(model: VideoChatFlash, frames: list[int], drop: DropConfig | N
     for f in frames:
         visual = torch.randn(f // 4, model.config.tokens_per_clip, d, device=device, dtype=model.dtype)
         before, after = (list(range(1, n + 1)) for n in PROMPT_TEXT_TOKENS)
-        embeds, span = model.embed(visual, before, after)
-        sec = timed(lambda embeds=embeds, span=span: model.llm(embeds, None, span, drop), device, repeat)
+        embeds, positions = model.embed([before, visual, after])
+        sec = timed(lambda embeds=embeds, pos=positions: model.llm(embeds, None, pos, drop), device, repeat)
         tokens = embeds.shape[1]
         out.append(
             {
@@ -104,10 +103,10 @@ def bench_question_memory(model: VideoChatFlash, frames: int, drop: DropConfig |
     base = torch.cuda.memory_allocated(device)
     pixels = torch.randn(frames, 3, s, s, dtype=torch.float32)  # stays on the host, as decoded frames do
     visual = model.encode_clips(pixels, batch_size=batch)
-    embeds, span = model.embed(visual, list(range(1, 15)), list(range(1, 41)))
+    embeds, positions = model.embed([list(range(1, 15)), visual, list(range(1, 41))])
     settings = GenerationSettings(max_new_tokens=16, eos_token_ids=(-1,))
     t0 = time.perf_counter()
-    n = sum(1 for _ in model.generate(embeds, VisualSpan(span.start, span.count), settings, drop))
+    n = sum(1 for _ in model.generate(embeds, positions, settings, drop))
     sync(device)
     return {
         "what": "question",

@@ -15,7 +15,16 @@ def attention_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return scores.topk(keep).indices.sort().values
 
 
-def keep_visual(h: torch.Tensor, start: int, current: int, keep_idx: torch.Tensor) -> torch.Tensor:
-    """h: [B, S, D] with visual tokens at [start, start + current) -> [B, S - current + len(keep_idx), D]."""
-    kept = h[:, start + keep_idx.to(h.device)]
-    return torch.cat([h[:, :start], kept, h[:, start + current :]], dim=1)
+def keep_visual(h: torch.Tensor, visual: torch.Tensor, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the visual tokens not in `keep_idx`; every other token stays, all in their original order.
+
+    h: [B, S, D]; visual: [N] sorted positions of the visual tokens in h; keep_idx: [K] indices into
+    `visual`. Returns h [B, S - N + K, D] and the kept tokens' new positions [K]. For one contiguous
+    span this is the official [text before, kept visual, text after].
+    """
+    kept = visual[keep_idx.to(visual.device)]
+    mask = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
+    mask[visual] = False
+    mask[kept] = True
+    index = mask.nonzero().squeeze(1)
+    return h[:, index], torch.searchsorted(index, kept)

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hico.config import DROP_PRESETS, DropConfig, VideoChatFlashConfig
 from hico.generation import GenerationSettings, next_token
-from hico.qwen2 import KVCache, Qwen2ForCausalLM, VisualSpan
+from hico.qwen2 import KVCache, Qwen2ForCausalLM
 from hico.video import SampledVideo, load_video, preprocess_frames
 from hico.vision import Projector, UMTEncoder
 
@@ -144,22 +144,26 @@ class VideoChatFlash(nn.Module):
         before, after = text.split(IMAGE_PLACEHOLDER)
         return self.tokenizer(before).input_ids, self.tokenizer(after).input_ids
 
-    def embed(
-        self, visual: torch.Tensor, ids_before: list[int], ids_after: list[int]
-    ) -> tuple[torch.Tensor, VisualSpan]:
-        """visual [C, 64, D] -> inputs_embeds [1, S, D] with the visual tokens spliced in, and their span."""
-        visual = visual.reshape(-1, visual.shape[-1]).to(self.device, self.dtype)  # [C·64, D], frame order
-        total = len(ids_before) + len(visual) + len(ids_after)
-        if total > self.config.max_length:
-            raise ValueError(
-                f"prompt of {total} tokens ({len(visual)} visual) exceeds the model's {self.config.max_length}; "
-                "ask over fewer frames"
-            )
+    def embed(self, parts: Sequence[list[int] | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and visual tokens ([C, 64, D] or [n, D]) in prompt order -> inputs_embeds [1, S, D]
+        and the positions [N] of the visual tokens, which are spliced in with no separators."""
         table = self.llm.model.embed_tokens
-        ids = torch.tensor(ids_before + ids_after, device=self.device)
-        text = table(ids)
-        embeds = torch.cat([text[: len(ids_before)], visual, text[len(ids_before) :]])
-        return embeds[None], VisualSpan(len(ids_before), len(visual))
+        pieces, visual, n = [], [], 0
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                x = part.reshape(-1, part.shape[-1]).to(self.device, self.dtype)  # clip order = frame order
+                visual.append(torch.arange(n, n + len(x), device=self.device))
+            else:
+                x = table(torch.tensor(part, dtype=torch.long, device=self.device))
+            pieces.append(x)
+            n += len(x)
+        if n > self.config.max_length:
+            raise ValueError(
+                f"prompt of {n} tokens ({sum(len(v) for v in visual)} visual) exceeds the model's "
+                f"{self.config.max_length}; ask over fewer frames"
+            )
+        positions = torch.cat(visual) if visual else torch.empty(0, dtype=torch.long, device=self.device)
+        return torch.cat(pieces)[None], positions
 
     def resolve_drop(self, compress: Compress) -> DropConfig | None:
         """None: the checkpoint's setting; False or 'off': none; True or 'recommended': the model card's
@@ -189,14 +193,15 @@ class VideoChatFlash(nn.Module):
         compress: Compress = None,
     ) -> torch.Tensor:
         """Prefill logits [S', V] (S' counts the tokens left after dropout) for a question over tokens."""
-        embeds, span = self.embed(visual, *self.prompt_ids(question, 4 * len(visual), duration_s, history))
-        return self.llm(embeds, visual=span, drop=self.resolve_drop(compress), last_only=False)[0]
+        before, after = self.prompt_ids(question, 4 * len(visual), duration_s, history)
+        embeds, positions = self.embed([before, visual, after])
+        return self.llm(embeds, visual=positions, drop=self.resolve_drop(compress), last_only=False)[0]
 
     @torch.inference_mode()
     def generate(
         self,
         inputs_embeds: torch.Tensor,
-        span: VisualSpan | None,
+        visual: torch.Tensor | None,
         settings: GenerationSettings,
         drop: DropConfig | None = None,
         generator: torch.Generator | None = None,
@@ -205,7 +210,7 @@ class VideoChatFlash(nn.Module):
         cache = KVCache(self.config.text.num_hidden_layers, reserve=settings.max_new_tokens)
         processors = settings.processors()
         generated = torch.empty(1, 0, dtype=torch.long, device=self.device)
-        logits = self.llm(inputs_embeds, cache, span, drop)[:, -1]
+        logits = self.llm(inputs_embeds, cache, visual, drop)[:, -1]
         for _ in range(settings.max_new_tokens):
             token = next_token(logits, generated, settings, processors, generator)
             yield token
@@ -283,17 +288,17 @@ class VideoChatFlash(nn.Module):
         timings: dict[str, float] = {}
         tokens, duration = self.visual_input(video, duration_s, max_num_frames, start_s, end_s, progress, timings)
         ids_before, ids_after = self.prompt_ids(question, len(tokens) * 4, duration, history or ())
-        embeds, span = self.embed(tokens, ids_before, ids_after)
+        embeds, positions = self.embed([ids_before, tokens, ids_after])
         settings = self.generation.override(do_sample=do_sample, max_new_tokens=max_new_tokens, **generation)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         t0 = time.perf_counter()
-        stream = self.generate(embeds, span, settings, self.resolve_drop(compress), generator)
+        stream = self.generate(embeds, positions, settings, self.resolve_drop(compress), generator)
         ids = [next(stream)]  # the prefill and the first token
         timings["prefill"] = time.perf_counter() - t0
         ids.extend(stream)
         timings["generate"] = time.perf_counter() - t0
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return Answer(text, ids, len(tokens) * 4, duration, span.count, embeds.shape[1], timings)
+        return Answer(text, ids, len(tokens) * 4, duration, len(positions), embeds.shape[1], timings)
 
     def chat(
         self,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +16,6 @@ from torch import nn
 
 from hico.config import DropConfig, TextConfig
 from hico.drop import attention_keep, keep_visual, uniform_keep
-
-
-@dataclass(frozen=True)
-class VisualSpan:
-    """Where the visual tokens sit in the prompt: positions [start, start + count)."""
-
-    start: int
-    count: int
-
 
 # -- attention kernels, picked by name ----------------------------------------------------------
 
@@ -209,10 +199,12 @@ class Qwen2Model(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         cache: KVCache | None = None,
-        visual: VisualSpan | None = None,
+        visual: torch.Tensor | None = None,
         drop: DropConfig | None = None,
     ) -> torch.Tensor:
         """inputs_embeds: [1, S, D] -> hidden states [1, S', D] (S' < S after visual dropout).
+
+        `visual` holds the sorted positions [N] of the visual tokens (one span for a single video).
 
         A fresh forward (empty or no cache) may drop visual tokens after the layers that `drop`
         names; a decode step (S == 1) continues each layer at its own cached length.
@@ -221,8 +213,8 @@ class Qwen2Model(nn.Module):
         fresh = cache is None or cache.lengths[0] == 0
         if not fresh and h.shape[1] != 1:
             raise ValueError("a cached sequence continues one token at a time")
-        drop_at = {layer - 1: stage for stage, layer in enumerate(drop.layers)} if drop and visual else {}
-        counts = drop.counts(visual.count) if drop and visual else []
+        counts = drop.counts(len(visual)) if drop and visual is not None else []
+        drop_at = {layer - 1: stage for stage, layer in enumerate(drop.layers)} if counts else {}
         pos = 0 if fresh else cache.lengths[0]
         cos, sin = self.rotary_emb(torch.arange(pos, pos + h.shape[1], device=h.device), h.dtype)
         for i, layer in enumerate(self.layers):
@@ -233,7 +225,7 @@ class Qwen2Model(nn.Module):
             h = layer(h, cos, sin, cache)
             if fresh and i in drop_at:
                 assert visual is not None and drop is not None
-                h = self.drop_visual(drop, drop_at[i], counts, i + 1, h, cos, sin, visual.start)
+                h, visual = self.drop_visual(drop, drop_at[i], counts, i + 1, h, cos, sin, visual)
                 cos, sin = self.rotary_emb(torch.arange(h.shape[1], device=h.device), h.dtype)
         return self.norm(h)
 
@@ -246,18 +238,18 @@ class Qwen2Model(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        start: int,
-    ) -> torch.Tensor:
-        """One dropout stage: keep counts[stage + 1] of the counts[stage] visual tokens at `start`."""
-        current, keep = counts[stage], counts[stage + 1]
+        visual: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One dropout stage: keep counts[stage + 1] of the counts[stage] visual tokens at `visual`."""
+        keep = counts[stage + 1]
         if drop.stage_type(stage) == "uniform":
-            keep_idx = uniform_keep(current, keep)
+            keep_idx = uniform_keep(counts[stage], keep)
         else:
             # Ranked with the *next* layer's norm and q/k projections, from the last prompt token.
             layer = self.layers[rank_layer]
             scores = layer.self_attn.last_token_attention(layer.input_layernorm(h), cos, sin)
-            keep_idx = attention_keep(scores[start : start + current], keep)
-        return keep_visual(h, start, current, keep_idx)
+            keep_idx = attention_keep(scores[visual], keep)
+        return keep_visual(h, visual, keep_idx)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -283,7 +275,7 @@ class Qwen2ForCausalLM(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         cache: KVCache | None = None,
-        visual: VisualSpan | None = None,
+        visual: torch.Tensor | None = None,
         drop: DropConfig | None = None,
         last_only: bool = True,
     ) -> torch.Tensor:

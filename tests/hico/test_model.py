@@ -48,8 +48,8 @@ def test_prompt_halves_are_tokenized_separately(model: VideoChatFlash) -> None:
 
 def test_visual_tokens_are_spliced_without_separators(model: VideoChatFlash) -> None:
     visual = torch.randn(2, 64, 64)
-    embeds, span = model.embed(visual, [1, 2, 3], [4, 5])
-    assert embeds.shape == (1, 3 + 128 + 2, 64) and (span.start, span.count) == (3, 128)
+    embeds, positions = model.embed([[1, 2, 3], visual, [4, 5]])
+    assert embeds.shape == (1, 3 + 128 + 2, 64) and torch.equal(positions, torch.arange(3, 131))
     torch.testing.assert_close(embeds[0, 3:131], visual.reshape(128, 64))
     torch.testing.assert_close(embeds[0, 131], model.llm.model.embed_tokens.weight[4].detach())
 

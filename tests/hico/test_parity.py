@@ -75,10 +75,10 @@ def test_vision_merge_and_projector(res: int, request: pytest.FixtureRequest) ->
         torch.testing.assert_close(model.encode_clips(model.preprocess(g["frames"].numpy())), g["projected"], **TOL)
 
 
-def prompt_embeds(model: VideoChatFlash, g: dict[str, torch.Tensor]) -> tuple[torch.Tensor, hico.qwen2.VisualSpan]:
+def prompt_embeds(model: VideoChatFlash, g: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = g["input_ids"].tolist()
     cut = ids.index(-200)
-    return model.embed(g["projected"], ids[:cut], ids[cut + 1 :])
+    return model.embed([ids[:cut], g["projected"], ids[cut + 1 :]])
 
 
 def test_prefill_logits_without_dropout(p224: tuple[VideoChatFlash, dict[str, torch.Tensor]]) -> None:
@@ -97,9 +97,7 @@ def test_dropout_keeps_the_same_tokens_and_gives_the_same_logits(
     embeds, span = prompt_embeds(model, g)
     kept: list[torch.Tensor] = []
     keep_visual = hico.qwen2.keep_visual
-    monkeypatch.setattr(
-        hico.qwen2, "keep_visual", lambda h, s, c, idx: (kept.append(idx), keep_visual(h, s, c, idx))[1]
-    )
+    monkeypatch.setattr(hico.qwen2, "keep_visual", lambda h, v, idx: (kept.append(idx), keep_visual(h, v, idx))[1])
     drop = DropConfig(kind, (1, 2, 3), (1.0, 0.75, 0.5, 0.25))
     with torch.no_grad():
         logits = model.llm(embeds, None, span, drop, last_only=False)[0]

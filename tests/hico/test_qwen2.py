@@ -9,11 +9,11 @@ from transformers import Qwen2ForCausalLM as HFQwen2ForCausalLM
 
 from hico.checkpoint import init_random_
 from hico.config import DropConfig, preset
-from hico.drop import uniform_keep
-from hico.qwen2 import KVCache, Qwen2ForCausalLM, RotaryEmbedding, VisualSpan
+from hico.drop import keep_visual, uniform_keep
+from hico.qwen2 import KVCache, Qwen2ForCausalLM, RotaryEmbedding
 
 CFG = preset("tiny").text
-SPAN = VisualSpan(start=5, count=40)
+SPAN = torch.arange(5, 45)  # 40 visual tokens after 5 text tokens
 SEQ = 60  # 5 text + 40 visual + 15 text
 
 
@@ -140,7 +140,7 @@ def test_attention_drop_keeps_the_most_attended_tokens_in_order(
     import hico.qwen2 as q
 
     original = q.keep_visual
-    monkeypatch.setattr(q, "keep_visual", lambda h, s, c, idx: (kept.append(idx), original(h, s, c, idx))[1])
+    monkeypatch.setattr(q, "keep_visual", lambda h, v, idx: (kept.append(idx), original(h, v, idx))[1])
     with torch.no_grad():
         llm(embeds, KVCache(CFG.num_hidden_layers), SPAN, DropConfig("uniform0_attention", (1, 2), (1.0, 0.5, 0.25)))
     uniform, attention = kept
@@ -183,3 +183,11 @@ def test_cache_continues_only_one_token_at_a_time(llm: Qwen2ForCausalLM, embeds:
         llm(embeds, cache)
         with pytest.raises(ValueError, match="one token at a time"):
             llm(embeds[:, :2], cache)
+
+
+def test_keep_visual_across_two_segments_keeps_every_text_token() -> None:
+    h = torch.arange(12.0).reshape(1, 12, 1)
+    visual = torch.tensor([2, 3, 4, 7, 8, 9])  # two cameras; text (labels) at 0, 1, 5, 6, 10, 11
+    new_h, new_visual = keep_visual(h, visual, torch.tensor([0, 2, 4]))  # keep positions 2, 4, 8
+    assert new_h.flatten().tolist() == [0, 1, 2, 4, 5, 6, 8, 10, 11]
+    assert new_visual.tolist() == [2, 3, 6]
