@@ -42,9 +42,7 @@ def _index_of_frame(frame: np.ndarray) -> int:
     return 16 * round((high - 8) / 16) + round((low - 8) / 16)
 
 
-def _write_video(
-    path: Path, num_frames: int, fps: int = 25, *, options: dict[str, str] | None = None
-) -> Path:
+def _write_video(path: Path, num_frames: int, fps: int = 25, *, options: dict[str, str] | None = None) -> Path:
     with av.open(str(path), mode="w", options=options or {}) as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height = WIDTH, HEIGHT
