@@ -84,10 +84,14 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, unknown repo, gated, disk full: all end the same way for the user
+        hint = (
+            "HF_HUB_OFFLINE=1 is set and it is not in the local HF cache"
+            if os.environ.get("HF_HUB_OFFLINE") == "1"
+            else "without network access, set HF_HUB_OFFLINE=1 to use a copy already in the HF cache"
+        )
         raise CheckpointError(
-            f"cannot get {name} from the Hugging Face hub ({type(e).__name__}: {e}). Without network access, "
-            "download the checkpoint elsewhere and pass its local directory, or set HF_HUB_OFFLINE=1 to "
-            "use a copy already in the HF cache."
+            f"cannot get {name} from the Hugging Face hub ({type(e).__name__}: {e}); {hint}, or download "
+            "the checkpoint elsewhere and pass its local directory"
         ) from e
 
 
@@ -104,7 +108,10 @@ def read_config(directory: Path) -> VideoChatFlashConfig:
 def weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e!r})") from e
         files = [directory / s for s in shards]
     else:
         files = [directory / "model.safetensors"]
