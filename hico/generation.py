@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Self
 
 import torch
+from transformers import PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -93,3 +95,17 @@ def next_token(
         return int(scores.argmax(-1))
     probs = scores.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def detokenize(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive; a piece is held back while it ends inside a UTF-8 character."""
+    seen: list[int] = []
+    emitted = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+        emitted = text

@@ -1,1 +1,26 @@
 """Live ingest: RTSP (PyAV) and WebRTC (aiortc, WHIP) streams sampled into 4-frame clips (issue 4)."""
+
+from ingest.clips import CLIP_FRAMES, Clip, ClipGrouper
+from ingest.metrics import DropReason, IngestMetrics
+from ingest.pipeline import IngestManager, IngestSettings, StreamState, StreamStatus, StreamWorker
+from ingest.sampler import FrameSampler, Verdict
+from ingest.source import Frame, SourceError, open_frames, redact_url
+
+__all__ = [
+    "CLIP_FRAMES",
+    "Clip",
+    "ClipGrouper",
+    "DropReason",
+    "Frame",
+    "FrameSampler",
+    "IngestManager",
+    "IngestMetrics",
+    "IngestSettings",
+    "SourceError",
+    "StreamState",
+    "StreamStatus",
+    "StreamWorker",
+    "Verdict",
+    "open_frames",
+    "redact_url",
+]

@@ -34,6 +34,10 @@ class ClipRecord:
     tokens: np.ndarray  # [64, D] visual tokens in LLM space; stored as fp16 (or int8 + per-token scale)
     vector: np.ndarray  # [D] float32, L2-normalised clip summary for the FAISS index
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.meta.stream_id, self.meta.seq
+
 
 @dataclass(frozen=True)
 class Retention:

@@ -1,0 +1,286 @@
+"""A single-file memory on the stdlib's SQLite, for deployments without Redis.
+
+WAL with synchronous=NORMAL survives a process crash and costs no fsync per clip (a power cut may lose the
+last few commits, never corrupt the file). One connection behind a lock serialises writers of this process;
+blobs come last in each row so range scans never read their overflow pages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memory import codec
+from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
+from memory.store import MemoryStore, UnknownStream
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    stream_id TEXT PRIMARY KEY,
+    shape TEXT,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    evicted INTEGER NOT NULL DEFAULT 0,
+    max_age_s REAL,
+    max_bytes INTEGER,
+    config TEXT
+);
+CREATE TABLE IF NOT EXISTS clips (
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    media_start REAL NOT NULL,
+    media_end REAL NOT NULL,
+    wall_start REAL NOT NULL,
+    wall_end REAL NOT NULL,
+    frame_media_times TEXT NOT NULL,
+    token_format TEXT NOT NULL,
+    n_tokens INTEGER NOT NULL,
+    dim INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    tokens BLOB NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+);
+CREATE INDEX IF NOT EXISTS clips_media ON clips (stream_id, media_start, seq);
+CREATE INDEX IF NOT EXISTS clips_wall ON clips (stream_id, wall_start, seq);
+"""
+
+META_COLUMNS = "stream_id, seq, wall_start, wall_end, media_start, media_end, frame_media_times"
+TIME_COLUMN: dict[Clock, str] = {"media": "media_start", "wall": "wall_start"}
+
+
+def _meta(row: tuple[Any, ...]) -> ClipMeta:
+    return ClipMeta(*row[:6], frame_media_times=tuple(json.loads(row[6])))
+
+
+class EmbeddedStore(MemoryStore):
+    def __init__(self, path: Path, token_format: TokenFormat = "fp16", busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.token_format = codec.check_format(token_format)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.executescript(f"BEGIN; {SCHEMA} COMMIT;")
+        log.info("embedded memory at %s (%s tokens)", self.path, self.token_format)
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock: IMMEDIATE for writes (no upgrade deadlocks), DEFERRED for reads."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @staticmethod
+    def _stream(db: sqlite3.Connection, stream_id: str) -> tuple[Any, ...]:
+        row = db.execute(
+            "SELECT shape, bytes, evicted, max_age_s, max_bytes FROM streams WHERE stream_id = ?", (stream_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownStream(stream_id)
+        return row
+
+    @staticmethod
+    def _register(db: sqlite3.Connection, stream_id: str) -> None:
+        codec.check_stream_id(stream_id)
+        db.execute("INSERT OR IGNORE INTO streams (stream_id) VALUES (?)", (stream_id,))
+
+    def put(self, record: ClipRecord) -> bool:
+        enc = codec.encode(record, self.token_format)
+        m = enc.meta
+        with self._tx() as db:
+            self._register(db, m.stream_id)
+            shape = self._stream(db, m.stream_id)[0]
+            if shape is not None and shape != enc.shape:
+                raise ValueError(f"stream {m.stream_id!r} holds {shape} tokens, clip {m.seq} has {enc.shape}")
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO clips VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    m.stream_id,
+                    m.seq,
+                    m.media_start,
+                    m.media_end,
+                    m.wall_start,
+                    m.wall_end,
+                    json.dumps(m.frame_media_times),
+                    enc.token_format,
+                    enc.n_tokens,
+                    enc.dim,
+                    enc.nbytes,
+                    enc.vector,
+                    enc.tokens,
+                ),
+            ).rowcount
+            if not inserted:
+                return False
+            total, max_bytes = db.execute(
+                "UPDATE streams SET shape = ?, bytes = bytes + ? WHERE stream_id = ? RETURNING bytes, max_bytes",
+                (enc.shape, enc.nbytes, m.stream_id),
+            ).fetchone()
+            if max_bytes is not None and total > max_bytes:
+                evicted = self._evict_oldest(db, m.stream_id, total - max_bytes)
+                log.debug("stream %r over %d bytes: evicted seqs %s on put", m.stream_id, max_bytes, evicted)
+        return True
+
+    @staticmethod
+    def _evict_oldest(db: sqlite3.Connection, stream_id: str, excess: int) -> list[int]:
+        """Evict clips oldest-first (by wall_start, seq) until at least `excess` bytes are freed."""
+        seqs, freed = [], 0
+        rows = db.execute("SELECT seq, nbytes FROM clips WHERE stream_id = ? ORDER BY wall_start, seq", (stream_id,))
+        for seq, nbytes in rows:
+            if freed >= excess:
+                break
+            seqs.append(seq)
+            freed += nbytes
+        rows.close()
+        EmbeddedStore._delete(db, stream_id, seqs)
+        return seqs
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, stream_id: str, seqs: list[int]) -> None:
+        freed = db.execute(
+            "DELETE FROM clips WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?)) RETURNING nbytes",
+            (stream_id, json.dumps(seqs)),
+        ).fetchall()
+        db.execute(
+            "UPDATE streams SET bytes = bytes - ?, evicted = evicted + ? WHERE stream_id = ?",
+            (sum(n for (n,) in freed), len(freed), stream_id),
+        )
+
+    def clips(
+        self, stream_id: str, start: float | None = None, end: float | None = None, *, clock: Clock = "media"
+    ) -> list[ClipMeta]:
+        col = TIME_COLUMN[clock]
+        with self._tx(write=False) as db:
+            self._stream(db, stream_id)
+            rows = db.execute(
+                f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? AND {col} >= ? AND {col} < ? "
+                f"ORDER BY {col}, seq",
+                (stream_id, -math.inf if start is None else start, math.inf if end is None else end),
+            ).fetchall()
+        return [_meta(r) for r in rows]
+
+    def tokens(self, stream_id: str, seqs: Sequence[int]) -> np.ndarray:
+        seqs = [int(s) for s in seqs]
+        with self._tx(write=False) as db:
+            shape = self._stream(db, stream_id)[0]
+            rows = db.execute(
+                "SELECT seq, tokens, token_format, n_tokens, dim FROM clips "
+                "WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?))",
+                (stream_id, json.dumps(seqs)),
+            ).fetchall()
+        return codec.stack_tokens(stream_id, seqs, shape, {r[0]: r[1:] for r in rows})
+
+    def vectors(self, stream_id: str) -> tuple[np.ndarray, np.ndarray]:
+        with self._tx(write=False) as db:
+            shape = self._stream(db, stream_id)[0]
+            rows = db.execute(
+                "SELECT seq, vector, token_format, dim FROM clips WHERE stream_id = ? ORDER BY seq", (stream_id,)
+            ).fetchall()
+        dim = int(shape.split("x")[1]) if shape else 0
+        vectors = np.empty((len(rows), dim), dtype=np.float32)
+        for i, (_, blob, fmt, d) in enumerate(rows):
+            vectors[i] = codec.decode_vector(blob, fmt, d)
+        return np.array([r[0] for r in rows], dtype=np.int64), vectors
+
+    def streams(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute("SELECT stream_id FROM streams ORDER BY stream_id")]
+
+    def stats(self, stream_id: str) -> StreamStats:
+        with self._tx(write=False) as db:
+            _, nbytes, evicted, max_age_s, max_bytes = self._stream(db, stream_id)
+            (count,) = db.execute("SELECT COUNT(*) FROM clips WHERE stream_id = ?", (stream_id,)).fetchone()
+            ends = [
+                db.execute(
+                    f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? ORDER BY wall_start {o}, seq {o} LIMIT 1",
+                    (stream_id,),
+                ).fetchone()
+                for o in ("ASC", "DESC")
+            ]
+        first, last = (None if r is None else _meta(r) for r in ends)
+        return StreamStats(stream_id, count, nbytes, first, last, Retention(max_age_s, max_bytes), evicted)
+
+    def delete_stream(self, stream_id: str) -> None:
+        with self._tx() as db:
+            self._stream(db, stream_id)
+            db.execute("DELETE FROM clips WHERE stream_id = ?", (stream_id,))
+            db.execute("DELETE FROM streams WHERE stream_id = ?", (stream_id,))
+        log.info("deleted stream %r", stream_id)
+
+    def set_retention(self, stream_id: str, retention: Retention) -> None:
+        with self._tx() as db:
+            self._register(db, stream_id)
+            db.execute(
+                "UPDATE streams SET max_age_s = ?, max_bytes = ? WHERE stream_id = ?",
+                (retention.max_age_s, retention.max_bytes, stream_id),
+            )
+
+    def enforce_retention(self, now: float | None = None) -> dict[str, list[int]]:
+        now = time.time() if now is None else now
+        with self._lock:
+            limited = self._conn.execute(
+                "SELECT stream_id FROM streams WHERE max_age_s IS NOT NULL OR max_bytes IS NOT NULL"
+            ).fetchall()
+        evicted: dict[str, list[int]] = {}
+        for (stream_id,) in limited:
+            with self._tx() as db:  # one transaction per stream, so puts to other streams are not held up
+                seqs = self._enforce(db, stream_id, now)
+            if seqs:
+                evicted[stream_id] = seqs
+                log.info("retention evicted %d clips of stream %r", len(seqs), stream_id)
+        return evicted
+
+    def _enforce(self, db: sqlite3.Connection, stream_id: str, now: float) -> list[int]:
+        try:
+            _, _, _, max_age_s, max_bytes = self._stream(db, stream_id)
+        except UnknownStream:  # deleted since it was listed
+            return []
+        seqs: list[int] = []
+        if max_age_s is not None:
+            cutoff = now - max_age_s
+            seqs = [
+                seq
+                for (seq,) in db.execute(
+                    "SELECT seq FROM clips WHERE stream_id = ? AND wall_start < ? AND wall_end < ?",
+                    (stream_id, cutoff, cutoff),
+                )
+            ]
+            self._delete(db, stream_id, seqs)
+        if max_bytes is not None:
+            (total,) = db.execute("SELECT bytes FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
+            if total > max_bytes:
+                seqs += self._evict_oldest(db, stream_id, total - max_bytes)
+        return seqs
+
+    def put_stream_config(self, stream_id: str, config: dict[str, Any]) -> None:
+        text = json.dumps(config)
+        with self._tx() as db:
+            self._register(db, stream_id)
+            db.execute("UPDATE streams SET config = ? WHERE stream_id = ?", (text, stream_id))
+
+    def stream_configs(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT stream_id, config FROM streams WHERE config IS NOT NULL").fetchall()
+        return {stream_id: json.loads(config) for stream_id, config in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,94 @@
+"""The memory's contract, shared by the Redis and the embedded backend so services never know which one they hold."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+
+from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats
+
+
+class MemoryUnavailable(Exception):
+    """The backend cannot be reached (connection refused, timeout); the gRPC layer answers UNAVAILABLE."""
+
+
+class UnknownStream(KeyError):
+    """The stream has never been written (or was deleted)."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"unknown stream {stream_id!r}")
+        self.stream_id = stream_id
+
+
+class MemoryStore(abc.ABC):
+    """Durable, timestamped clip memory. All calls are blocking; services run them through asyncio.to_thread."""
+
+    @abc.abstractmethod
+    def put(self, record: ClipRecord) -> bool:
+        """Store a clip atomically; False if (stream_id, seq) was already there (then nothing changes).
+
+        Registers a new stream, and evicts the stream's oldest clips (by wall time) while it holds more than
+        its retention's max_bytes, so memory stays bounded without enforce_retention.
+        """
+
+    @abc.abstractmethod
+    def clips(
+        self, stream_id: str, start: float | None = None, end: float | None = None, *, clock: Clock = "media"
+    ) -> list[ClipMeta]:
+        """Clips whose start time on `clock` is in [start, end) (None: open end), ascending by (that time, seq)."""
+
+    @abc.abstractmethod
+    def tokens(self, stream_id: str, seqs: Sequence[int]) -> np.ndarray:
+        """Float16 [len(seqs), T, D] tokens in the order asked; KeyError naming the seqs that are not held."""
+
+    @abc.abstractmethod
+    def vectors(self, stream_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(seqs int64 [n], vectors float32 [n, D]) of every clip held, ascending by seq, to rebuild an index."""
+
+    @abc.abstractmethod
+    def streams(self) -> list[str]:
+        """Known stream ids, sorted."""
+
+    @abc.abstractmethod
+    def stats(self, stream_id: str) -> StreamStats:
+        """Counts, bytes and the oldest and newest clip (by wall time) of one stream."""
+
+    @abc.abstractmethod
+    def delete_stream(self, stream_id: str) -> None:
+        """Forget the stream: its clips, retention, counters and config."""
+
+    @abc.abstractmethod
+    def set_retention(self, stream_id: str, retention: Retention) -> None:
+        """Set the stream's limits (registering it if new); they are applied by put and enforce_retention."""
+
+    @abc.abstractmethod
+    def enforce_retention(self, now: float | None = None) -> dict[str, list[int]]:
+        """Evict, per stream, clips with wall_end < now - max_age_s, then the oldest until bytes <= max_bytes.
+
+        Returns the evicted seqs of each stream that lost any, so the caller can drop them from its index.
+        `now` defaults to time.time().
+        """
+
+    @abc.abstractmethod
+    def put_stream_config(self, stream_id: str, config: dict[str, Any]) -> None:
+        """Durably keep a JSON-serialisable config for the stream (registering it if new), replacing any before."""
+
+    @abc.abstractmethod
+    def stream_configs(self) -> dict[str, dict[str, Any]]:
+        """Every stored stream config, by stream id."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

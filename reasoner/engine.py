@@ -1,0 +1,275 @@
+"""Ask over memory: pick clips, build the timestamped prompt, run the LLM on stored tokens.
+
+No frame is decoded or encoded here: the visual tokens come straight from memory. With one stream
+and no wall-clock anchors, the prompt is exactly the official one for the same sampled frames, so
+the answer equals the offline model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+import torch
+
+from hico.generation import detokenize
+from hico.model import IMAGE_PLACEHOLDER, VideoChatFlash, chat_prompt, time_message
+from memory.index import ClipIndex
+from memory.records import ClipMeta, Clock
+from memory.store import MemoryStore
+
+log = logging.getLogger(__name__)
+
+Selection = Literal["uniform", "retrieval"]
+
+
+class AskError(ValueError):
+    """A question that cannot be asked as posed (maps to INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class ReasonerLimits:
+    max_question_chars: int = 4000
+    max_frames: int = 2048  # per question, all streams together
+    max_streams: int = 8
+    max_new_tokens: int = 2048
+    max_history_turns: int = 16
+
+
+@dataclass(frozen=True)
+class AskParams:
+    stream_ids: Sequence[str]
+    question: str
+    start: float | None = None
+    end: float | None = None
+    clock: Clock = "media"
+    max_frames: int = 512
+    selection: Selection = "uniform"
+    dropout: str | None = None  # None: the checkpoint's config; "off", "recommended" or TYPE:LAYERS:RATIOS
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    history: Sequence[tuple[str, str]] = ()
+    anchors: bool = True  # state the wall-clock span in the prompt
+
+    def validate(self, limits: ReasonerLimits) -> None:
+        if not self.stream_ids:
+            raise AskError("name at least one stream")
+        if len(set(self.stream_ids)) != len(self.stream_ids) or len(self.stream_ids) > limits.max_streams:
+            raise AskError(f"give 1 to {limits.max_streams} distinct streams, got {list(self.stream_ids)}")
+        if not self.question.strip():
+            raise AskError("the question is empty")
+        if len(self.question) > limits.max_question_chars:
+            raise AskError(
+                f"the question has {len(self.question)} characters; the limit is {limits.max_question_chars}"
+            )
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise AskError(f"inverted time range: start {self.start} >= end {self.end}")
+        if not 4 <= self.max_frames <= limits.max_frames or self.max_frames % 4:
+            raise AskError(f"max_frames must be a multiple of 4 in [4, {limits.max_frames}], got {self.max_frames}")
+        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+            raise AskError(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}")
+        if len(self.history) > limits.max_history_turns:
+            raise AskError(f"history has {len(self.history)} turns; the limit is {limits.max_history_turns}")
+        if self.selection not in ("uniform", "retrieval"):
+            raise AskError(f"unknown selection {self.selection!r}")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    clip: ClipMeta
+    retrieved: bool = False
+    score: float = 0.0
+
+
+@dataclass
+class AskResult:
+    answer: str
+    evidence: list[Evidence]
+    frames: int
+    visual_tokens: int
+    prompt_tokens: int
+    new_tokens: int
+    duration_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def uniform_pick(n: int, k: int) -> list[int]:
+    """k of n items, the middle of k equal segments: the official frame sampler, applied to clips."""
+    if n <= k:
+        return list(range(n))
+    edges = np.linspace(0, n, k + 1).astype(int)
+    return [int((a + b - 1) // 2) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def select_clips(available: list[ClipMeta], budget: int, hits: Sequence[tuple[int, float]] = ()) -> list[Evidence]:
+    """Up to `budget` clips in time order: uniform, or (with retrieval hits) half uniform backbone and
+    the best-scoring hits for the rest."""
+    if not hits or len(available) <= budget:
+        return [Evidence(available[i]) for i in uniform_pick(len(available), budget)]
+    chosen = {available[i].seq: Evidence(available[i]) for i in uniform_pick(len(available), max(1, budget // 2))}
+    by_seq = {m.seq: m for m in available}
+    for seq, score in hits:
+        if len(chosen) >= budget:
+            break
+        if seq in by_seq and seq not in chosen:
+            chosen[seq] = Evidence(by_seq[seq], retrieved=True, score=score)
+    return sorted(chosen.values(), key=lambda e: e.clip.media_start)
+
+
+def wall_clock(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class Segment:
+    """One camera's part of the prompt."""
+
+    stream_id: str
+    evidence: list[Evidence]
+    duration_s: float  # covered by the clips in range, as the official message's video length
+    tokens: torch.Tensor  # [C, 64, D]
+
+    @property
+    def frames(self) -> int:
+        return sum(len(e.clip.frame_media_times) for e in self.evidence)
+
+    def describe(self, anchors: bool, label: bool) -> str:
+        msg = time_message(self.duration_s, self.frames)
+        if label:
+            msg = f'Camera "{self.stream_id}": ' + msg[0].lower() + msg[1:]
+        if anchors:
+            first, last = self.evidence[0].clip, self.evidence[-1].clip
+            msg += f" It runs from {wall_clock(first.wall_start)} to {wall_clock(last.wall_end)} UTC."
+        return msg
+
+
+class Reasoner:
+    """Answers questions over the memory with one shared model; one question at a time on the model."""
+
+    def __init__(
+        self,
+        model: VideoChatFlash,
+        store: MemoryStore,
+        index: ClipIndex | None = None,
+        limits: ReasonerLimits | None = None,
+        model_lock: threading.Lock | None = None,
+    ) -> None:
+        self.model, self.store, self.index = model, store, index
+        self.limits = limits or ReasonerLimits()
+        self.model_lock = model_lock or threading.Lock()
+
+    def ask(self, p: AskParams) -> Iterator[str | AskResult]:
+        """Yield answer text pieces, then the AskResult. Raises AskError, KeyError (unknown stream)
+        or memory.store.MemoryUnavailable before the first piece."""
+        t0 = time.perf_counter()
+        p.validate(self.limits)
+        drop = self._resolve_drop(p.dropout)
+        known = set(self.store.streams())
+        unknown = [s for s in p.stream_ids if s not in known]
+        if unknown:
+            raise KeyError(f"unknown stream(s): {', '.join(unknown)}")
+        segments = self._segments(p)
+        timings = {"select": time.perf_counter() - t0}
+        if not segments:
+            where = ", ".join(p.stream_ids)
+            note = f"no clips from {where} in the requested range"
+            yield AskResult(f"There is no video from {where} in that time range.", [], 0, 0, 0, 0, 0.0, timings, note)
+            return
+
+        embeds, visual = self._prompt(p, segments)
+        timings["prompt"] = time.perf_counter() - t0 - timings["select"]
+        settings = self.model.generation.override(
+            do_sample=p.do_sample,
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            repetition_penalty=p.repetition_penalty,
+        )
+        generator = torch.Generator(self.model.device).manual_seed(p.seed) if p.seed is not None else None
+        ids: list[int] = []
+
+        def tokens() -> Iterator[int]:
+            for token in self.model.generate(embeds, visual, settings, drop, generator):
+                if not ids:
+                    timings["prefill"] = time.perf_counter() - t_gen
+                ids.append(token)
+                yield token
+
+        with self.model_lock:
+            t_gen = time.perf_counter()
+            pieces = []
+            for piece in detokenize(self.model.tokenizer, tokens()):
+                pieces.append(piece)
+                yield piece
+            timings["generate"] = time.perf_counter() - t_gen
+        timings["total"] = time.perf_counter() - t0
+        evidence = [e for s in segments for e in s.evidence]
+        yield AskResult(
+            answer="".join(pieces).strip(),
+            evidence=evidence,
+            frames=sum(s.frames for s in segments),
+            visual_tokens=len(visual),
+            prompt_tokens=embeds.shape[1],
+            new_tokens=len(ids),
+            duration_s=sum(s.duration_s for s in segments),
+            timings=timings,
+        )
+
+    def _resolve_drop(self, dropout: str | None):  # noqa: ANN202 - DropConfig | None
+        try:
+            return self.model.resolve_drop(dropout or None)
+        except ValueError as e:
+            raise AskError(str(e)) from e
+
+    def _segments(self, p: AskParams) -> list[Segment]:
+        budget = max(1, p.max_frames // 4 // len(p.stream_ids))  # clips per stream
+        segments = []
+        for stream_id in p.stream_ids:
+            available = self.store.clips(stream_id, p.start, p.end, clock=p.clock)
+            if not available:
+                continue
+            hits: list[tuple[int, float]] = []
+            if p.selection == "retrieval" and self.index is not None and len(available) > budget:
+                hits = self.index.search(stream_id, self._question_vector(p.question), k=budget)
+            evidence = select_clips(available, budget, hits)
+            tokens = torch.from_numpy(self.store.tokens(stream_id, [e.clip.seq for e in evidence]))
+            duration = available[-1].media_end - available[0].media_start
+            segments.append(Segment(stream_id, evidence, duration, tokens))
+        return segments
+
+    def _question_vector(self, question: str) -> np.ndarray:
+        """The question in the clips' space: the mean of its token embeddings (the LLM input space)."""
+        ids = torch.tensor(self.model.tokenizer(question).input_ids, device=self.model.device)
+        with torch.no_grad():
+            v = self.model.llm.model.embed_tokens(ids).float().mean(0).cpu().numpy()
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+    def _prompt(self, p: AskParams, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official prompt; several cameras each get a label before their tokens."""
+        tok = self.model.tokenizer
+        many = len(segments) > 1
+        time_msg = " ".join(s.describe(p.anchors, many) for s in segments)
+        before, after = chat_prompt(p.question, time_msg, p.history).split(IMAGE_PLACEHOLDER)
+        parts: list[list[int] | torch.Tensor] = [tok(before).input_ids]
+        for i, s in enumerate(segments):
+            if many:
+                parts.append(tok(("\n" if i else "") + f'Camera "{s.stream_id}":').input_ids)
+            parts.append(s.tokens)
+        parts.append(tok(after).input_ids)
+        try:
+            return self.model.embed(parts)
+        except ValueError as e:  # over the context length
+            raise AskError(str(e)) from e

@@ -1,0 +1,101 @@
+"""The Reasoner gRPC service: Ask streams the answer, then the evidence."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+
+from memory.server import clip_info
+from protos.vcflash.v1 import vcflash_pb2 as pb
+from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+from reasoner.engine import AskParams, AskResult, Reasoner
+from vcflash.rpc import handle_errors
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reasoner"].full_name
+_DONE = object()
+
+
+def ask_params(r: pb.AskRequest) -> AskParams:
+    g = r.generation
+    return AskParams(
+        stream_ids=list(r.stream_ids),
+        question=r.question,
+        start=r.range.start if r.range.HasField("start") else None,
+        end=r.range.end if r.range.HasField("end") else None,
+        clock="wall" if r.range.clock == pb.CLOCK_WALL else "media",
+        max_frames=r.max_frames or 512,
+        selection="retrieval" if r.selection == pb.SELECTION_RETRIEVAL else "uniform",
+        dropout=r.dropout or None,
+        max_new_tokens=g.max_new_tokens or 512,
+        do_sample=g.do_sample,
+        temperature=g.temperature if g.HasField("temperature") else None,
+        top_p=g.top_p if g.HasField("top_p") else None,
+        top_k=g.top_k if g.HasField("top_k") else None,
+        repetition_penalty=g.repetition_penalty if g.HasField("repetition_penalty") else None,
+        seed=g.seed if g.HasField("seed") else None,
+        history=[(t.question, t.answer) for t in r.history],
+        anchors=r.wall_clock_anchors,
+    )
+
+
+def ask_result(r: AskResult) -> pb.AskResult:
+    return pb.AskResult(
+        answer=r.answer,
+        evidence=[pb.Evidence(clip=clip_info(e.clip), retrieved=e.retrieved, score=e.score) for e in r.evidence],
+        frames=r.frames,
+        visual_tokens=r.visual_tokens,
+        prompt_tokens=r.prompt_tokens,
+        new_tokens=r.new_tokens,
+        duration_s=r.duration_s,
+        timings_s=r.timings,
+        note=r.note,
+    )
+
+
+class ReasonerServicer(pb_grpc.ReasonerServicer):
+    def __init__(self, reasoner: Reasoner, registry: CollectorRegistry = REGISTRY) -> None:
+        self.reasoner = reasoner
+        self.latency = Histogram(
+            "vcflash_ask_seconds",
+            "Ask latency, request to final message",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+
+    @handle_errors
+    async def Ask(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AskResponse]:
+        params = ask_params(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def run() -> None:
+            """The engine in a worker thread; stops generating when the client goes away."""
+            try:
+                for item in self.reasoner.ask(params):
+                    loop.call_soon_threadsafe(events.put_nowait, item)
+                    if cancelled.is_set():
+                        break
+            except Exception as exc:  # noqa: BLE001 - re-raised in the handler
+                loop.call_soon_threadsafe(events.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, _DONE)
+
+        with self.latency.time():
+            worker = loop.run_in_executor(None, run)
+            try:
+                while (item := await events.get()) is not _DONE:
+                    if isinstance(item, Exception):
+                        raise item
+                    if isinstance(item, str):
+                        yield pb.AskResponse(text=item)
+                    else:
+                        yield pb.AskResponse(result=ask_result(item))
+            finally:
+                cancelled.set()
+                await worker

@@ -1,0 +1,125 @@
+"""A small synchronous Python client for a running vcflash server.
+
+from vcflash.client import Client
+with Client("127.0.0.1:50051", token) as c:
+    c.add_stream("lobby", "rtsp://cam/stream", fps=1)
+    for piece in c.ask(["lobby"], "When did the van leave?"):
+        print(piece, end="")          # text pieces, then the final AskResult
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Self
+
+import grpc
+
+from protos.vcflash.v1 import vcflash_pb2 as pb
+from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+
+
+class Client:
+    def __init__(self, address: str, token: str, timeout_s: float = 30.0, max_message_bytes: int = 8 << 20) -> None:
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.timeout_s = timeout_s
+        self.ingest = pb_grpc.IngestStub(self.channel)
+        self.memory = pb_grpc.MemoryStub(self.channel)
+        self.reasoner = pb_grpc.ReasonerStub(self.channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> object:
+        return method(request, metadata=self.metadata, timeout=self.timeout_s)
+
+    def add_stream(
+        self,
+        stream_id: str,
+        source: str,
+        *,
+        fps: float = 1.0,
+        realtime: bool = True,
+        loop: bool = False,
+        retention_max_age_s: float | None = None,
+        retention_max_bytes: int | None = None,
+    ) -> pb.StreamStatus:
+        request = pb.AddStreamRequest(
+            stream_id=stream_id,
+            source=source,
+            fps=fps,
+            realtime=realtime,
+            loop=loop,
+            retention_max_age_s=retention_max_age_s,
+            retention_max_bytes=retention_max_bytes,
+        )
+        return self._call(self.ingest.AddStream, request)  # type: ignore[return-value]
+
+    def remove_stream(self, stream_id: str, delete_memory: bool = False) -> None:
+        self._call(self.ingest.RemoveStream, pb.RemoveStreamRequest(stream_id=stream_id, delete_memory=delete_memory))
+
+    def list_streams(self) -> list[pb.StreamStatus]:
+        return list(self._call(self.ingest.ListStreams, pb.ListStreamsRequest()).streams)  # type: ignore[attr-defined]
+
+    def stream(self, stream_id: str) -> pb.StreamStatus:
+        return self._call(self.ingest.GetStream, pb.GetStreamRequest(stream_id=stream_id))  # type: ignore[return-value]
+
+    def clips(
+        self,
+        stream_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        wall_clock: bool = False,
+        limit: int = 0,
+    ) -> list[pb.ClipInfo]:
+        time_range = pb.TimeRange(start=start, end=end, clock=pb.CLOCK_WALL if wall_clock else pb.CLOCK_MEDIA)
+        request = pb.ListClipsRequest(stream_id=stream_id, range=time_range, limit=limit)
+        return list(self._call(self.memory.ListClips, request).clips)  # type: ignore[attr-defined]
+
+    def stats(self, stream_id: str = "") -> list[pb.StreamMemoryStats]:
+        return list(self._call(self.memory.GetStats, pb.GetStatsRequest(stream_id=stream_id)).streams)  # type: ignore[attr-defined]
+
+    def ask(
+        self,
+        stream_ids: Sequence[str],
+        question: str,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        wall_clock: bool = False,
+        max_frames: int = 512,
+        retrieval: bool = False,
+        dropout: str = "",
+        max_new_tokens: int = 512,
+        history: Sequence[tuple[str, str]] = (),
+        anchors: bool = True,
+        timeout_s: float | None = 600.0,
+    ) -> Iterator[str | pb.AskResult]:
+        """Yield the answer's text pieces as they are generated, then the final AskResult."""
+        request = pb.AskRequest(
+            stream_ids=list(stream_ids),
+            question=question,
+            range=pb.TimeRange(start=start, end=end, clock=pb.CLOCK_WALL if wall_clock else pb.CLOCK_MEDIA),
+            max_frames=max_frames,
+            selection=pb.SELECTION_RETRIEVAL if retrieval else pb.SELECTION_UNIFORM,
+            dropout=dropout,
+            generation=pb.Generation(max_new_tokens=max_new_tokens),
+            history=[pb.Turn(question=q, answer=a) for q, a in history],
+            wall_clock_anchors=anchors,
+        )
+        for event in self.reasoner.Ask(request, metadata=self.metadata, timeout=timeout_s):
+            yield event.text if event.WhichOneof("event") == "text" else event.result
