@@ -61,10 +61,13 @@ class ClipIndex:
         with self._lock:
             self._indexes.pop(stream_id, None)
 
-    def search(self, stream_id: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def search(
+        self, stream_id: str, query: np.ndarray, k: int, among: Sequence[int] | None = None
+    ) -> list[tuple[int, float]]:
         """Up to k (seq, inner product) pairs, best first; [] for a stream with nothing indexed.
 
-        Stored vectors are L2-normalised, so an L2-normalised query gives cosine similarities.
+        `among` restricts the search to those seqs (a time range's clips). Stored vectors are
+        L2-normalised, so an L2-normalised query gives cosine similarities.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -75,7 +78,8 @@ class ClipIndex:
                 return []
             if q.shape[1] != index.d:
                 raise ValueError(f"stream {stream_id!r} is indexed with D={index.d}, got a query of D={q.shape[1]}")
-            scores, ids = index.search(q, min(k, index.ntotal))
+            params = None if among is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(_ids(among)))
+            scores, ids = index.search(q, min(k, index.ntotal), params=params)
         return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i != -1]
 
     def rebuild(self, store: MemoryStore) -> None:

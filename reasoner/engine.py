@@ -174,21 +174,17 @@ class Reasoner:
         """Yield answer text pieces, then the AskResult. Raises AskError, KeyError (unknown stream)
         or memory.store.MemoryUnavailable before the first piece."""
         t0 = time.perf_counter()
-        p.validate(self.limits)
         drop = self._resolve_drop(p.dropout)
-        known = set(self.store.streams())
-        unknown = [s for s in p.stream_ids if s not in known]
-        if unknown:
-            raise KeyError(f"unknown stream(s): {', '.join(unknown)}")
-        segments = self._segments(p)
+        segments = self.select(p)
         timings = {"select": time.perf_counter() - t0}
         if not segments:
             where = ", ".join(p.stream_ids)
-            note = f"no clips from {where} in the requested range"
-            yield AskResult(f"There is no video from {where} in that time range.", [], 0, 0, 0, 0, 0.0, timings, note)
+            answer = f"There is no video from {where} in that time range."
+            yield answer
+            yield AskResult(answer, [], 0, 0, 0, 0, 0.0, timings, f"no clips from {where} in the requested range")
             return
 
-        embeds, visual = self._prompt(p, segments)
+        embeds, visual = self.prompt(p, segments)
         timings["prompt"] = time.perf_counter() - t0 - timings["select"]
         settings = self.model.generation.override(
             do_sample=p.do_sample,
@@ -234,7 +230,13 @@ class Reasoner:
         except ValueError as e:
             raise AskError(str(e)) from e
 
-    def _segments(self, p: AskParams) -> list[Segment]:
+    def select(self, p: AskParams) -> list[Segment]:
+        """Validate the question and pick each stream's clips, with their tokens from memory."""
+        p.validate(self.limits)
+        known = set(self.store.streams())
+        unknown = [s for s in p.stream_ids if s not in known]
+        if unknown:
+            raise KeyError(f"unknown stream(s): {', '.join(unknown)}")
         budget = max(1, p.max_frames // 4 // len(p.stream_ids))  # clips per stream
         segments = []
         for stream_id in p.stream_ids:
@@ -243,7 +245,8 @@ class Reasoner:
                 continue
             hits: list[tuple[int, float]] = []
             if p.selection == "retrieval" and self.index is not None and len(available) > budget:
-                hits = self.index.search(stream_id, self._question_vector(p.question), k=budget)
+                query = self._question_vector(p.question)
+                hits = self.index.search(stream_id, query, k=budget, among=[m.seq for m in available])
             evidence = select_clips(available, budget, hits)
             tokens = torch.from_numpy(self.store.tokens(stream_id, [e.clip.seq for e in evidence]))
             duration = available[-1].media_end - available[0].media_start
@@ -257,8 +260,9 @@ class Reasoner:
             v = self.model.llm.model.embed_tokens(ids).float().mean(0).cpu().numpy()
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
-    def _prompt(self, p: AskParams, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The official prompt; several cameras each get a label before their tokens."""
+    def prompt(self, p: AskParams, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs_embeds and visual positions of the official prompt; several cameras each get a
+        label before their tokens."""
         tok = self.model.tokenizer
         many = len(segments) > 1
         time_msg = " ".join(s.describe(p.anchors, many) for s in segments)

@@ -79,6 +79,111 @@ def cmd_make_test_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vcflash.app import serve
+    from vcflash.settings import Settings
+
+    address = f"{args.host}:{args.port}" if args.port is not None else None
+    settings = Settings.from_env(
+        model=args.model,
+        redis_url=args.redis,
+        address=address,
+        device=args.device,
+        dtype=args.dtype,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def client(args: argparse.Namespace):  # noqa: ANN201 - vcflash.client.Client, imported lazily
+    from vcflash.client import Client
+    from vcflash.settings import Settings, token_path
+
+    settings = Settings.from_env(address=args.address)
+    token = args.token or settings.api_token
+    if not token:
+        path = token_path(settings.data_dir)
+        if not path.is_file():
+            raise ValueError(
+                f"no API token: pass --token, set VCFLASH_API_TOKEN, or run the server once to create {path}"
+            )
+        token = path.read_text().strip()
+    return Client(settings.address, token)
+
+
+def cmd_streams(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        if args.action == "add":
+            s = c.add_stream(args.name, args.source, fps=args.fps, realtime=not args.fast, loop=args.loop)
+            print(f"{s.stream_id}: {s.state} ({s.source}, {s.fps:g} fps)")
+        elif args.action == "rm":
+            c.remove_stream(args.name, delete_memory=args.delete_memory)
+            print(f"{args.name}: removed")
+        else:
+            stats = {m.stream_id: m for m in c.stats()}
+            for s in c.list_streams():
+                dropped = sum(s.frames_dropped.values())
+                mem = stats.get(s.stream_id)
+                print(
+                    f"{s.stream_id}\t{s.state}\t{s.source}\t{s.fps:g} fps\tframes in {s.frames_in}, "
+                    f"sampled {s.frames_sampled}, dropped {dropped}\tclips stored {s.clips_stored}"
+                    + (f", in memory {mem.clips} ({mem.bytes / 1e6:.1f} MB)" if mem else "")
+                    + (f"\terror: {s.error}" if s.error else "")
+                )
+    return 0
+
+
+def parse_time(value: str) -> tuple[float, bool]:
+    """Seconds of media time, or an ISO date-time (then on the wall clock)."""
+    from datetime import UTC, datetime
+
+    try:
+        return float(value), False
+    except ValueError:
+        t = datetime.fromisoformat(value)
+        return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp(), True
+
+
+def cmd_ask_live(args: argparse.Namespace) -> int:
+    from reasoner.engine import wall_clock
+
+    start, wall_a = parse_time(args.start) if args.start else (None, False)
+    end, wall_b = parse_time(args.end) if args.end else (None, False)
+    with client(args) as c:
+        result = None
+        for event in c.ask(
+            args.stream,
+            args.question,
+            start=start,
+            end=end,
+            wall_clock=args.wall or wall_a or wall_b,
+            max_frames=args.max_frames,
+            retrieval=args.retrieval,
+            dropout=args.compress or "",
+            max_new_tokens=args.max_new_tokens,
+        ):
+            if isinstance(event, str):
+                print(event, end="", flush=True)
+            else:
+                result = event
+    print()
+    if result is not None:
+        if result.note:
+            print(f"({result.note})")
+        print(f"evidence: {len(result.evidence)} clips, {result.frames} frames, {result.visual_tokens} visual tokens")
+        for e in result.evidence:
+            clip = e.clip
+            print(
+                f"  {clip.stream_id} #{clip.seq}  media {clip.media_start:.1f}-{clip.media_end:.1f} s  "
+                f"wall {wall_clock(clip.wall_start)}-{wall_clock(clip.wall_end)[11:]} UTC"
+                + (f"  retrieved ({e.score:.2f})" if e.retrieved else "")
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcflash", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -115,6 +220,51 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)
 
+    up = sub.add_parser("up", help="run ingest, encoder, memory and reasoner in one process (gRPC server)")
+    up.add_argument("--model", help="hub id, local dir or 'tiny' (default: VCFLASH_MODEL or the 2B checkpoint)")
+    up.add_argument("--redis", help="Redis URL for the memory (default: embedded, file-backed in the data dir)")
+    up.add_argument("--host", default="127.0.0.1", help="listen address with --port (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="gRPC port (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
+    up.add_argument("--data-dir", help="embedded memory and API token (default ~/.local/share/vcflash)")
+    up.add_argument("--device", help="cpu or cuda (default: VCFLASH_DEVICE or cpu)")
+    up.add_argument("--dtype", help="float32, bfloat16 or float16")
+    up.set_defaults(func=cmd_up)
+
+    def connection(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
+        p.add_argument("--token", help="API token (default: VCFLASH_API_TOKEN or the data dir's api_token)")
+
+    streams = sub.add_parser("streams", help="add, list or remove live streams on a running server")
+    streams_sub = streams.add_subparsers(dest="action", required=True)
+    add = streams_sub.add_parser("add", help="start ingesting a source")
+    add.add_argument("name")
+    add.add_argument("source", help="file, URL or camera address (rtsp://user:pass@host/...)")
+    add.add_argument("--fps", type=float, default=1.0, help="sampling rate (default 1)")
+    add.add_argument("--fast", action="store_true", help="read a file as fast as possible instead of in real time")
+    add.add_argument("--loop", action="store_true", help="replay a file when it ends")
+    rm = streams_sub.add_parser("rm", help="stop a stream")
+    rm.add_argument("name")
+    rm.add_argument("--delete-memory", action="store_true", help="also forget its clips")
+    ls = streams_sub.add_parser("ls", help="list streams with their counters")
+    for p in (add, rm, ls):
+        connection(p)
+    streams.set_defaults(func=cmd_streams)
+
+    live = sub.add_parser("ask-live", help="ask a running server about its streams' memory")
+    live.add_argument("question")
+    live.add_argument("--stream", action="append", required=True, help="stream name; repeat for several cameras")
+    live.add_argument("--from", dest="start", help="start: media seconds, or an ISO date-time (wall clock)")
+    live.add_argument("--to", dest="end", help="end: media seconds, or an ISO date-time (wall clock)")
+    live.add_argument("--wall", action="store_true", help="read --from/--to as Unix seconds on the wall clock")
+    live.add_argument("--max-frames", type=int, default=512)
+    live.add_argument(
+        "--retrieval", action="store_true", help="uniform backbone plus the clips closest to the question"
+    )
+    live.add_argument("--compress", help="visual dropout: off, recommended or TYPE:LAYERS:RATIOS")
+    live.add_argument("--max-new-tokens", type=int, default=512)
+    connection(live)
+    live.set_defaults(func=cmd_ask_live)
+
     video = sub.add_parser("make-test-video", help="write a synthetic H.264 test video")
     video.add_argument("path")
     video.add_argument("--seconds", type=float, default=80.0)
@@ -129,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    import grpc
+
     from hico.checkpoint import CheckpointError
     from hico.tokenizer import TokenizerLoadError
 
@@ -137,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TokenizerLoadError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"vcflash: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:
+        print(f"vcflash: error: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""The Ingest gRPC service: add, remove, list and inspect streams.
+
+Stream definitions are kept in memory's durable stream configs, so a restarted server resumes
+every active stream, continuing its clip numbering after the last stored clip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import grpc
+
+from ingest.pipeline import IngestManager, StreamStatus
+from memory.records import Retention
+from memory.store import MemoryStore
+from protos.vcflash.v1 import vcflash_pb2 as pb
+from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+from vcflash.rpc import AlreadyExists, Exhausted, handle_errors
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ingest"].full_name
+
+
+class Streams:
+    """Ingest plus its durable side: stream configs, retention, and clips stored per stream."""
+
+    def __init__(
+        self, manager: IngestManager, store: MemoryStore, default_retention: Retention, max_streams: int
+    ) -> None:
+        self.manager, self.store = manager, store
+        self.default_retention = default_retention
+        self.max_streams = max_streams
+        self.stored: Counter[str] = Counter()
+
+    def on_stored(self, stream_id: str, seq: int) -> None:
+        self.stored[stream_id] += 1
+
+    async def add(
+        self, stream_id: str, source: str, fps: float, realtime: bool, loop: bool, retention: Retention | None = None
+    ) -> StreamStatus:
+        if stream_id in self.manager.names():
+            raise AlreadyExists(f"stream {stream_id!r} already exists")
+        if len(self.manager.names()) >= self.max_streams:
+            raise Exhausted(f"this server takes at most {self.max_streams} streams")
+        status = await self._start(stream_id, {"source": source, "fps": fps, "realtime": realtime, "loop": loop})
+        await asyncio.to_thread(self.store.set_retention, stream_id, retention or self.default_retention)
+        return status
+
+    async def _start(self, stream_id: str, config: dict) -> StreamStatus:
+        try:
+            last = (await asyncio.to_thread(self.store.stats, stream_id)).last
+        except KeyError:  # a new stream
+            last = None
+        first_seq = last.seq + 1 if last else 0
+        status = self.manager.add(
+            stream_id,
+            config["source"],
+            fps=config["fps"],
+            realtime=config["realtime"],
+            loop_file=config["loop"],
+            first_seq=first_seq,
+        )
+        await asyncio.to_thread(self.store.put_stream_config, stream_id, config | {"active": True})
+        return status
+
+    async def remove(self, stream_id: str, delete_memory: bool) -> None:
+        await self.manager.remove(stream_id)
+        if delete_memory:
+            await asyncio.to_thread(self.store.delete_stream, stream_id)
+        else:
+            configs = await asyncio.to_thread(self.store.stream_configs)
+            await asyncio.to_thread(self.store.put_stream_config, stream_id, configs[stream_id] | {"active": False})
+
+    async def resume(self) -> list[str]:
+        """Restart the streams that were active when the server last stopped."""
+        configs = await asyncio.to_thread(self.store.stream_configs)
+        started = []
+        for stream_id, config in sorted(configs.items()):
+            if config.get("active") and stream_id not in self.manager.names():
+                await self._start(stream_id, config)
+                started.append(stream_id)
+        return started
+
+    def status(self, stream_id: str) -> StreamStatus:
+        statuses = self.manager.status()
+        if stream_id not in statuses:
+            raise KeyError(f"no stream named {stream_id!r}")
+        return statuses[stream_id]
+
+    def to_proto(self, s: StreamStatus) -> pb.StreamStatus:
+        return pb.StreamStatus(
+            stream_id=s.name,
+            source=s.url,
+            fps=s.fps,
+            state=s.state.value,
+            error=s.error or "",
+            frames_in=s.frames_in,
+            frames_sampled=s.frames_sampled,
+            frames_dropped=s.frames_dropped,
+            clips_emitted=s.clips_emitted,
+            clips_stored=self.stored[s.name],
+            last_media_time=s.last_media_time or 0.0,
+            last_wall_time=s.last_wall_time or 0.0,
+        )
+
+
+class IngestServicer(pb_grpc.IngestServicer):
+    def __init__(self, streams: Streams) -> None:
+        self.streams = streams
+
+    @handle_errors
+    async def AddStream(self, request: pb.AddStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamStatus:
+        if not request.source:
+            raise ValueError("source is empty")
+        if len(request.source) > 4096:
+            raise ValueError("source is longer than 4096 characters")
+        retention = None
+        if request.HasField("retention_max_age_s") or request.HasField("retention_max_bytes"):
+            d = self.streams.default_retention
+            retention = Retention(
+                request.retention_max_age_s if request.HasField("retention_max_age_s") else d.max_age_s,
+                request.retention_max_bytes if request.HasField("retention_max_bytes") else d.max_bytes,
+            )
+        status = await self.streams.add(
+            request.stream_id, request.source, request.fps or 1.0, request.realtime, request.loop, retention
+        )
+        return self.streams.to_proto(status)
+
+    @handle_errors
+    async def RemoveStream(
+        self, request: pb.RemoveStreamRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveStreamResponse:
+        await self.streams.remove(request.stream_id, request.delete_memory)
+        return pb.RemoveStreamResponse()
+
+    @handle_errors
+    async def ListStreams(
+        self, request: pb.ListStreamsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListStreamsResponse:
+        return pb.ListStreamsResponse(
+            streams=[self.streams.to_proto(s) for s in self.streams.manager.status().values()]
+        )
+
+    @handle_errors
+    async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamStatus:
+        return self.streams.to_proto(self.streams.status(request.stream_id))
