@@ -392,6 +392,18 @@ def _normalization_table() -> np.ndarray:
     return table
 
 
+def squash_resize(frame: np.ndarray, size: int) -> np.ndarray:
+    """One uint8 RGB frame [H, W, 3] -> [S, S, 3]: PIL bicubic in uint8, no crop, as the official processor.
+
+    A frame already S x S is returned as is (PIL would copy it unchanged), so ingest can resize once,
+    early, and the encoder's preprocessing stays exact.
+    """
+    if frame.shape[:2] == (size, size):
+        return frame
+    image = Image.fromarray(np.ascontiguousarray(frame))
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+
+
 def preprocess_frames(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
     """Turn uint8 RGB frames ``[T, H, W, 3]`` into encoder input, float32 ``[T, 3, S, S]``.
 
@@ -415,10 +427,7 @@ def preprocess_frames(frames: np.ndarray | torch.Tensor, image_size: int) -> tor
     if array.ndim != 4 or array.shape[-1] != 3 or 0 in array.shape[1:3]:
         raise ValueError(f"frames must have shape [T, H, W, 3] with H, W > 0, got {tuple(array.shape)}")
 
-    resized = np.empty((array.shape[0], size, size, 3), dtype=np.uint8)
-    for i, frame in enumerate(array):
-        image = Image.fromarray(np.ascontiguousarray(frame))
-        resized[i] = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+    resized = np.stack([squash_resize(frame, size) for frame in array]) if len(array) else array[:, :size, :size]
 
     table = _normalization_table()
     out = np.empty((array.shape[0], 3, size, size), dtype=np.float32)

@@ -15,11 +15,12 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from hico.video import squash_resize
 from ingest.clips import CLIP_FRAMES, Clip, ClipGrouper
 from ingest.metrics import DropReason, IngestMetrics
 from ingest.sampler import FrameSampler, Verdict
@@ -31,6 +32,9 @@ STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_FPS = 30.0
 # Clips handed to the event loop but not yet queued, per stream; more means the loop is stalled.
 _MAX_HANDOFFS = 8
+
+
+FrameSource = Callable[[threading.Event], Iterator[Frame]]  # frames until the event is set
 
 
 class StreamState(enum.StrEnum):
@@ -60,6 +64,7 @@ class IngestSettings:
     fps: float = 1.0  # default sampling rate
     source_timeout_s: float = DEFAULT_TIMEOUT_S  # opening and each network read
     stop_timeout_s: float = 5.0  # how long stopping a stream waits for its thread
+    frame_size: int | None = None  # the encoder's input size S: sampled frames are squashed to S x S
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -111,8 +116,12 @@ class StreamWorker:
         loop_file: bool = False,
         first_seq: int = 0,
         source_timeout_s: float = DEFAULT_TIMEOUT_S,
+        source: FrameSource | None = None,
+        frame_size: int | None = None,
     ) -> None:
         self.name = check_stream_name(name)
+        self._source = source  # frames from elsewhere (a WebRTC track); default: open `url` with PyAV
+        self._frame_size = frame_size  # squash sampled frames to the encoder's S x S at once
         self.fps = check_fps(fps)
         self._url = url
         self._safe_url = redact_url(url)
@@ -201,13 +210,17 @@ class StreamWorker:
     def _run(self) -> None:
         state, error = StreamState.FINISHED, None
         try:
-            frames = open_frames(
-                self._url,
-                realtime=self._realtime,
-                stop=self._stop,
-                loop=self._loop_file,
-                timeout_s=self._source_timeout_s,
-                on_decode_error=lambda: self._drop(DropReason.DECODE_ERROR, 1),
+            frames = (
+                self._source(self._stop)
+                if self._source is not None
+                else open_frames(
+                    self._url,
+                    realtime=self._realtime,
+                    stop=self._stop,
+                    loop=self._loop_file,
+                    timeout_s=self._source_timeout_s,
+                    on_decode_error=lambda: self._drop(DropReason.DECODE_ERROR, 1),
+                )
             )
             with contextlib.closing(frames):  # closes the container before anyone hears the stream ended
                 for frame in frames:
@@ -242,6 +255,8 @@ class StreamWorker:
         if verdict is not Verdict.SKIP:
             rgb = frame.to_rgb(self._size)
             self._size = self._size or (rgb.shape[1], rgb.shape[0])
+            if self._frame_size is not None:  # a queued clip then holds 4 x S x S x 3 bytes, whatever the camera
+                rgb = squash_resize(rgb, self._frame_size)
             clip = self._grouper.add(rgb, frame.pts, frame.wall_time)
         with self._lock:
             self._frames_in += 1
@@ -337,6 +352,7 @@ class IngestManager:
         realtime: bool = True,
         loop_file: bool = False,
         first_seq: int = 0,
+        source: FrameSource | None = None,
     ) -> StreamStatus:
         """Start ingesting ``url`` as stream ``name``; call from the event loop.
 
@@ -355,6 +371,8 @@ class IngestManager:
             loop_file=loop_file,
             first_seq=first_seq,
             source_timeout_s=self.settings.source_timeout_s,
+            source=source,
+            frame_size=self.settings.frame_size,
         )
         worker.start()
         self._workers[name] = worker

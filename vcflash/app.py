@@ -57,7 +57,10 @@ class App:
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
         lock = threading.Lock()  # one model, used by the encoder and the reasoner in turn
-        self.ingest = IngestManager(IngestSettings(queue_size=s.queue_clips), registry=self.registry)
+        frame_size = self.model.config.vision.image_size
+        self.ingest = IngestManager(
+            IngestSettings(queue_size=s.queue_clips, frame_size=frame_size), registry=self.registry
+        )
         self.streams = Streams(
             self.ingest, self.store, Retention(s.retention_max_age_s, s.retention_max_bytes), MAX_STREAMS
         )
