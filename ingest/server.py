@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import grpc
+from prometheus_client import REGISTRY, CollectorRegistry
 
-from ingest.pipeline import IngestManager, StreamStatus
+from ingest.encoder_link import EncoderLink, LinkSettings
+from ingest.pipeline import IngestManager, IngestSettings, StreamStatus
 from memory.records import Retention
+from memory.server import SERVICE_NAME as MEMORY_SERVICE
+from memory.server import MemoryServicer
 from memory.store import MemoryStore
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from vcflash.rpc import AlreadyExists, Exhausted, handle_errors
+from vcflash.service import Service, ServiceEntry
+from vcflash.settings import Settings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ingest"].full_name
+MAX_STREAMS = 64
 
 
 class Streams:
@@ -31,6 +39,7 @@ class Streams:
         self.default_retention = default_retention
         self.max_streams = max_streams
         self.stored: Counter[str] = Counter()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
 
     def on_stored(self, stream_id: str, seq: int) -> None:
         self.stored[stream_id] += 1
@@ -61,10 +70,18 @@ class Streams:
             first_seq=first_seq,
         )
         await asyncio.to_thread(self.store.put_stream_config, stream_id, config | {"active": True})
+        self._watchers[stream_id] = asyncio.create_task(self._retire_when_done(stream_id, config))
         return status
+
+    async def _retire_when_done(self, stream_id: str, config: dict) -> None:
+        """A source that ended by itself (a file played out) is not restarted with the server."""
+        status = await self.manager.wait(stream_id)
+        if status.state.value == "finished":
+            await asyncio.to_thread(self.store.put_stream_config, stream_id, config | {"active": False})
 
     async def remove(self, stream_id: str, delete_memory: bool) -> None:
         await self.manager.remove(stream_id)
+        self._watchers.pop(stream_id).cancel()
         if delete_memory:
             await asyncio.to_thread(self.store.delete_stream, stream_id)
         else:
@@ -144,3 +161,44 @@ class IngestServicer(pb_grpc.IngestServicer):
     @handle_errors
     async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamStatus:
         return self.streams.to_proto(self.streams.status(request.stream_id))
+
+
+def ingest_entry(
+    settings: Settings, store: MemoryStore, registry: CollectorRegistry, frame_size: int
+) -> tuple[ServiceEntry, Streams]:
+    """The Ingest service over a new IngestManager whose clips are squashed to the encoder's input size."""
+    manager = IngestManager(IngestSettings(queue_size=settings.queue_clips, frame_size=frame_size), registry=registry)
+    retention = Retention(settings.retention_max_age_s, settings.retention_max_bytes)
+    streams = Streams(manager, store, retention, MAX_STREAMS)
+    return (pb_grpc.add_IngestServicer_to_server, IngestServicer(streams), SERVICE_NAME), streams
+
+
+class IngestService(Service):
+    """`vcflash ingest`: streams in, clips out to the encoder service (split deployment); it also answers
+    memory inspection so `vcflash streams ls` shows what is stored."""
+
+    name = "ingest"
+
+    def __init__(self, settings: Settings, frame_size: int = 448, registry: CollectorRegistry = REGISTRY) -> None:
+        super().__init__(settings, registry)
+        self.frame_size = frame_size  # the encoder's S: 448 for the released 2B/7B res448 models
+
+    async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
+        s = self.settings
+        entry, self.streams = ingest_entry(s, self.store, self.registry, self.frame_size)
+        self.link = EncoderLink(
+            self.streams.manager.clips,
+            LinkSettings(
+                s.encoder_address, s.api_token or "", s.max_unacked_clips, max_message_bytes=s.max_message_bytes
+            ),
+            on_stored=self.streams.on_stored,
+        )
+        memory = (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(self.store), MEMORY_SERVICE)
+        return [entry, memory], [self.link.run()]
+
+    async def ready(self) -> None:
+        await self.streams.resume()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.streams.manager.close()
+        await super().stop(grace_s)

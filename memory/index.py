@@ -82,6 +82,19 @@ class ClipIndex:
             scores, ids = index.search(q, min(k, index.ntotal), params=params)
         return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i != -1]
 
+    def sync_stream(self, store: MemoryStore, stream_id: str) -> None:
+        """Reload one stream's vectors when its clip count differs from the store's: another process
+        (the split deployment's encoder) writes the clips, and retention evicts some on write."""
+        clips = store.stats(stream_id).clips
+        with self._lock:
+            index = self._indexes.get(stream_id)
+            if (index.ntotal if index is not None else 0) == clips:
+                return
+        seqs, vectors = store.vectors(stream_id)
+        with self._lock:
+            self._indexes.pop(stream_id, None)
+        self.add(stream_id, seqs, vectors)
+
     def rebuild(self, store: MemoryStore) -> None:
         """Replace every index with the store's vectors; holds the lock throughout so no add is lost."""
         with self._lock:

@@ -245,6 +245,7 @@ class Reasoner:
                 continue
             hits: list[tuple[int, float]] = []
             if p.selection == "retrieval" and self.index is not None and len(available) > budget:
+                self.index.sync_stream(self.store, stream_id)
                 query = self._question_vector(p.question)
                 hits = self.index.search(stream_id, query, k=budget, among=[m.seq for m in available])
             evidence = select_clips(available, budget, hits)

@@ -10,11 +10,16 @@ from typing import Any
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
-from memory.server import clip_info
+from hico.model import VideoChatFlash
+from memory import ClipIndex, MemoryStore
+from memory.server import SERVICE_NAME as MEMORY_SERVICE
+from memory.server import MemoryServicer, clip_info
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from reasoner.engine import AskParams, AskResult, Reasoner
 from vcflash.rpc import handle_errors
+from vcflash.service import Service, ServiceEntry, load_model
+from vcflash.settings import Settings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reasoner"].full_name
 _DONE = object()
@@ -99,3 +104,37 @@ class ReasonerServicer(pb_grpc.ReasonerServicer):
             finally:
                 cancelled.set()
                 await worker
+
+
+def reasoner_entries(
+    model: VideoChatFlash,
+    store: MemoryStore,
+    index: ClipIndex,
+    registry: CollectorRegistry,
+    model_lock: threading.Lock | None = None,
+) -> list[ServiceEntry]:
+    """The Reasoner and Memory services over one store."""
+    reasoner = Reasoner(model, store, index, model_lock=model_lock)
+    return [
+        (pb_grpc.add_ReasonerServicer_to_server, ReasonerServicer(reasoner, registry), SERVICE_NAME),
+        (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(store), MEMORY_SERVICE),
+    ]
+
+
+class ReasonerService(Service):
+    """`vcflash reasoner`: Ask and memory inspection over the shared memory (split deployment)."""
+
+    name = "reasoner"
+
+    def __init__(
+        self, settings: Settings, model: VideoChatFlash | None = None, registry: CollectorRegistry = REGISTRY
+    ) -> None:
+        super().__init__(settings, registry)
+        self.model = model
+
+    async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
+        if self.model is None:
+            self.model = await asyncio.to_thread(load_model, self.settings)
+        self.index = ClipIndex()
+        await asyncio.to_thread(self.index.rebuild, self.store)
+        return reasoner_entries(self.model, self.store, self.index, self.registry), []

@@ -79,30 +79,53 @@ def cmd_make_test_video(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from vcflash.app import serve
+def service_settings(args: argparse.Namespace):  # noqa: ANN201 - vcflash.settings.Settings
     from vcflash.settings import Settings
 
     address = f"{args.host}:{args.port}" if args.port is not None else None
-    settings = Settings.from_env(
-        model=args.model,
+    return Settings.from_env(
+        model=getattr(args, "model", None),
         redis_url=args.redis,
         address=address,
-        device=args.device,
-        dtype=args.dtype,
+        device=getattr(args, "device", None),
+        dtype=getattr(args, "dtype", None),
         data_dir=Path(args.data_dir) if args.data_dir else None,
     )
-    asyncio.run(serve(settings))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`up`, `ingest`, `encoder` and `reasoner`: build the service and run it until a signal."""
+    import asyncio
+
+    from vcflash.service import run
+
+    settings = service_settings(args)
+    if args.command == "up":
+        from vcflash.app import App
+
+        service = App(settings)
+    elif args.command == "ingest":
+        from ingest.server import IngestService
+
+        service = IngestService(settings, frame_size=args.frame_size)
+    elif args.command == "encoder":
+        from encoder_svc.server import EncoderService
+
+        service = EncoderService(settings)
+    else:
+        from reasoner.server import ReasonerService
+
+        service = ReasonerService(settings)
+    asyncio.run(run(service))
     return 0
 
 
-def client(args: argparse.Namespace):  # noqa: ANN201 - vcflash.client.Client, imported lazily
+def client(args: argparse.Namespace, reasoner: bool = False):  # noqa: ANN201 - vcflash.client.Client
     from vcflash.client import Client
     from vcflash.settings import Settings, token_path
 
-    settings = Settings.from_env(address=args.address)
+    settings = Settings.from_env()
+    address = args.address or (settings.reasoner_address if reasoner else None) or settings.address
     token = args.token or settings.api_token
     if not token:
         path = token_path(settings.data_dir)
@@ -111,7 +134,7 @@ def client(args: argparse.Namespace):  # noqa: ANN201 - vcflash.client.Client, i
                 f"no API token: pass --token, set VCFLASH_API_TOKEN, or run the server once to create {path}"
             )
         token = path.read_text().strip()
-    return Client(settings.address, token)
+    return Client(address, token)
 
 
 def cmd_streams(args: argparse.Namespace) -> int:
@@ -152,7 +175,7 @@ def cmd_ask_live(args: argparse.Namespace) -> int:
 
     start, wall_a = parse_time(args.start) if args.start else (None, False)
     end, wall_b = parse_time(args.end) if args.end else (None, False)
-    with client(args) as c:
+    with client(args, reasoner=True) as c:
         result = None
         for event in c.ask(
             args.stream,
@@ -220,15 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)
 
-    up = sub.add_parser("up", help="run ingest, encoder, memory and reasoner in one process (gRPC server)")
-    up.add_argument("--model", help="hub id, local dir or 'tiny' (default: VCFLASH_MODEL or the 2B checkpoint)")
-    up.add_argument("--redis", help="Redis URL for the memory (default: embedded, file-backed in the data dir)")
-    up.add_argument("--host", default="127.0.0.1", help="listen address with --port (default 127.0.0.1)")
-    up.add_argument("--port", type=int, help="gRPC port (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
-    up.add_argument("--data-dir", help="embedded memory and API token (default ~/.local/share/vcflash)")
-    up.add_argument("--device", help="cpu or cuda (default: VCFLASH_DEVICE or cpu)")
-    up.add_argument("--dtype", help="float32, bfloat16 or float16")
-    up.set_defaults(func=cmd_up)
+    def service(name: str, help: str, model: bool) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        if model:
+            p.add_argument("--model", help="hub id, local dir or 'tiny' (default: VCFLASH_MODEL or the 2B checkpoint)")
+            p.add_argument("--device", help="cpu or cuda (default: VCFLASH_DEVICE or cpu)")
+            p.add_argument("--dtype", help="float32, bfloat16 or float16")
+        p.add_argument("--redis", help="Redis URL for the memory (default: embedded, file-backed in the data dir)")
+        p.add_argument("--host", default="127.0.0.1", help="listen address with --port (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="gRPC port (default: VCFLASH_ADDRESS)")
+        p.add_argument("--data-dir", help="embedded memory and API token (default ~/.local/share/vcflash)")
+        p.set_defaults(func=cmd_serve)
+        return p
+
+    service("up", "run ingest, encoder, memory and reasoner in one process (gRPC server)", model=True)
+    ingest = service("ingest", "split deployment: streams in, clips to the encoder service", model=False)
+    ingest.add_argument("--frame-size", type=int, default=448, help="the encoder's input size S (448 or 224)")
+    service("encoder", "split deployment: clips -> visual tokens -> memory", model=True)
+    service("reasoner", "split deployment: Ask and memory inspection", model=True)
 
     def connection(p: argparse.ArgumentParser) -> None:
         p.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")

@@ -7,7 +7,11 @@
 | VCFLASH_DATA_DIR | ~/.local/share/vcflash | embedded memory, API token |
 | VCFLASH_REDIS_URL | (none: embedded memory) | e.g. redis://localhost:6379/0 |
 | VCFLASH_TOKEN_FORMAT | fp16 | fp16 or int8 token storage |
-| VCFLASH_ADDRESS | 127.0.0.1:50051 | gRPC listen address |
+| VCFLASH_ADDRESS | 127.0.0.1:50051 | gRPC listen address (the CLI's server) |
+| VCFLASH_REASONER_ADDRESS | (VCFLASH_ADDRESS) | where `ask-live` connects in the split deployment |
+| VCFLASH_ENCODER_ADDRESS | 127.0.0.1:50052 | where `vcflash ingest` sends clips |
+| VCFLASH_HTTP_PORT | 8080 | WHIP endpoint (POST /whip/{stream}), 0 to disable |
+| VCFLASH_MAX_UNACKED_CLIPS | 64 | clips ingest keeps for resending until the encoder stored them |
 | VCFLASH_API_TOKEN | (generated into DATA_DIR/api_token) | bearer token clients must send |
 | VCFLASH_METRICS_PORT | 9464 | Prometheus /metrics port, 0 to disable |
 | VCFLASH_QUEUE_CLIPS | 256 | clips waiting for the encoder, all streams together |
@@ -37,6 +41,10 @@ class Settings:
     redis_url: str | None = None
     token_format: str = "fp16"
     address: str = DEFAULT_ADDRESS
+    reasoner_address: str | None = None
+    encoder_address: str = "127.0.0.1:50052"
+    http_port: int = 8080
+    max_unacked_clips: int = 64
     api_token: str | None = None
     metrics_port: int = 9464
     queue_clips: int = 256
@@ -49,11 +57,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.token_format not in ("fp16", "int8"):
             raise ValueError(f"VCFLASH_TOKEN_FORMAT must be fp16 or int8, got {self.token_format!r}")
-        for name in ("queue_clips", "max_batch", "max_message_bytes"):
+        for name in ("queue_clips", "max_batch", "max_message_bytes", "max_unacked_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VCFLASH_{name.upper()} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"VCFLASH_METRICS_PORT must be a port number, got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"VCFLASH_{name.upper()} must be a port number, got {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Self:

@@ -181,7 +181,7 @@ class GetStatsResponse(_message.Message):
     def __init__(self, streams: _Optional[_Iterable[_Union[StreamMemoryStats, _Mapping]]] = ...) -> None: ...
 
 class EncodeClipRequest(_message.Message):
-    __slots__ = ("stream_id", "seq", "media_times", "wall_times", "height", "width", "frames")
+    __slots__ = ("stream_id", "seq", "media_times", "wall_times", "height", "width", "frames", "fps")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TIMES_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class EncodeClipRequest(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     seq: int
     media_times: _containers.RepeatedScalarFieldContainer[float]
@@ -196,7 +197,8 @@ class EncodeClipRequest(_message.Message):
     height: int
     width: int
     frames: bytes
-    def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., media_times: _Optional[_Iterable[float]] = ..., wall_times: _Optional[_Iterable[float]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[bytes] = ...) -> None: ...
+    fps: float
+    def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., media_times: _Optional[_Iterable[float]] = ..., wall_times: _Optional[_Iterable[float]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[bytes] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class EncodeClipAck(_message.Message):
     __slots__ = ("stream_id", "seq", "stored", "error")

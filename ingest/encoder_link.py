@@ -1,0 +1,105 @@
+"""Ingest's side of the split deployment: send clips to the encoder service, resend until acknowledged.
+
+A clip stays in the unacknowledged window until the encoder says it is stored. When the encoder goes
+away (a crash, a restart), the link reconnects with backoff and resends the whole window, in order;
+memory writes are idempotent, so a clip stored just before a crash is not duplicated. While the
+window is full the link stops taking clips, so the ingest queue fills and its drops are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from encoder_svc.server import clip_request
+from ingest.clips import Clip
+from protos.vcflash.v1 import vcflash_pb2 as pb
+from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    address: str = "127.0.0.1:50052"
+    token: str = ""
+    max_unacked: int = 64  # clips sent and not yet stored
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 10.0
+    max_message_bytes: int = 8 * 1024 * 1024
+
+
+class EncoderLink:
+    def __init__(
+        self,
+        clips: asyncio.Queue[Clip],
+        settings: LinkSettings,
+        on_stored: Callable[[str, int], None] | None = None,
+        on_rejected: Callable[[str, int, str], None] | None = None,
+    ) -> None:
+        self.clips, self.settings = clips, settings
+        self.on_stored, self.on_rejected = on_stored, on_rejected
+        self.unacked: dict[tuple[str, int], Clip] = {}  # insertion order = send order
+        self.window = asyncio.Semaphore(settings.max_unacked)
+        self.reconnects = 0
+
+    async def run(self) -> None:
+        """Forever: connect, resend the window, stream new clips, read acks; back off on failure."""
+        delay = self.settings.backoff_initial_s
+        options = [("grpc.max_send_message_length", self.settings.max_message_bytes)]
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.settings.address, options=options) as channel:
+                    call = pb_grpc.EncoderStub(channel).EncodeClips(
+                        metadata=(("authorization", f"Bearer {self.settings.token}"),)
+                    )
+                    sender = asyncio.create_task(self._send(call))
+                    try:
+                        async for ack in call:
+                            delay = self.settings.backoff_initial_s  # healthy again
+                            self._ack(ack)
+                        raise ConnectionError("the encoder closed the stream")
+                    finally:
+                        sender.cancel()
+            except (grpc.aio.AioRpcError, ConnectionError) as e:
+                self.reconnects += 1
+                detail = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
+                log.warning(
+                    "event=encoder_unreachable address=%s unacked=%d retry_s=%.1f error=%s",
+                    self.settings.address,
+                    len(self.unacked),
+                    delay,
+                    detail,
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.settings.backoff_max_s)
+
+    async def _send(self, call: grpc.aio.StreamStreamCall) -> None:
+        for clip in list(self.unacked.values()):  # what the last connection left unacknowledged
+            await call.write(clip_request(clip))
+        while True:
+            await self.window.acquire()
+            try:
+                clip = await self.clips.get()
+            except asyncio.CancelledError:
+                self.window.release()
+                raise
+            self.unacked[(clip.stream_id, clip.seq)] = clip
+            await call.write(clip_request(clip))
+
+    def _ack(self, ack: pb.EncodeClipAck) -> None:
+        if self.unacked.pop((ack.stream_id, ack.seq), None) is None:
+            return  # a duplicate ack after a resend
+        self.window.release()
+        if ack.stored:
+            if self.on_stored is not None:
+                self.on_stored(ack.stream_id, ack.seq)
+        else:
+            log.warning("event=clip_rejected stream=%s seq=%d error=%s", ack.stream_id, ack.seq, ack.error)
+            if self.on_rejected is not None:
+                self.on_rejected(ack.stream_id, ack.seq, ack.error)
