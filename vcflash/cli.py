@@ -159,6 +159,22 @@ def cmd_streams(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server reports SERVING (compose healthchecks); needs no token."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from vcflash.settings import Settings
+
+    address = args.address or Settings.from_env().address
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=3
+        )
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def parse_time(value: str) -> tuple[float, bool]:
     """Seconds of media time, or an ISO date-time (then on the wall clock)."""
     from datetime import UTC, datetime
@@ -296,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--max-new-tokens", type=int, default=512)
     connection(live)
     live.set_defaults(func=cmd_ask_live)
+
+    health = sub.add_parser("health", help="gRPC health check of a running server (exit 0 when SERVING)")
+    health.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
+    health.add_argument("--service", default="", help="a service name, e.g. vcflash.v1.Reasoner (default: all)")
+    health.set_defaults(func=cmd_health)
 
     video = sub.add_parser("make-test-video", help="write a synthetic H.264 test video")
     video.add_argument("path")
