@@ -16,6 +16,7 @@ class DropReason(enum.StrEnum):
     DISCONTINUITY = "discontinuity"  # PTS went backwards: the partial clip before it
     INCOMPLETE_CLIP = "incomplete_clip"  # the stream ended or stopped with a partial clip
     DECODE_ERROR = "decode_error"  # an undecodable packet (one frame each); never counted in frames_in
+    DISCONNECT = "disconnect"  # a live source dropped: the partial clip before it
 
 
 class IngestMetrics:
@@ -37,6 +38,12 @@ class IngestMetrics:
         self.clips = Counter(
             "vcflash_ingest_clips_total", "Clips put on the clip queue.", ["stream"], registry=registry
         )
+        self.reconnects = Counter(
+            "vcflash_ingest_reconnects_total",
+            "Times a live source was reopened after it failed, dropped or stalled.",
+            ["stream"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "vcflash_ingest_queue_depth", "Clips waiting in the shared clip queue.", registry=registry
         )
@@ -47,7 +54,7 @@ class IngestMetrics:
 
     def forget(self, stream: str) -> None:
         """Remove a stream's series once it is removed, so names do not pile up."""
-        for counter in (self.frames_in, self.frames_sampled, self.clips):
+        for counter in (self.frames_in, self.frames_sampled, self.clips, self.reconnects):
             counter.remove(stream)
         for reason in DropReason:
             self.frames_dropped.remove(stream, reason.value)

@@ -4,6 +4,9 @@ Sources block (decoding, network reads, real-time pacing), so each runs in its o
 and never waits on the event loop: finished clips are handed over with ``call_soon_threadsafe``
 and ``put_nowait``. When the queue is full the clip is dropped and counted, so a slow encoder costs
 frames, never ingest latency or memory.
+
+A live source (RTSP, RTMP, ...) that fails to open, drops or stalls is reopened with exponential
+backoff until the stream is removed; a file that fails, fails for good.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import contextlib
 import enum
 import logging
 import math
+import random
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,7 +29,17 @@ from hico.video import squash_resize
 from ingest.clips import CLIP_FRAMES, Clip, ClipGrouper
 from ingest.metrics import DropReason, IngestMetrics
 from ingest.sampler import FrameSampler, Verdict
-from ingest.source import DEFAULT_TIMEOUT_S, Frame, SourceError, open_frames, redact_url
+from ingest.source import (
+    DEFAULT_TIMEOUT_S,
+    Frame,
+    SourceError,
+    Transport,
+    check_source_options,
+    is_live_url,
+    open_frames,
+    redact_text,
+    redact_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +74,43 @@ def check_fps(fps: float) -> float:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """Waits between reconnects of a live source: ``initial_s`` doubling up to ``max_s``.
+
+    Each wait is spread by +-``jitter`` (a fraction) at random, so cameras that dropped together
+    (a switch rebooting) do not all come back in the same instant. A connection that delivered
+    frames for ``reset_after_s`` was healthy: the wait after it starts again from ``initial_s``.
+    """
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    jitter: float = 0.2
+    reset_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("initial_s", "max_s", "reset_after_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"backoff {name} must be a positive number of seconds, got {value!r}")
+        if self.max_s < self.initial_s:
+            raise ValueError(f"backoff max_s ({self.max_s!r}) must be >= initial_s ({self.initial_s!r})")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"backoff jitter must be in [0, 1), got {self.jitter!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before reconnect ``attempt`` (0 for the first after a healthy connection)."""
+        base = min(self.max_s, self.initial_s * 2.0 ** min(attempt, 64))
+        return base * (1 + self.jitter * random.uniform(-1, 1))
+
+
+@dataclass(frozen=True)
 class IngestSettings:
     queue_size: int = 256  # clips, shared by all streams
     fps: float = 1.0  # default sampling rate
     source_timeout_s: float = DEFAULT_TIMEOUT_S  # opening and each network read
     stop_timeout_s: float = 5.0  # how long stopping a stream waits for its thread
     frame_size: int | None = None  # the encoder's input size S: sampled frames are squashed to S x S
+    reconnect: Backoff = Backoff()  # live sources only
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -99,10 +145,21 @@ class StreamStatus:
     next_seq: int  # the seq of the next clip this stream makes
     last_media_time: float | None
     last_wall_time: float | None
+    reconnects: int  # times a live source was reopened after it failed, dropped or stalled
 
 
 class StreamWorker:
-    """Runs one source in its own thread: decode, sample, group into clips, hand them to the queue."""
+    """Runs one source in its own thread: decode, sample, group into clips, hand them to the queue.
+
+    A live URL (``live``, default by its scheme) is reopened after every failure, waiting per
+    ``reconnect``, until stopped; meanwhile the state is ``reconnecting`` and ``error`` says why.
+    The partial clip at a disconnect is dropped (``disconnect``) and clip numbering continues.
+    Each connection starts a new sampler, and its media times are shifted to go on from the last
+    frame plus the time the stream was away (at least one sampling interval): a new RTSP session
+    restarts its clock near 0, and downstream needs a stream's media time to never go back and to
+    keep pace with wall time. The first connection's media times are its PTS unchanged.
+    Reconnecting applies to URLs opened here, not to a ``source`` hook.
+    """
 
     def __init__(
         self,
@@ -118,6 +175,11 @@ class StreamWorker:
         source_timeout_s: float = DEFAULT_TIMEOUT_S,
         source: FrameSource | None = None,
         frame_size: int | None = None,
+        live: bool | None = None,
+        transport: Transport = "tcp",
+        listen: bool = False,
+        keyframes_only: bool = False,
+        reconnect: Backoff | None = None,
     ) -> None:
         self.name = check_stream_name(name)
         self._source = source  # frames from elsewhere (a WebRTC track); default: open `url` with PyAV
@@ -129,9 +191,19 @@ class StreamWorker:
         self._realtime = realtime
         self._loop_file = loop_file
         self._source_timeout_s = source_timeout_s
+        check_source_options(url, transport=transport, listen=listen)
+        self._live = source is None and (listen or (is_live_url(url) if live is None else live))
+        self._transport: Transport = transport
+        self._listen = listen
+        self._keyframes_only = keyframes_only
+        self._reconnect = reconnect or Backoff()
         self._sampler = FrameSampler(fps)
         self._grouper = ClipGrouper(name, fps, first_seq)  # both used by the source thread only
         self._size: tuple[int, int] | None = None  # (width, height) of the first sampled frame
+        self._offset = 0.0  # added to this connection's PTS: see the class docstring
+        self._rebase = False  # the next frame is a new connection's first
+        self._last_frame: tuple[float, float] | None = None  # media and wall time of the last frame read
+        self._connected_at: float | None = None  # monotonic time of this connection's first frame
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
@@ -146,10 +218,12 @@ class StreamWorker:
         self._next_seq = first_seq
         self._last_media: float | None = None
         self._last_wall: float | None = None
+        self._reconnects = 0
 
         self._m_in = metrics.frames_in.labels(name)
         self._m_sampled = metrics.frames_sampled.labels(name)
         self._m_clips = metrics.clips.labels(name)
+        self._m_reconnects = metrics.reconnects.labels(name)
         self._m_dropped = {reason: metrics.frames_dropped.labels(name, reason.value) for reason in DropReason}
 
     def start(self) -> None:
@@ -160,12 +234,17 @@ class StreamWorker:
         self._done = self._loop.create_future()
         threading.Thread(target=self._run, name=f"ingest-{self.name}", daemon=True).start()
         logger.info(
-            "stream started stream=%s url=%s fps=%g realtime=%s loop_file=%s first_seq=%d",
+            "stream started stream=%s url=%s fps=%g live=%s realtime=%s loop_file=%s transport=%s listen=%s "
+            "keyframes_only=%s first_seq=%d",
             self.name,
             self._safe_url,
             self.fps,
+            self._live,
             self._realtime,
             self._loop_file,
+            self._transport,
+            self._listen,
+            self._keyframes_only,
             self._next_seq,
         )
 
@@ -203,32 +282,16 @@ class StreamWorker:
                 next_seq=self._next_seq,
                 last_media_time=self._last_media,
                 last_wall_time=self._last_wall,
+                reconnects=self._reconnects,
             )
 
     # ---------------------------------------------------------------- source thread
 
     def _run(self) -> None:
-        state, error = StreamState.FINISHED, None
         try:
-            frames = (
-                self._source(self._stop)
-                if self._source is not None
-                else open_frames(
-                    self._url,
-                    realtime=self._realtime,
-                    stop=self._stop,
-                    loop=self._loop_file,
-                    timeout_s=self._source_timeout_s,
-                    on_decode_error=lambda: self._drop(DropReason.DECODE_ERROR, 1),
-                )
-            )
-            with contextlib.closing(frames):  # closes the container before anyone hears the stream ended
-                for frame in frames:
-                    self._on_frame(frame)
-        except SourceError as e:
-            state, error = StreamState.FAILED, str(e)
+            state, error = self._ingest()
         except Exception as e:  # a bug must fail this stream only, and its text may echo the URL
-            state, error = StreamState.FAILED, f"{type(e).__name__}: {e}".replace(self._url, self._safe_url)
+            state, error = StreamState.FAILED, redact_text(f"{type(e).__name__}: {e}", self._url)
             logger.exception("stream crashed stream=%s", self.name)
         if state is StreamState.FINISHED and self._stop.is_set():
             state = StreamState.STOPPED
@@ -243,32 +306,110 @@ class StreamWorker:
         except RuntimeError:  # the event loop is gone: nobody is waiting
             pass
 
+    def _ingest(self) -> tuple[StreamState, str | None]:
+        """Read the source to its end; reopen a live one after each failure until stopped."""
+        attempt = 0  # reconnects since the last healthy connection
+        while True:
+            self._sampler, self._rebase, self._connected_at = FrameSampler(self.fps), True, None
+            try:
+                self._read()
+                if not self._live:
+                    return StreamState.FINISHED, None
+                reason = f"{self._safe_url}: the stream ended"
+            except SourceError as e:
+                if not self._live:
+                    return StreamState.FAILED, str(e)
+                reason = str(e)
+            if self._stop.is_set():
+                return StreamState.STOPPED, None
+            if (
+                self._connected_at is not None
+                and time.monotonic() - self._connected_at >= self._reconnect.reset_after_s
+            ):
+                attempt = 0
+            delay = self._reconnect.delay(attempt)
+            attempt += 1
+            self._disconnected(reason, delay)
+            if self._stop.wait(delay):
+                return StreamState.STOPPED, None
+            with self._lock:
+                self._reconnects += 1
+            self._m_reconnects.inc()
+
+    def _read(self) -> None:
+        """One connection: every frame into the sampler until the source ends or ``stop`` is set."""
+        frames = (
+            self._source(self._stop)
+            if self._source is not None
+            else open_frames(
+                self._url,
+                realtime=self._realtime,
+                stop=self._stop,
+                loop=self._loop_file,
+                live=self._live,
+                transport=self._transport,
+                listen=self._listen,
+                keyframes_only=self._keyframes_only,
+                timeout_s=self._source_timeout_s,
+                on_decode_error=lambda: self._drop(DropReason.DECODE_ERROR, 1),
+            )
+        )
+        with contextlib.closing(frames):  # closes the container before anyone hears the stream ended
+            for frame in frames:
+                self._on_frame(frame)
+
+    def _disconnected(self, reason: str, delay: float) -> None:
+        dropped = self._grouper.discard()
+        with self._lock:
+            self._state, self._error, self._partial = StreamState.RECONNECTING, reason, 0
+            reconnects = self._reconnects
+        self._drop(DropReason.DISCONNECT, dropped)
+        logger.warning(
+            "stream disconnected stream=%s reason=%s dropped=%d reconnects=%d retry_in_s=%.2f",
+            self.name,
+            reason,
+            dropped,
+            reconnects,
+            delay,
+        )
+
     def _on_frame(self, frame: Frame) -> None:
-        verdict = self._sampler.offer(frame.pts)
+        if self._rebase:
+            self._rebase, self._connected_at = False, time.monotonic()
+            if self._last_frame is not None:
+                last_media, last_wall = self._last_frame
+                away = max(frame.wall_time - last_wall, 1 / self.fps)
+                self._offset = last_media + away - frame.pts
+        media = frame.pts + self._offset
+        self._last_frame = (media, frame.wall_time)
+        verdict = self._sampler.offer(media)
         restart_dropped = 0
         if verdict is Verdict.RESTART:
             restart_dropped = self._grouper.discard()
-            logger.warning(
-                "stream restarted stream=%s media_time=%.3f dropped=%d", self.name, frame.pts, restart_dropped
-            )
+            logger.warning("stream restarted stream=%s media_time=%.3f dropped=%d", self.name, media, restart_dropped)
         clip = None
         if verdict is not Verdict.SKIP:
             rgb = frame.to_rgb(self._size)
             self._size = self._size or (rgb.shape[1], rgb.shape[0])
             if self._frame_size is not None:  # a queued clip then holds 4 x S x S x 3 bytes, whatever the camera
                 rgb = squash_resize(rgb, self._frame_size)
-            clip = self._grouper.add(rgb, frame.pts, frame.wall_time)
+            clip = self._grouper.add(rgb, media, frame.wall_time)
         with self._lock:
             self._frames_in += 1
-            if self._state is StreamState.STARTING:
-                self._state = StreamState.RUNNING
+            resumed = self._state is StreamState.RECONNECTING
+            if self._state is not StreamState.RUNNING:
+                self._state, self._error = StreamState.RUNNING, None
             if verdict is Verdict.SKIP:
                 self._not_sampled += 1
             else:
                 self._sampled += 1
-                self._last_media, self._last_wall = frame.pts, frame.wall_time
+                self._last_media, self._last_wall = media, frame.wall_time
                 self._partial = self._grouper.pending
                 self._next_seq = self._grouper.next_seq
+        if resumed:
+            logger.info(
+                "stream reconnected stream=%s media_time=%.3f reconnects=%d", self.name, media, self._reconnects
+            )
         self._m_in.inc()
         if verdict is not Verdict.SKIP:
             self._m_sampled.inc()
@@ -353,11 +494,18 @@ class IngestManager:
         loop_file: bool = False,
         first_seq: int = 0,
         source: FrameSource | None = None,
+        live: bool | None = None,
+        transport: Transport = "tcp",
+        listen: bool = False,
+        keyframes_only: bool = False,
     ) -> StreamStatus:
         """Start ingesting ``url`` as stream ``name``; call from the event loop.
 
         ``realtime`` plays files at their own pace, as a live stream would arrive; ``first_seq``
-        continues a restarted stream's clip numbering.
+        continues a restarted stream's clip numbering. ``live`` (default: by the URL's scheme;
+        say ``True`` for an HTTP live stream) reads as frames arrive and reconnects with backoff.
+        ``transport`` (RTSP: tcp or udp), ``listen`` (RTSP: wait for a camera to push) and
+        ``keyframes_only`` (decode keyframes only) are passed to :func:`ingest.source.open_frames`.
         """
         if name in self._workers:
             raise ValueError(f"stream {name!r} already exists")
@@ -373,6 +521,11 @@ class IngestManager:
             source_timeout_s=self.settings.source_timeout_s,
             source=source,
             frame_size=self.settings.frame_size,
+            live=live,
+            transport=transport,
+            listen=listen,
+            keyframes_only=keyframes_only,
+            reconnect=self.settings.reconnect,
         )
         worker.start()
         self._workers[name] = worker

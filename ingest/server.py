@@ -44,14 +44,14 @@ class Streams:
     def on_stored(self, stream_id: str, seq: int) -> None:
         self.stored[stream_id] += 1
 
-    async def add(
-        self, stream_id: str, source: str, fps: float, realtime: bool, loop: bool, retention: Retention | None = None
-    ) -> StreamStatus:
+    async def add(self, stream_id: str, config: dict[str, Any], retention: Retention | None = None) -> StreamStatus:
+        """Start a stream; `config` holds source, fps, realtime, loop and optionally transport,
+        keyframes_only, listen, live. It is kept in memory so a restarted server resumes the stream."""
         if stream_id in self.manager.names():
             raise AlreadyExists(f"stream {stream_id!r} already exists")
         if len(self.manager.names()) >= self.max_streams:
             raise Exhausted(f"this server takes at most {self.max_streams} streams")
-        status = await self._start(stream_id, {"source": source, "fps": fps, "realtime": realtime, "loop": loop})
+        status = await self._start(stream_id, config)
         await asyncio.to_thread(self.store.set_retention, stream_id, retention or self.default_retention)
         return status
 
@@ -68,6 +68,10 @@ class Streams:
             realtime=config["realtime"],
             loop_file=config["loop"],
             first_seq=first_seq,
+            transport=config.get("transport", "tcp"),
+            keyframes_only=config.get("keyframes_only", False),
+            listen=config.get("listen", False),
+            live=config.get("live"),
         )
         await asyncio.to_thread(self.store.put_stream_config, stream_id, config | {"active": True})
         self._watchers[stream_id] = asyncio.create_task(self._retire_when_done(stream_id, config))
@@ -118,6 +122,7 @@ class Streams:
             clips_stored=self.stored[s.name],
             last_media_time=s.last_media_time or 0.0,
             last_wall_time=s.last_wall_time or 0.0,
+            reconnects=s.reconnects,
         )
 
 
@@ -138,9 +143,17 @@ class IngestServicer(pb_grpc.IngestServicer):
                 request.retention_max_age_s if request.HasField("retention_max_age_s") else d.max_age_s,
                 request.retention_max_bytes if request.HasField("retention_max_bytes") else d.max_bytes,
             )
-        status = await self.streams.add(
-            request.stream_id, request.source, request.fps or 1.0, request.realtime, request.loop, retention
-        )
+        config = {
+            "source": request.source,
+            "fps": request.fps or 1.0,
+            "realtime": request.realtime,
+            "loop": request.loop,
+            "transport": request.transport or "tcp",
+            "keyframes_only": request.keyframes_only,
+            "listen": request.listen,
+            "live": request.live if request.HasField("live") else None,
+        }
+        status = await self.streams.add(request.stream_id, config, retention)
         return self.streams.to_proto(status)
 
     @handle_errors

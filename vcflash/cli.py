@@ -140,7 +140,16 @@ def client(args: argparse.Namespace, reasoner: bool = False):  # noqa: ANN201 - 
 def cmd_streams(args: argparse.Namespace) -> int:
     with client(args) as c:
         if args.action == "add":
-            s = c.add_stream(args.name, args.source, fps=args.fps, realtime=not args.fast, loop=args.loop)
+            s = c.add_stream(
+                args.name,
+                args.source,
+                fps=args.fps,
+                realtime=not args.fast,
+                loop=args.loop,
+                transport=args.transport,
+                keyframes_only=args.keyframes_only,
+                listen=args.listen,
+            )
             print(f"{s.stream_id}: {s.state} ({s.source}, {s.fps:g} fps)")
         elif args.action == "rm":
             c.remove_stream(args.name, delete_memory=args.delete_memory)
@@ -290,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--fps", type=float, default=1.0, help="sampling rate (default 1)")
     add.add_argument("--fast", action="store_true", help="read a file as fast as possible instead of in real time")
     add.add_argument("--loop", action="store_true", help="replay a file when it ends")
+    add.add_argument("--transport", choices=("tcp", "udp"), default="tcp", help="RTSP transport (default tcp)")
+    add.add_argument("--keyframes-only", action="store_true", help="decode keyframes only (cheap at 1 fps)")
+    add.add_argument("--listen", action="store_true", help="RTSP push: wait for a publisher on the URL's port")
     rm = streams_sub.add_parser("rm", help="stop a stream")
     rm.add_argument("name")
     rm.add_argument("--delete-memory", action="store_true", help="also forget its clips")

@@ -54,6 +54,10 @@ class Client:
         fps: float = 1.0,
         realtime: bool = True,
         loop: bool = False,
+        transport: str = "tcp",
+        keyframes_only: bool = False,
+        listen: bool = False,
+        live: bool | None = None,
         retention_max_age_s: float | None = None,
         retention_max_bytes: int | None = None,
     ) -> pb.StreamStatus:
@@ -63,6 +67,10 @@ class Client:
             fps=fps,
             realtime=realtime,
             loop=loop,
+            transport=transport,
+            keyframes_only=keyframes_only,
+            listen=listen,
+            live=live,
             retention_max_age_s=retention_max_age_s,
             retention_max_bytes=retention_max_bytes,
         )

@@ -107,7 +107,7 @@ async def test_full_queue_drops_clips_and_counts_every_frame(videos: dict[str, P
 async def test_failing_source_leaves_other_streams_alone(videos: dict[str, Path]) -> None:
     manager = IngestManager(registry=CollectorRegistry())
     bad_url = f"rtsp://admin:hunter2@127.0.0.1:{closed_port()}/live?token=s3cret"
-    manager.add("bad", bad_url, realtime=False)
+    manager.add("bad", bad_url, realtime=False, live=False)
     manager.add("good", str(videos["20s"]), realtime=False)
     bad, good = await manager.wait("bad"), await manager.wait("good")
 

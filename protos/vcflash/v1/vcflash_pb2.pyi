@@ -50,7 +50,7 @@ class ClipInfo(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., wall_start: _Optional[float] = ..., wall_end: _Optional[float] = ..., media_start: _Optional[float] = ..., media_end: _Optional[float] = ..., frame_media_times: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AddStreamRequest(_message.Message):
-    __slots__ = ("stream_id", "source", "fps", "realtime", "loop", "retention_max_age_s", "retention_max_bytes")
+    __slots__ = ("stream_id", "source", "fps", "realtime", "loop", "retention_max_age_s", "retention_max_bytes", "transport", "keyframes_only", "listen", "live")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,10 @@ class AddStreamRequest(_message.Message):
     LOOP_FIELD_NUMBER: _ClassVar[int]
     RETENTION_MAX_AGE_S_FIELD_NUMBER: _ClassVar[int]
     RETENTION_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    KEYFRAMES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     source: str
     fps: float
@@ -65,10 +69,14 @@ class AddStreamRequest(_message.Message):
     loop: bool
     retention_max_age_s: float
     retention_max_bytes: int
-    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., realtime: _Optional[bool] = ..., loop: _Optional[bool] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ...) -> None: ...
+    transport: str
+    keyframes_only: bool
+    listen: bool
+    live: bool
+    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., realtime: _Optional[bool] = ..., loop: _Optional[bool] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., keyframes_only: _Optional[bool] = ..., listen: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class StreamStatus(_message.Message):
-    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time")
+    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time", "reconnects")
     class FramesDroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +96,7 @@ class StreamStatus(_message.Message):
     CLIPS_STORED_FIELD_NUMBER: _ClassVar[int]
     LAST_MEDIA_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    RECONNECTS_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     source: str
     fps: float
@@ -100,7 +109,8 @@ class StreamStatus(_message.Message):
     clips_stored: int
     last_media_time: float
     last_wall_time: float
-    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ...) -> None: ...
+    reconnects: int
+    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class RemoveStreamRequest(_message.Message):
     __slots__ = ("stream_id", "delete_memory")
