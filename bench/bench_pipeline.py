@@ -27,7 +27,7 @@ from vcflash.settings import Settings
 
 
 async def run(n: int, seconds: float, model: VideoChatFlash, video: Path, tmp: Path) -> dict[str, float]:
-    settings = Settings(data_dir=tmp / f"data{n}", address="127.0.0.1:0", api_token="x", metrics_port=0)
+    settings = Settings(data_dir=tmp / f"data{n}", address="127.0.0.1:0", api_token="x", metrics_port=0, http_port=0)
     app = App(settings, model, registry=CollectorRegistry())
     await app.start()
     latencies: list[float] = []

@@ -11,9 +11,11 @@ from collections import Counter
 from typing import Any
 
 import grpc
+from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ingest.encoder_link import EncoderLink, LinkSettings
+from ingest.http import create_whip_app, start_http
 from ingest.pipeline import IngestManager, IngestSettings, StreamStatus
 from memory.records import Retention
 from memory.server import SERVICE_NAME as MEMORY_SERVICE
@@ -55,12 +57,25 @@ class Streams:
         await asyncio.to_thread(self.store.set_retention, stream_id, retention or self.default_retention)
         return status
 
-    async def _start(self, stream_id: str, config: dict) -> StreamStatus:
+    async def next_seq(self, stream_id: str) -> int:
+        """The number after the stream's last stored clip (0 for a new stream)."""
         try:
             last = (await asyncio.to_thread(self.store.stats, stream_id)).last
         except KeyError:  # a new stream
-            last = None
-        first_seq = last.seq + 1 if last else 0
+            return 0
+        return last.seq + 1 if last else 0
+
+    async def whip_added(self, stream_id: str, status: StreamStatus) -> None:
+        """A browser or OBS published over WHIP: same limits and retention as AddStream; never resumed
+        by the server (the sender reconnects by itself)."""
+        if len(self.manager.names()) > self.max_streams:
+            raise web.HTTPServiceUnavailable(text=f"this server takes at most {self.max_streams} streams")
+        await asyncio.to_thread(self.store.set_retention, stream_id, self.default_retention)
+        config = {"source": status.url, "fps": status.fps, "realtime": False, "loop": False, "active": False}
+        await asyncio.to_thread(self.store.put_stream_config, stream_id, config)
+
+    async def _start(self, stream_id: str, config: dict) -> StreamStatus:
+        first_seq = await self.next_seq(stream_id)
         status = self.manager.add(
             stream_id,
             config["source"],
@@ -186,6 +201,18 @@ def ingest_entry(
     return (pb_grpc.add_IngestServicer_to_server, IngestServicer(streams), SERVICE_NAME), streams
 
 
+async def start_whip(settings: Settings, streams: Streams) -> web.AppRunner | None:
+    """The WHIP endpoint (POST/DELETE /whip/{stream}) next to the gRPC server, when VCFLASH_HTTP_PORT is set."""
+    if not settings.http_port:
+        return None
+    app = create_whip_app(
+        streams.manager, token=settings.api_token, on_add=streams.whip_added, next_seq=streams.next_seq
+    )
+    host = settings.address.rpartition(":")[0].strip("[]") or "0.0.0.0"
+    runner, _ = await start_http(app, host, settings.http_port)
+    return runner
+
+
 class IngestService(Service):
     """`vcflash ingest`: streams in, clips out to the encoder service (split deployment); it also answers
     memory inspection so `vcflash streams ls` shows what is stored."""
@@ -211,7 +238,10 @@ class IngestService(Service):
 
     async def ready(self) -> None:
         await self.streams.resume()
+        self.http = await start_whip(self.settings, self.streams)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.http is not None:
+            await self.http.cleanup()
         await self.streams.manager.close()
         await super().stop(grace_s)

@@ -57,6 +57,7 @@ class Deployment:
             "VCFLASH_DATA_DIR": str(tmp / "data"),
             "VCFLASH_METRICS_PORT": "0",
             "VCFLASH_MAX_WAIT_MS": "10",
+            "VCFLASH_HTTP_PORT": "0",
         }
 
     def start(self, name: str) -> None:

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from encoder_svc.worker import EncoderMetrics, EncoderSettings, EncoderWorker
 from hico.model import VideoChatFlash
-from ingest.server import ingest_entry
+from ingest.server import ingest_entry, start_whip
 from memory import ClipIndex
 from memory.retention import sweep_forever
 from reasoner.server import reasoner_entries
@@ -50,7 +50,10 @@ class App(Service):
 
     async def ready(self) -> None:
         await self.streams.resume()
+        self.http = await start_whip(self.settings, self.streams)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.http is not None:
+            await self.http.cleanup()
         await self.streams.manager.close()
         await super().stop(grace_s)

@@ -1,0 +1,356 @@
+"""WHIP over HTTP: a sender (OBS, a browser, any WHIP client) POSTs an SDP offer and streams video.
+
+``POST /whip/{stream}`` (``Content-Type: application/sdp``) negotiates a :class:`WebRTCSession`
+and starts stream ``{stream}`` in the :class:`IngestManager` with the session as its frame
+source; ``DELETE /whip/{stream}`` ends both. Negotiation is non-trickle (no ``PATCH``): the offer
+must carry the sender's candidates, and the answer carries ours. ``GET /whip/{stream}`` shows the
+stream's and the session's status (including frames dropped before the pipeline), ``GET
+/healthz`` answers 200. With a token configured every WHIP request but the CORS preflight needs
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import inspect
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ingest.pipeline import IngestManager, StreamState, StreamStatus, check_fps, check_stream_name
+from ingest.webrtc import OfferError, WebRTCSession, WebRTCSettings, check_offer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SDP_BYTES = 64 * 1024
+SDP = "application/sdp"
+_ENDED = (StreamState.FINISHED, StreamState.FAILED, StreamState.STOPPED)
+_REPLACE_WAIT_S = 2.0  # how long a new offer waits for the ended session's stream to finish
+
+OnAdd = Callable[[str, StreamStatus], Awaitable[None] | None]
+NextSeq = Callable[[str], Awaitable[int]]
+
+
+class WhipServer:
+    """The WHIP endpoints' state: sessions by stream, and the settings they are negotiated with.
+
+    ``webrtc`` None means: decided by :func:`start_http` from the address it binds (loopback:
+    :meth:`WebRTCSettings.loopback`), otherwise the defaults.
+    """
+
+    def __init__(
+        self,
+        manager: IngestManager,
+        *,
+        token: str | None,
+        on_add: OnAdd | None,
+        next_seq: NextSeq | None,
+        max_sdp_bytes: int,
+        webrtc: WebRTCSettings | None,
+        fps: float | None,
+        cors_origin: str | None,
+    ) -> None:
+        if max_sdp_bytes < 1:
+            raise ValueError(f"max_sdp_bytes must be >= 1, got {max_sdp_bytes}")
+        if token is not None and not token:
+            raise ValueError("token must be a non-empty string or None")
+        self.manager = manager
+        self.webrtc = webrtc
+        self.fps = None if fps is None else check_fps(fps)
+        self._token = None if token is None else token.encode()
+        self.on_add = on_add
+        self.next_seq = next_seq
+        self._max_sdp_bytes = max_sdp_bytes
+        self._cors_origin = cors_origin
+        self.sessions: dict[str, WebRTCSession] = {}
+        self._negotiating: set[str] = set()  # names reserved while their offer is being answered
+
+    @property
+    def settings(self) -> WebRTCSettings:
+        return self.webrtc or WebRTCSettings()
+
+    # ---------------------------------------------------------------- handlers
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["stream"]
+        self._authorize(request)
+        _check_name(name)
+        fps = self._fps(request)
+        if request.content_type != SDP:
+            raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP}, got {request.content_type}")
+        offer = await self._read_offer(request)
+        try:
+            check_offer(offer, self.settings)  # before anything changes: a bad offer leaves no trace
+        except OfferError as e:
+            raise _error(web.HTTPBadRequest, str(e)) from None
+        if name in self._negotiating:
+            raise _error(web.HTTPConflict, f"stream {name!r} is being negotiated by another request")
+        self._negotiating.add(name)
+        try:
+            return await self._publish(name, offer, fps)
+        finally:
+            self._negotiating.discard(name)
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["stream"]
+        self._authorize(request)
+        session = self.sessions.pop(name, None)
+        if session is None:
+            raise _error(web.HTTPNotFound, f"no WHIP stream named {name!r}")
+        status = await self.manager.remove(name) if name in self.manager.names() else None
+        await session.close()
+        logger.info("whip stream deleted stream=%s", name)
+        return web.json_response(_describe(status, session), dumps=_dumps)
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["stream"]
+        self._authorize(request)
+        session = self.sessions.get(name)
+        if session is None:
+            raise _error(web.HTTPNotFound, f"no WHIP stream named {name!r}")
+        status = self.manager.status().get(name)
+        return web.json_response(_describe(status, session), dumps=_dumps)
+
+    async def options(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204, headers={"Accept-Post": SDP})
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok\n")
+
+    @web.middleware
+    async def cors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        """CORS headers on every answer, errors included, so a page on another origin can publish."""
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            self._add_cors(e.headers)
+            raise
+        self._add_cors(response.headers)
+        return response
+
+    async def close(self, app: web.Application | None = None) -> None:
+        """Close every session (their streams then end); on the app's shutdown."""
+        await asyncio.gather(*(session.close() for session in self.sessions.values()))
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _publish(self, name: str, offer: str, fps: float | None) -> web.StreamResponse:
+        first_seq, media_offset = 0, 0.0
+        previous = self.sessions.get(name)
+        if previous is not None and previous.closed and name in self.manager.names():
+            with contextlib.suppress(TimeoutError):  # its stream is ending: let it finish, not 409
+                await asyncio.wait_for(self.manager.wait(name), _REPLACE_WAIT_S)
+        if name in self.manager.names():
+            status = self.manager.status()[name]
+            if previous is None or status.state not in _ENDED:
+                raise _error(web.HTTPConflict, f"stream {name!r} already exists")
+            # The same sender publishing again after its session ended (OBS reconnecting): replace
+            # the ended stream, carrying on its clip numbering and its media clock.
+            first_seq = status.next_seq
+            media_offset = _media_after(previous)
+            await self.manager.remove(name)
+            logger.info("whip stream replaced stream=%s first_seq=%d", name, first_seq)
+        elif self.next_seq is not None:  # a name seen before this process started: continue its numbering
+            first_seq = await self.next_seq(name)
+        if previous is not None:
+            self.sessions.pop(name, None)
+            await previous.close()
+
+        session = WebRTCSession(name, self.settings, media_offset=media_offset)
+        try:
+            answer = await session.accept(offer)
+        except OfferError as e:
+            raise _error(web.HTTPBadRequest, str(e)) from None
+        except TimeoutError:
+            raise _error(web.HTTPServiceUnavailable, "negotiating the WebRTC session timed out") from None
+        if name in self.manager.names():  # added by someone else (e.g. gRPC) while we negotiated
+            await session.close()
+            raise _error(web.HTTPConflict, f"stream {name!r} already exists")
+
+        try:
+            status = self.manager.add(name, f"whip://{name}", fps=fps, first_seq=first_seq, source=session.frames)
+        except BaseException:
+            await session.close()
+            raise
+        self.sessions[name] = session
+        if self.on_add is not None:
+            try:
+                result = self.on_add(name, status)
+                if inspect.isawaitable(result):
+                    await result
+            except BaseException as e:
+                self.sessions.pop(name, None)
+                await self.manager.remove(name)
+                await session.close()
+                if isinstance(e, web.HTTPException | asyncio.CancelledError):
+                    raise
+                logger.exception("whip on_add failed stream=%s", name)
+                raise _error(web.HTTPInternalServerError, f"setting up stream {name!r} failed") from None
+        logger.info("whip stream published stream=%s fps=%g first_seq=%d", name, status.fps, first_seq)
+        return web.Response(status=201, body=answer.encode(), content_type=SDP, headers={"Location": f"/whip/{name}"})
+
+    def _authorize(self, request: web.Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise _error(web.HTTPUnauthorized, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(credentials.strip().encode(), self._token):
+            raise _error(
+                web.HTTPUnauthorized,
+                "invalid bearer token",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+
+    def _fps(self, request: web.Request) -> float | None:
+        value = request.query.get("fps")
+        if value is None:
+            return self.fps
+        try:
+            return check_fps(float(value))
+        except ValueError as e:
+            raise _error(web.HTTPBadRequest, f"bad fps: {e}") from None
+
+    async def _read_offer(self, request: web.Request) -> str:
+        limit = self._max_sdp_bytes
+        too_large = f"the SDP offer is larger than {limit} bytes"
+        if request.content_length is not None and request.content_length > limit:
+            raise _error(web.HTTPRequestEntityTooLarge, too_large, max_size=limit, actual_size=request.content_length)
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(16 * 1024):
+            body += chunk
+            if len(body) > limit:
+                raise _error(web.HTTPRequestEntityTooLarge, too_large, max_size=limit, actual_size=len(body))
+        try:
+            offer = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _error(web.HTTPBadRequest, "the SDP offer is not UTF-8 text") from None
+        if not offer.strip():
+            raise _error(web.HTTPBadRequest, "empty body: expected an SDP offer")
+        return offer
+
+    def _add_cors(self, headers: Any) -> None:
+        if self._cors_origin is None:
+            return
+        headers["Access-Control-Allow-Origin"] = self._cors_origin
+        headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        headers["Access-Control-Expose-Headers"] = "Location, Accept-Post"
+        headers["Access-Control-Max-Age"] = "600"
+        if self._cors_origin != "*":
+            headers["Vary"] = "Origin"
+
+
+WHIP = web.AppKey("whip", WhipServer)
+
+
+def create_whip_app(
+    manager: IngestManager,
+    *,
+    token: str | None,
+    on_add: OnAdd | None = None,
+    next_seq: NextSeq | None = None,
+    max_sdp_bytes: int = DEFAULT_MAX_SDP_BYTES,
+    webrtc: WebRTCSettings | None = None,
+    fps: float | None = None,
+    cors_origin: str | None = "*",
+) -> web.Application:
+    """The WHIP endpoints for ``manager``; run them on the manager's event loop.
+
+    ``token``: the bearer token senders must present (None: no authentication). ``on_add(name,
+    status)``, plain or async, runs after a stream is published; if it raises, the stream is
+    removed and the sender gets 500 (or the ``aiohttp.web.HTTPException`` it raised, e.g. 503).
+    ``next_seq(name)``, async, gives the first clip number of a stream this process has not seen
+    (from the durable memory, so a restarted server never reuses a stored clip's number).
+    ``webrtc``: candidate and buffer settings (None: see :class:`WhipServer`). ``fps``: the
+    sampling rate of published streams (None: the manager's default; ``?fps=`` on the POST URL
+    overrides both). ``cors_origin``: the ``Access-Control-Allow-Origin`` value, None for no CORS.
+    The :class:`WhipServer` is ``app[WHIP]``.
+    """
+    whip = WhipServer(
+        manager,
+        token=token,
+        on_add=on_add,
+        next_seq=next_seq,
+        max_sdp_bytes=max_sdp_bytes,
+        webrtc=webrtc,
+        fps=fps,
+        cors_origin=cors_origin,
+    )
+    app = web.Application(middlewares=[whip.cors])
+    app[WHIP] = whip
+    app.router.add_post("/whip/{stream}", whip.post)
+    app.router.add_delete("/whip/{stream}", whip.delete)
+    app.router.add_get("/whip/{stream}", whip.get, allow_head=False)
+    app.router.add_route("OPTIONS", "/whip/{stream}", whip.options)
+    app.router.add_get("/healthz", whip.healthz)
+    app.on_shutdown.append(whip.close)
+    return app
+
+
+async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (0: any free port); returns the runner (``await runner.cleanup()``) and the port.
+
+    A WHIP app left to choose its WebRTC settings keeps candidates on 127.0.0.1 when ``host`` is a
+    loopback address, so a server bound to loopback never negotiates media elsewhere.
+    """
+    whip = app.get(WHIP)
+    if whip is not None and whip.webrtc is None:
+        whip.webrtc = WebRTCSettings.loopback() if _is_loopback(host) else WebRTCSettings()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, runner.addresses[0][1]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_name(name: str) -> None:
+    try:
+        check_stream_name(name)
+    except ValueError as e:
+        raise _error(web.HTTPBadRequest, str(e)) from None
+
+
+def _error(kind: type[web.HTTPException], message: str, **kwargs: Any) -> web.HTTPException:
+    return kind(text=message + "\n", **kwargs)
+
+
+def _media_after(session: WebRTCSession) -> float:
+    """Where a republished stream's media clock starts: on from the last session, by the wall-clock gap."""
+    stats = session.stats()
+    if stats.last_media_time is None or stats.last_wall_time is None:
+        return session.media_offset
+    return stats.last_media_time + max(time.time() - stats.last_wall_time, 0.0)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str)  # enums, and whatever a later status field holds
+
+
+def _describe(status: StreamStatus | None, session: WebRTCSession) -> dict[str, Any]:
+    stats = dataclasses.asdict(session.stats())
+    return {
+        "stream": None if status is None else dataclasses.asdict(status),
+        "session": stats,
+    }
