@@ -78,8 +78,10 @@ class EncoderWorker:
         model_lock: threading.Lock | None = None,
         metrics: EncoderMetrics | None = None,
         on_stored: Callable[[str, int], None] | None = None,
+        accepts: Callable[[str], bool] | None = None,
     ) -> None:
         self.model, self.store, self.queue, self.index = model, store, queue, index
+        self.accepts = accepts  # skip clips of streams removed while they waited (all-in-one)
         self.settings = settings or EncoderSettings()
         self.model_lock = model_lock or threading.Lock()
         self.metrics = metrics or EncoderMetrics()
@@ -87,7 +89,9 @@ class EncoderWorker:
 
     async def run(self) -> None:
         while True:
-            batch = await self._next_batch()
+            batch = [c for c in await self._next_batch() if self.accepts is None or self.accepts(c.stream_id)]
+            if not batch:
+                continue
             t0 = time.perf_counter()
             tokens = await asyncio.to_thread(self._encode, batch)
             self.metrics.seconds.observe(time.perf_counter() - t0)
@@ -110,6 +114,8 @@ class EncoderWorker:
 
     async def _store(self, records: list[ClipRecord]) -> None:
         for r in records:
+            if self.accepts is not None and not self.accepts(r.meta.stream_id):
+                continue  # removed (and maybe deleted) while this batch was encoded
             delay = self.settings.retry_initial_s
             while True:
                 try:

@@ -41,8 +41,10 @@ class EncoderLink:
         settings: LinkSettings,
         on_stored: Callable[[str, int], None] | None = None,
         on_rejected: Callable[[str, int, str], None] | None = None,
+        accepts: Callable[[str], bool] | None = None,
     ) -> None:
         self.clips, self.settings = clips, settings
+        self.accepts = accepts  # clips of streams removed meanwhile are not sent (or resent)
         self.on_stored, self.on_rejected = on_stored, on_rejected
         self.unacked: dict[tuple[str, int], Clip] = {}  # insertion order = send order
         self.window = asyncio.Semaphore(settings.max_unacked)
@@ -80,7 +82,11 @@ class EncoderLink:
                 delay = min(delay * 2, self.settings.backoff_max_s)
 
     async def _send(self, call: grpc.aio.StreamStreamCall) -> None:
-        for clip in list(self.unacked.values()):  # what the last connection left unacknowledged
+        for key, clip in list(self.unacked.items()):  # what the last connection left unacknowledged
+            if self.accepts is not None and not self.accepts(clip.stream_id):
+                del self.unacked[key]
+                self.window.release()
+                continue
             await call.write(clip_request(clip))
         while True:
             await self.window.acquire()
@@ -89,6 +95,9 @@ class EncoderLink:
             except asyncio.CancelledError:
                 self.window.release()
                 raise
+            if self.accepts is not None and not self.accepts(clip.stream_id):
+                self.window.release()
+                continue
             self.unacked[(clip.stream_id, clip.seq)] = clip
             await call.write(clip_request(clip))
 

@@ -172,6 +172,7 @@ class StreamWorker:
         realtime: bool = True,
         loop_file: bool = False,
         first_seq: int = 0,
+        resume_from: tuple[float, float] | None = None,
         source_timeout_s: float = DEFAULT_TIMEOUT_S,
         source: FrameSource | None = None,
         frame_size: int | None = None,
@@ -202,7 +203,9 @@ class StreamWorker:
         self._size: tuple[int, int] | None = None  # (width, height) of the first sampled frame
         self._offset = 0.0  # added to this connection's PTS: see the class docstring
         self._rebase = False  # the next frame is a new connection's first
-        self._last_frame: tuple[float, float] | None = None  # media and wall time of the last frame read
+        # Media and wall time of the last frame read; given when resuming a stream stored before a restart,
+        # so its first connection is shifted like a reconnect and media time never goes back.
+        self._last_frame: tuple[float, float] | None = resume_from
         self._connected_at: float | None = None  # monotonic time of this connection's first frame
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -493,6 +496,7 @@ class IngestManager:
         realtime: bool = True,
         loop_file: bool = False,
         first_seq: int = 0,
+        resume_from: tuple[float, float] | None = None,
         source: FrameSource | None = None,
         live: bool | None = None,
         transport: Transport = "tcp",
@@ -502,7 +506,8 @@ class IngestManager:
         """Start ingesting ``url`` as stream ``name``; call from the event loop.
 
         ``realtime`` plays files at their own pace, as a live stream would arrive; ``first_seq``
-        continues a restarted stream's clip numbering. ``live`` (default: by the URL's scheme;
+        continues a restarted stream's clip numbering, and ``resume_from`` (media and wall time
+        where its stored clips end) its media clock. ``live`` (default: by the URL's scheme;
         say ``True`` for an HTTP live stream) reads as frames arrive and reconnects with backoff.
         ``transport`` (RTSP: tcp or udp), ``listen`` (RTSP: wait for a camera to push) and
         ``keyframes_only`` (decode keyframes only) are passed to :func:`ingest.source.open_frames`.
@@ -518,6 +523,7 @@ class IngestManager:
             realtime=realtime,
             loop_file=loop_file,
             first_seq=first_seq,
+            resume_from=resume_from,
             source_timeout_s=self.settings.source_timeout_s,
             source=source,
             frame_size=self.settings.frame_size,

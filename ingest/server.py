@@ -17,7 +17,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from ingest.encoder_link import EncoderLink, LinkSettings
 from ingest.http import create_whip_app, start_http
 from ingest.pipeline import IngestManager, IngestSettings, StreamStatus
-from memory.records import Retention
+from memory.index import ClipIndex
+from memory.records import ClipMeta, Retention
 from memory.server import SERVICE_NAME as MEMORY_SERVICE
 from memory.server import MemoryServicer
 from memory.store import MemoryStore
@@ -35,9 +36,14 @@ class Streams:
     """Ingest plus its durable side: stream configs, retention, and clips stored per stream."""
 
     def __init__(
-        self, manager: IngestManager, store: MemoryStore, default_retention: Retention, max_streams: int
+        self,
+        manager: IngestManager,
+        store: MemoryStore,
+        default_retention: Retention,
+        max_streams: int,
+        index: ClipIndex | None = None,
     ) -> None:
-        self.manager, self.store = manager, store
+        self.manager, self.store, self.index = manager, store, index
         self.default_retention = default_retention
         self.max_streams = max_streams
         self.stored: Counter[str] = Counter()
@@ -57,13 +63,20 @@ class Streams:
         await asyncio.to_thread(self.store.set_retention, stream_id, retention or self.default_retention)
         return status
 
+    async def last_clip(self, stream_id: str) -> ClipMeta | None:
+        try:
+            return (await asyncio.to_thread(self.store.stats, stream_id)).last
+        except KeyError:  # a new stream
+            return None
+
     async def next_seq(self, stream_id: str) -> int:
         """The number after the stream's last stored clip (0 for a new stream)."""
-        try:
-            last = (await asyncio.to_thread(self.store.stats, stream_id)).last
-        except KeyError:  # a new stream
-            return 0
+        last = await self.last_clip(stream_id)
         return last.seq + 1 if last else 0
+
+    def accepts(self, stream_id: str) -> bool:
+        """Whether clips of this stream are still wanted (not removed while they waited for the encoder)."""
+        return stream_id in self.manager.names()
 
     async def whip_added(self, stream_id: str, status: StreamStatus) -> None:
         """A browser or OBS published over WHIP: same limits and retention as AddStream; never resumed
@@ -75,14 +88,15 @@ class Streams:
         await asyncio.to_thread(self.store.put_stream_config, stream_id, config)
 
     async def _start(self, stream_id: str, config: dict) -> StreamStatus:
-        first_seq = await self.next_seq(stream_id)
+        last = await self.last_clip(stream_id)
         status = self.manager.add(
             stream_id,
             config["source"],
             fps=config["fps"],
             realtime=config["realtime"],
             loop_file=config["loop"],
-            first_seq=first_seq,
+            first_seq=last.seq + 1 if last else 0,
+            resume_from=(last.media_end, last.wall_end) if last else None,
             transport=config.get("transport", "tcp"),
             keyframes_only=config.get("keyframes_only", False),
             listen=config.get("listen", False),
@@ -99,10 +113,13 @@ class Streams:
             await asyncio.to_thread(self.store.put_stream_config, stream_id, config | {"active": False})
 
     async def remove(self, stream_id: str, delete_memory: bool) -> None:
-        await self.manager.remove(stream_id)
+        await self.manager.remove(stream_id)  # from here on `accepts` refuses its queued clips
         self._watchers.pop(stream_id).cancel()
+        self.stored.pop(stream_id, None)
         if delete_memory:
             await asyncio.to_thread(self.store.delete_stream, stream_id)
+            if self.index is not None:
+                self.index.drop_stream(stream_id)
         else:
             configs = await asyncio.to_thread(self.store.stream_configs)
             await asyncio.to_thread(self.store.put_stream_config, stream_id, configs[stream_id] | {"active": False})
@@ -192,12 +209,12 @@ class IngestServicer(pb_grpc.IngestServicer):
 
 
 def ingest_entry(
-    settings: Settings, store: MemoryStore, registry: CollectorRegistry, frame_size: int
+    settings: Settings, store: MemoryStore, registry: CollectorRegistry, frame_size: int, index: ClipIndex | None = None
 ) -> tuple[ServiceEntry, Streams]:
     """The Ingest service over a new IngestManager whose clips are squashed to the encoder's input size."""
     manager = IngestManager(IngestSettings(queue_size=settings.queue_clips, frame_size=frame_size), registry=registry)
     retention = Retention(settings.retention_max_age_s, settings.retention_max_bytes)
-    streams = Streams(manager, store, retention, MAX_STREAMS)
+    streams = Streams(manager, store, retention, MAX_STREAMS, index)
     return (pb_grpc.add_IngestServicer_to_server, IngestServicer(streams), SERVICE_NAME), streams
 
 
@@ -232,6 +249,7 @@ class IngestService(Service):
                 s.encoder_address, s.api_token or "", s.max_unacked_clips, max_message_bytes=s.max_message_bytes
             ),
             on_stored=self.streams.on_stored,
+            accepts=self.streams.accepts,
         )
         memory = (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(self.store), MEMORY_SERVICE)
         return [entry, memory], [self.link.run()]

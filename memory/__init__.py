@@ -33,5 +33,5 @@ def open_store(redis_url: str | None, data_dir: Path, token_format: TokenFormat 
     if redis_url:
         return RedisStore(redis_url, token_format=token_format)
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # stream configs hold camera passwords
     return EmbeddedStore(data_dir / "memory.sqlite3", token_format=token_format)

@@ -34,7 +34,9 @@ class App(Service):
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
         lock = threading.Lock()
-        entry, self.streams = ingest_entry(s, self.store, self.registry, self.model.config.vision.image_size)
+        entry, self.streams = ingest_entry(
+            s, self.store, self.registry, self.model.config.vision.image_size, self.index
+        )
         encoder = EncoderWorker(
             self.model,
             self.store,
@@ -44,6 +46,7 @@ class App(Service):
             lock,
             EncoderMetrics(self.registry),
             on_stored=self.streams.on_stored,
+            accepts=self.streams.accepts,
         )
         services = [entry, *reasoner_entries(self.model, self.store, self.index, self.registry, lock)]
         return services, [encoder.run(), sweep_forever(self.store, self.index)]
