@@ -106,15 +106,8 @@ class ReasonerServicer(pb_grpc.ReasonerServicer):
                 await worker
 
 
-def reasoner_entries(
-    model: VideoChatFlash,
-    store: MemoryStore,
-    index: ClipIndex,
-    registry: CollectorRegistry,
-    model_lock: threading.Lock | None = None,
-) -> list[ServiceEntry]:
+def reasoner_entries(reasoner: Reasoner, store: MemoryStore, registry: CollectorRegistry) -> list[ServiceEntry]:
     """The Reasoner and Memory services over one store."""
-    reasoner = Reasoner(model, store, index, model_lock=model_lock)
     return [
         (pb_grpc.add_ReasonerServicer_to_server, ReasonerServicer(reasoner, registry), SERVICE_NAME),
         (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(store), MEMORY_SERVICE),
@@ -137,4 +130,5 @@ class ReasonerService(Service):
             self.model = await asyncio.to_thread(load_model, self.settings)
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
-        return reasoner_entries(self.model, self.store, self.index, self.registry), []
+        self.reasoner = Reasoner(self.model, self.store, self.index)
+        return reasoner_entries(self.reasoner, self.store, self.registry), []

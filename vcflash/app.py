@@ -13,6 +13,7 @@ from hico.model import VideoChatFlash
 from ingest.server import ingest_entry, start_whip
 from memory import ClipIndex
 from memory.retention import sweep_forever
+from reasoner.engine import Reasoner
 from reasoner.server import reasoner_entries
 from vcflash.service import Service, ServiceEntry, load_model
 from vcflash.settings import Settings
@@ -48,7 +49,8 @@ class App(Service):
             on_stored=self.streams.on_stored,
             accepts=self.streams.accepts,
         )
-        services = [entry, *reasoner_entries(self.model, self.store, self.index, self.registry, lock)]
+        self.reasoner = Reasoner(self.model, self.store, self.index, model_lock=lock)
+        services = [entry, *reasoner_entries(self.reasoner, self.store, self.registry)]
         return services, [encoder.run(), sweep_forever(self.store, self.index)]
 
     async def ready(self) -> None:
