@@ -13,18 +13,15 @@ from typing import Any
 
 import grpc
 import numpy as np
-from prometheus_client import REGISTRY, CollectorRegistry
 
 from encoder_svc.worker import EncoderMetrics, EncoderSettings, EncoderWorker
-from hico.model import VideoChatFlash
 from ingest.clips import CLIP_FRAMES, Clip
 from ingest.pipeline import check_stream_name
 from memory.retention import sweep_forever
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from vcflash.rpc import handle_errors
-from vcflash.service import Service, ServiceEntry, load_model
-from vcflash.settings import Settings
+from vcflash.service import Service, ServiceEntry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
@@ -100,20 +97,13 @@ class EncoderService(Service):
 
     name = "encoder"
 
-    def __init__(
-        self, settings: Settings, model: VideoChatFlash | None = None, registry: CollectorRegistry = REGISTRY
-    ) -> None:
-        super().__init__(settings, registry)
-        self.model = model
-
     async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
         s = self.settings
-        if self.model is None:
-            self.model = await asyncio.to_thread(load_model, s)
+        model = await self.load_model()
         clips: asyncio.Queue[Clip] = asyncio.Queue(maxsize=4 * s.max_batch)
         servicer = EncoderServicer(clips)
         worker = EncoderWorker(
-            self.model,
+            model,
             self.store,
             clips,
             settings=EncoderSettings(max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000),

@@ -237,7 +237,7 @@ class IngestService(Service):
     name = "ingest"
 
     def __init__(self, settings: Settings, frame_size: int = 448, registry: CollectorRegistry = REGISTRY) -> None:
-        super().__init__(settings, registry)
+        super().__init__(settings, registry=registry)
         self.frame_size = frame_size  # the encoder's S: 448 for the released 2B/7B res448 models
 
     async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:

@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
-from hico.model import VideoChatFlash
 from memory import ClipIndex, MemoryStore
 from memory.server import SERVICE_NAME as MEMORY_SERVICE
 from memory.server import MemoryServicer, clip_info
@@ -18,8 +17,7 @@ from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from reasoner.engine import AskParams, AskResult, Reasoner
 from vcflash.rpc import handle_errors
-from vcflash.service import Service, ServiceEntry, load_model
-from vcflash.settings import Settings
+from vcflash.service import Service, ServiceEntry
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reasoner"].full_name
 _DONE = object()
@@ -119,16 +117,9 @@ class ReasonerService(Service):
 
     name = "reasoner"
 
-    def __init__(
-        self, settings: Settings, model: VideoChatFlash | None = None, registry: CollectorRegistry = REGISTRY
-    ) -> None:
-        super().__init__(settings, registry)
-        self.model = model
-
     async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
-        if self.model is None:
-            self.model = await asyncio.to_thread(load_model, self.settings)
+        model = await self.load_model()
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
-        self.reasoner = Reasoner(self.model, self.store, self.index)
+        self.reasoner = Reasoner(model, self.store, self.index)
         return reasoner_entries(self.reasoner, self.store, self.registry), []

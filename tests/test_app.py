@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +25,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -56,57 +54,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server subprocess on a free loopback port that a test may stop and start again."""
-
-    def __init__(self, directory: Path, appendonly: bool = False) -> None:
-        self.port, self.directory, self.appendonly = free_port(), directory, appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> None:
-        log = self.directory / "redis.log"
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--logfile", str(log)]
-        self.proc = subprocess.Popen(["redis-server", *args])
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.1, socket_timeout=0.1)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"redis-server did not start:\n{log.read_text()[-2000:] if log.exists() else ''}"
-                    )
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
-def redis_server(directory: Path, appendonly: bool = False) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
-    server = RedisServer(directory, appendonly)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class LoopThread:
@@ -239,12 +186,6 @@ def runner() -> Iterator[LoopThread]:
     loop.close()
 
 
-@pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server for the module's Apps that never stop it; each App gets its own database number."""
-    yield from redis_server(tmp_path_factory.mktemp("redis"))
-
-
 _databases = itertools.count(1)
 
 
@@ -252,7 +193,7 @@ _databases = itertools.count(1)
 def memory_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     """Settings for a fresh memory of the backend in request.param: a data dir, and maybe a Redis database."""
     if request.param == "redis":
-        return {"data_dir": tmp_path, "redis_url": request.getfixturevalue("shared_redis").url(next(_databases))}
+        return {"data_dir": tmp_path, "redis_url": request.getfixturevalue("redis_server").url_for(next(_databases))}
     return {"data_dir": tmp_path, "redis_url": None}
 
 
@@ -265,7 +206,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Served]:
     """An App on one backend with two finished file streams: cam (20 s: 5 clips) and cam2 (12 s: 3 clips)."""
-    redis_url = request.getfixturevalue("shared_redis").url(next(_databases)) if request.param == "redis" else None
+    redis_url = request.getfixturevalue("redis_server").url_for(next(_databases)) if request.param == "redis" else None
     s = start_app(runner, model, data_dir=tmp_path_factory.mktemp("data"), redis_url=redis_url)
     try:
         s.client.add_stream("cam", str(videos["20s"]), fps=1, realtime=False)
@@ -592,18 +533,10 @@ def test_delete_memory_of_a_running_stream_leaves_nothing_behind(
 # ---------------------------------------------------------------- 5. Redis going away
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test alone, with an append-only file so its data survives a restart."""
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    yield from redis_server(directory, appendonly=True)
-
-
 def test_redis_going_away_is_unavailable_and_loses_no_clip(
-    runner: LoopThread, model: VideoChatFlash, videos: dict[str, Path], own_redis: RedisServer, tmp_path: Path
+    runner: LoopThread, model: VideoChatFlash, videos: dict[str, Path], own_redis_server: Any, tmp_path: Path
 ) -> None:
-    served = start_app(runner, model, data_dir=tmp_path, redis_url=own_redis.url())
+    served = start_app(runner, model, data_dir=tmp_path, redis_url=own_redis_server.url)
     try:
         c = served.client
         c.add_stream("a", str(videos["12s"]), realtime=False)
@@ -612,7 +545,7 @@ def test_redis_going_away_is_unavailable_and_loses_no_clip(
         c.add_stream("live", str(videos["4s"]), fps=8, realtime=True)  # 8 clips over 4 s
         wait_for(lambda: c.stream("live").clips_stored >= 1, "a live clip stored")
 
-        own_redis.stop()
+        own_redis_server.stop()
         stored_when_down = c.stream("live").clips_stored
         for call in (lambda: c.ask(["a"], QUESTION), lambda: c.clips("a"), lambda: c.stats("a")):
             t0 = time.monotonic()
@@ -622,7 +555,7 @@ def test_redis_going_away_is_unavailable_and_loses_no_clip(
         wait_for(lambda: c.stream("live").clips_emitted >= stored_when_down + 2, "clips made while Redis is down")
         assert c.stream("live").clips_stored == stored_when_down
 
-        own_redis.start()  # same port, same append-only file
+        own_redis_server.start()  # same port, same append-only file
         _, after = ask(c, ["a"])  # the same App, no restart
         assert list(after.evidence) == list(before.evidence)
 

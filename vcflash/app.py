@@ -6,17 +6,13 @@ import asyncio
 import threading
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
-
 from encoder_svc.worker import EncoderMetrics, EncoderSettings, EncoderWorker
-from hico.model import VideoChatFlash
 from ingest.server import ingest_entry, start_whip
 from memory import ClipIndex
 from memory.retention import sweep_forever
 from reasoner.engine import Reasoner
 from reasoner.server import reasoner_entries
-from vcflash.service import Service, ServiceEntry, load_model
-from vcflash.settings import Settings
+from vcflash.service import Service, ServiceEntry
 
 
 class App(Service):
@@ -24,22 +20,15 @@ class App(Service):
 
     name = "all-in-one"
 
-    def __init__(self, settings: Settings, model: VideoChatFlash | None = None, registry: CollectorRegistry = REGISTRY):
-        super().__init__(settings, registry)
-        self.model = model
-
     async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
         s = self.settings
-        if self.model is None:
-            self.model = await asyncio.to_thread(load_model, s)
+        model = await self.load_model()
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
         lock = threading.Lock()
-        entry, self.streams = ingest_entry(
-            s, self.store, self.registry, self.model.config.vision.image_size, self.index
-        )
+        entry, self.streams = ingest_entry(s, self.store, self.registry, model.config.vision.image_size, self.index)
         encoder = EncoderWorker(
-            self.model,
+            model,
             self.store,
             self.streams.manager.clips,
             self.index,
@@ -49,7 +38,7 @@ class App(Service):
             on_stored=self.streams.on_stored,
             accepts=self.streams.accepts,
         )
-        self.reasoner = Reasoner(self.model, self.store, self.index, model_lock=lock)
+        self.reasoner = Reasoner(model, self.store, self.index, model_lock=lock)
         services = [entry, *reasoner_entries(self.reasoner, self.store, self.registry)]
         return services, [encoder.run(), sweep_forever(self.store, self.index)]
 

@@ -34,8 +34,11 @@ class Service:
 
     name = "service"
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self, settings: Settings, model: VideoChatFlash | None = None, registry: CollectorRegistry = REGISTRY
+    ) -> None:
         self.settings = settings.with_token()
+        self.model = model  # given (tests share one) or loaded from settings.model by `load_model`
         self.registry = registry
         self.port = 0
         self.tasks: list[asyncio.Task[Any]] = []
@@ -43,6 +46,11 @@ class Service:
 
     async def setup(self) -> tuple[list[ServiceEntry], list[Coroutine[Any, Any, None]]]:
         raise NotImplementedError
+
+    async def load_model(self) -> VideoChatFlash:
+        if self.model is None:
+            self.model = await asyncio.to_thread(load_model, self.settings)
+        return self.model
 
     async def ready(self) -> None:
         """After the server is listening and before it reports SERVING."""

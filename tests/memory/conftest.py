@@ -1,4 +1,4 @@
-"""Real backends for the memory tests: a private redis-server on a free loopback port, and SQLite files in tmp_path.
+"""Real backends for the memory tests: a private redis-server (tests/conftest.py) and SQLite files in tmp_path.
 
 The `store` fixture runs every test against both backends; `make_store` opens another client on the same data
 (a reopened file, a new Redis connection) to check what survives.
@@ -6,95 +6,17 @@ The `store` fixture runs every test against both backends; `make_store` opens an
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
 from memory import ClipMeta, ClipRecord, EmbeddedStore, MemoryStore, RedisStore, TokenFormat, clip_vector
 
 WALL0 = 1_700_000_000.0  # wall time of clip 0
 FRAME_DT = 1.0  # seconds between sampled frames: a clip covers 4 s on both clocks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server subprocess that a test may stop and start again on the same port and directory."""
-
-    def __init__(self, directory: Path, appendonly: bool = False) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.appendonly = appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = self.directory / "redis.log"
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--logfile", str(log)]
-        self.proc = subprocess.Popen(["redis-server", *args])
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.1, socket_timeout=0.1)
-        deadline = time.monotonic() + 10
-        try:
-            while not self._ping(client):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    tail = log.read_text()[-2000:] if log.exists() else "(no log)"
-                    raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    @staticmethod
-    def _ping(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
-def _server(directory: Path, appendonly: bool = False) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH: the Redis backend needs a real server to test against")
-    server = RedisServer(directory, appendonly)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server for the session; tests keep apart by key prefix."""
-    yield from _server(tmp_path_factory.mktemp("redis"))
-
-
-@pytest.fixture
-def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test alone, with an append-only file, for tests that stop and restart it."""
-    yield from _server(tmp_path, appendonly=True)
 
 
 StoreFactory = Callable[..., MemoryStore]
