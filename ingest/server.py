@@ -230,7 +230,26 @@ async def start_whip(settings: Settings, streams: Streams) -> web.AppRunner | No
     return runner
 
 
-class IngestService(Service):
+class ServesStreams(Service):
+    """A service that runs streams (ingest, or all-in-one): resumes them, serves WHIP, stops them.
+
+    Subclasses set `self.streams` in `setup`."""
+
+    streams: Streams
+    http: web.AppRunner | None = None
+
+    async def ready(self) -> None:
+        await self.streams.resume()
+        self.http = await start_whip(self.settings, self.streams)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.http is not None:
+            await self.http.cleanup()
+        await self.streams.manager.close()
+        await super().stop(grace_s)
+
+
+class IngestService(ServesStreams):
     """`vcflash ingest`: streams in, clips out to the encoder service (split deployment); it also answers
     memory inspection so `vcflash streams ls` shows what is stored."""
 
@@ -253,13 +272,3 @@ class IngestService(Service):
         )
         memory = (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(self.store), MEMORY_SERVICE)
         return [entry, memory], [self.link.run()]
-
-    async def ready(self) -> None:
-        await self.streams.resume()
-        self.http = await start_whip(self.settings, self.streams)
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        if self.http is not None:
-            await self.http.cleanup()
-        await self.streams.manager.close()
-        await super().stop(grace_s)

@@ -7,15 +7,15 @@ import threading
 from typing import Any
 
 from encoder_svc.worker import EncoderMetrics, EncoderSettings, EncoderWorker
-from ingest.server import ingest_entry, start_whip
+from ingest.server import ServesStreams, ingest_entry
 from memory import ClipIndex
 from memory.retention import sweep_forever
 from reasoner.engine import Reasoner
 from reasoner.server import reasoner_entries
-from vcflash.service import Service, ServiceEntry
+from vcflash.service import ServiceEntry
 
 
-class App(Service):
+class App(ServesStreams):
     """One model shared by the encoder and the reasoner, taking turns under one lock."""
 
     name = "all-in-one"
@@ -41,13 +41,3 @@ class App(Service):
         self.reasoner = Reasoner(model, self.store, self.index, model_lock=lock)
         services = [entry, *reasoner_entries(self.reasoner, self.store, self.registry)]
         return services, [encoder.run(), sweep_forever(self.store, self.index)]
-
-    async def ready(self) -> None:
-        await self.streams.resume()
-        self.http = await start_whip(self.settings, self.streams)
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        if self.http is not None:
-            await self.http.cleanup()
-        await self.streams.manager.close()
-        await super().stop(grace_s)
