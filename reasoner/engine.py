@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from hico.config import DropConfig
 from hico.generation import detokenize
 from hico.model import IMAGE_PLACEHOLDER, VideoChatFlash, chat_prompt, time_message
 from memory.index import ClipIndex
@@ -224,7 +225,7 @@ class Reasoner:
             timings=timings,
         )
 
-    def _resolve_drop(self, dropout: str | None):  # noqa: ANN202 - DropConfig | None
+    def _resolve_drop(self, dropout: str | None) -> DropConfig | None:
         try:
             return self.model.resolve_drop(dropout or None)
         except ValueError as e:

@@ -8,6 +8,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy: `vcflash --help` should be instant
+    from vcflash.client import Client
+    from vcflash.settings import Settings
 
 TINY = "tiny"
 
@@ -79,7 +84,7 @@ def cmd_make_test_video(args: argparse.Namespace) -> int:
     return 0
 
 
-def service_settings(args: argparse.Namespace):  # noqa: ANN201 - vcflash.settings.Settings
+def service_settings(args: argparse.Namespace) -> Settings:
     from vcflash.settings import Settings
 
     address = f"{args.host}:{args.port}" if args.port is not None else None
@@ -120,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def client(args: argparse.Namespace, reasoner: bool = False):  # noqa: ANN201 - vcflash.client.Client
+def client(args: argparse.Namespace, reasoner: bool = False) -> Client:
     from vcflash.client import Client
     from vcflash.settings import Settings, token_path
 
