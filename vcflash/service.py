@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
@@ -16,7 +18,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from hico.model import VideoChatFlash
 from memory import MemoryStore, open_store
 from vcflash.rpc import create_server, set_serving
-from vcflash.settings import Settings
+from vcflash.settings import Settings, token_path
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,9 @@ async def run(service: Service) -> None:
     if service.settings.metrics_port:
         start_http_server(service.settings.metrics_port, registry=service.registry)
     await service.start()
+    s = service.settings
+    where = "VCFLASH_API_TOKEN" if os.environ.get("VCFLASH_API_TOKEN") else token_path(s.data_dir)
+    print(f"vcflash {service.name}: serving gRPC on port {service.port}; API token in {where}", file=sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
