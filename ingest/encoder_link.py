@@ -101,6 +101,13 @@ class EncoderLink:
             self.unacked[(clip.stream_id, clip.seq)] = clip
             await call.write(clip_request(clip))
 
+    async def drain(self, stream_id: str, timeout_s: float = 10.0) -> None:
+        """Wait until no clip of `stream_id` is at the encoder unacknowledged (so deleting its memory
+        afterwards leaves nothing behind); gives up after `timeout_s` (an encoder that is down)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(key[0] == stream_id for key in self.unacked) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
     def _ack(self, ack: pb.EncodeClipAck) -> None:
         if self.unacked.pop((ack.stream_id, ack.seq), None) is None:
             return  # a duplicate ack after a resend

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -47,6 +48,7 @@ class Streams:
         self.default_retention = default_retention
         self.max_streams = max_streams
         self.stored: Counter[str] = Counter()
+        self.drain: Callable[[str], Awaitable[None]] | None = None  # waits out clips still at a remote encoder
         self._watchers: dict[str, asyncio.Task[None]] = {}
 
     def on_stored(self, stream_id: str, seq: int) -> None:
@@ -117,6 +119,8 @@ class Streams:
         self._watchers.pop(stream_id).cancel()
         self.stored.pop(stream_id, None)
         if delete_memory:
+            if self.drain is not None:
+                await self.drain(stream_id)
             await asyncio.to_thread(self.store.delete_stream, stream_id)
             if self.index is not None:
                 self.index.drop_stream(stream_id)
@@ -270,5 +274,6 @@ class IngestService(ServesStreams):
             on_stored=self.streams.on_stored,
             accepts=self.streams.accepts,
         )
+        self.streams.drain = self.link.drain
         memory = (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(self.store), MEMORY_SERVICE)
         return [entry, memory], [self.link.run()]

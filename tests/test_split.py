@@ -128,3 +128,15 @@ def test_split_deployment_answers_and_survives_an_encoder_crash(deployment: Depl
         with pytest.raises(grpc.RpcError) as err:
             list(reasoner.ask(["nope"], "What moves?"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_deleting_a_running_stream_leaves_nothing_behind(deployment: Deployment, tmp_path: Path) -> None:
+    video = write_test_video(tmp_path / "v.mp4", seconds=6, fps=10, size=(96, 64))
+    with deployment.client("ingest") as ingest:
+        ingest.add_stream("gone", str(video), fps=8, realtime=True)  # a clip every half second
+        wait_for(lambda: ingest.stream("gone").clips_stored >= 1, 20, "a clip stored")
+        ingest.remove_stream("gone", delete_memory=True)
+        time.sleep(1.0)  # anything still in flight would land by now
+        with pytest.raises(grpc.RpcError) as err:
+            ingest.clips("gone")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
