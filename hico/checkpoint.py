@@ -41,6 +41,7 @@ KEY_PREFIXES = (
     ("llm.lm_head.", "lm_head."),
 )
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+TINY = "tiny"  # the model name that means: the generated tiny checkpoint
 
 
 class CheckpointError(ValueError):
@@ -72,7 +73,10 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike[str]) -> Path:
-    """A local dir as is; otherwise a hub id, downloaded (or found in the HF cache) with huggingface_hub."""
+    """A local dir as is; `tiny`, a generated tiny checkpoint; otherwise a hub id, downloaded (or found in
+    the HF cache) with huggingface_hub."""
+    if str(path_or_hub_id) == TINY:
+        return tiny_checkpoint_dir()
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -246,4 +250,14 @@ def make_tiny_checkpoint(directory: str | os.PathLike[str], res: int = 224, seed
         "top_p": 0.8,
     }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return directory
+
+
+def tiny_checkpoint_dir(res: int = 224) -> Path:
+    """The tiny checkpoint that the model name `tiny` stands for, made on first use under
+    $VCFLASH_CACHE (default ~/.cache/vcflash)."""
+    root = Path(os.environ.get("VCFLASH_CACHE", Path.home() / ".cache" / "vcflash"))
+    directory = root / f"tiny-{res}"
+    if not (directory / "generation_config.json").is_file():  # written last
+        make_tiny_checkpoint(directory, res=res)
     return directory

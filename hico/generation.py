@@ -98,14 +98,16 @@ def next_token(
 
 
 def detokenize(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> Iterator[str]:
-    """Text pieces as tokens arrive; a piece is held back while it ends inside a UTF-8 character."""
+    """Text pieces as tokens arrive, decoding a short window per token rather than the whole answer.
+
+    A piece is held back while it ends inside a UTF-8 character; the window restarts after each piece
+    that was emitted whole, so byte-level tokens that merge across a boundary still decode right.
+    """
     seen: list[int] = []
-    emitted = ""
+    start = 0  # the window's first token; text before it was already emitted
     for token in ids:
         seen.append(token)
-        text = tokenizer.decode(seen, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-        emitted = text
+        text = tokenizer.decode(seen[start:], skip_special_tokens=True)
+        if text and not text.endswith("\ufffd"):
+            yield text
+            start = len(seen)

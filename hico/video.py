@@ -427,7 +427,9 @@ def preprocess_frames(frames: np.ndarray | torch.Tensor, image_size: int) -> tor
     if array.ndim != 4 or array.shape[-1] != 3 or 0 in array.shape[1:3]:
         raise ValueError(f"frames must have shape [T, H, W, 3] with H, W > 0, got {tuple(array.shape)}")
 
-    resized = np.stack([squash_resize(frame, size) for frame in array]) if len(array) else array[:, :size, :size]
+    resized = np.empty((len(array), size, size, 3), dtype=np.uint8)
+    for i, frame in enumerate(array):
+        resized[i] = squash_resize(frame, size)
 
     table = _normalization_table()
     out = np.empty((array.shape[0], 3, size, size), dtype=np.float32)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,31 +13,12 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `vcflash --help` should be instant
     from vcflash.client import Client
     from vcflash.settings import Settings
 
-TINY = "tiny"
-
-
-def tiny_checkpoint_dir(res: int = 224) -> Path:
-    """The generated tiny checkpoint that `--model tiny` uses, made on first use."""
-    from hico.checkpoint import make_tiny_checkpoint
-
-    root = Path(os.environ.get("VCFLASH_CACHE", Path.home() / ".cache" / "vcflash"))
-    directory = root / f"tiny-{res}"
-    if not (directory / "generation_config.json").is_file():  # written last
-        make_tiny_checkpoint(directory, res=res)
-    return directory
-
-
-def resolve_model(name: str) -> str | Path:
-    return tiny_checkpoint_dir() if name == TINY else name
-
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from hico.checkpoint import DEFAULT_MODEL
     from hico.model import VideoChatFlash
 
-    model = VideoChatFlash.from_pretrained(
-        resolve_model(args.model or DEFAULT_MODEL), dtype=args.dtype, device=args.device
-    )
+    model = VideoChatFlash.from_pretrained(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     answer = model.answer(
         args.video,
         args.question,

@@ -26,9 +26,7 @@ ServiceEntry = tuple[Any, Any, str]  # (add_XServicer_to_server, servicer, full 
 
 
 def load_model(settings: Settings) -> VideoChatFlash:
-    from vcflash.cli import resolve_model
-
-    return VideoChatFlash.from_pretrained(resolve_model(settings.model), dtype=settings.dtype, device=settings.device)
+    return VideoChatFlash.from_pretrained(settings.model, dtype=settings.dtype, device=settings.device)
 
 
 class Service:

@@ -1,23 +1,7 @@
 """Service settings, read from `VCFLASH_*` environment variables in this one place.
 
-| variable | default | meaning |
-|---|---|---|
-| VCFLASH_MODEL | OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448 | hub id, local dir, or `tiny` |
-| VCFLASH_DEVICE / VCFLASH_DTYPE | cpu / float32 | where and how the model runs |
-| VCFLASH_DATA_DIR | ~/.local/share/vcflash | embedded memory, API token |
-| VCFLASH_REDIS_URL | (none: embedded memory) | e.g. redis://localhost:6379/0 |
-| VCFLASH_TOKEN_FORMAT | fp16 | fp16 or int8 token storage |
-| VCFLASH_ADDRESS | 127.0.0.1:50051 | gRPC listen address (the CLI's server) |
-| VCFLASH_REASONER_ADDRESS | (VCFLASH_ADDRESS) | where `ask-live` connects in the split deployment |
-| VCFLASH_ENCODER_ADDRESS | 127.0.0.1:50052 | where `vcflash ingest` sends clips |
-| VCFLASH_HTTP_PORT | 8080 | WHIP endpoint (POST /whip/{stream}), 0 to disable |
-| VCFLASH_MAX_UNACKED_CLIPS | 64 | clips ingest keeps for resending until the encoder stored them |
-| VCFLASH_API_TOKEN | (generated into DATA_DIR/api_token) | bearer token clients must send |
-| VCFLASH_METRICS_PORT | 9464 | Prometheus /metrics port, 0 to disable |
-| VCFLASH_QUEUE_CLIPS | 256 | clips waiting for the encoder, all streams together |
-| VCFLASH_MAX_BATCH / VCFLASH_MAX_WAIT_MS | 8 / 50 | encoder dynamic batching |
-| VCFLASH_RETENTION_MAX_AGE_S / VCFLASH_RETENTION_MAX_BYTES | 7 days / 2 GB | per-stream memory limits |
-| VCFLASH_MAX_MESSAGE_BYTES | 8388608 | largest gRPC message accepted |
+Each field of `Settings` is the variable `VCFLASH_<FIELD>`; the README's Settings table documents them.
+CLI flags override the environment.
 """
 
 from __future__ import annotations
