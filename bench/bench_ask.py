@@ -39,18 +39,18 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import redis_server  # noqa: E402 - the sibling benchmark's private redis-server
 
+from hico import VideoChatFlash  # noqa: E402
 from hico.checkpoint import make_tiny_checkpoint  # noqa: E402
-from hico.model import VideoChatFlash  # noqa: E402
 from memory import ClipIndex, ClipMeta, ClipRecord, MemoryStore, clip_vector, open_store  # noqa: E402
 from reasoner.engine import AskParams, Reasoner  # noqa: E402
 from vcflash.app import App  # noqa: E402
 from vcflash.client import Client  # noqa: E402
-from vcflash.settings import Settings  # noqa: E402
+from vcflash.serve.settings import Settings  # noqa: E402
 
 log = logging.getLogger("bench_ask")
 
 QUESTION = "What moves across the screen, and when?"
-TOKEN = "bench"
+TOKEN = "bench-token-0123456789"
 WALL0 = 1_700_000_000.0
 MAX_FRAMES = 512
 TARGET_OVERHEAD_MS = 20.0
@@ -87,7 +87,8 @@ class LoopThread:
 
 @contextmanager
 def running_app(model: VideoChatFlash, data_dir: Path, redis_url: str | None) -> Iterator[Client]:
-    settings = Settings(
+    settings = Settings.from_env(
+        {},
         model="tiny",
         data_dir=data_dir,
         redis_url=redis_url,

@@ -33,8 +33,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from ingest.pipeline import IngestManager, IngestSettings, StreamState, StreamStatus
+from ingest.pipeline import IngestManager, StreamState, StreamStatus
+from ingest.spec import StreamSpec
 from vcflash.media import write_test_video
+from vcflash.serve.settings import IngestSettings
+
+# Ingest mechanics read local test videos: any file is allowed (the file policy has its own tests).
+ROOT = Path("/")
+FILES = IngestSettings(media_root=ROOT)
 
 log = logging.getLogger("bench_ingest")
 
@@ -101,11 +107,11 @@ class DecodeResult:
 
 
 async def decode_cost(path: Path, media_s: float, keyframes_only: bool, realtime: bool) -> DecodeResult:
-    manager = IngestManager(IngestSettings(frame_size=FRAME_SIZE), registry=CollectorRegistry())
+    manager = IngestManager(IngestSettings(media_root=ROOT, frame_size=FRAME_SIZE), registry=CollectorRegistry())
     lags: list[float] = []
     consumer = asyncio.create_task(drain(manager, lags))
     cpu0, wall0 = cpu_seconds(), time.monotonic()
-    manager.add("hd", str(path), fps=1.0, realtime=realtime, keyframes_only=keyframes_only)
+    manager.add("hd", StreamSpec(str(path), fps=1.0, realtime=realtime, keyframes_only=keyframes_only))
     status = await manager.wait("hd")
     cpu, wall = cpu_seconds() - cpu0, time.monotonic() - wall0
     consumer.cancel()
@@ -158,11 +164,11 @@ def window(before: dict[str, StreamStatus], after: dict[str, StreamStatus], seco
 
 
 async def sustain(source: str, n: int, url: str, warmup_s: float, window_s: float, server: int | None) -> LoadResult:
-    manager = IngestManager(IngestSettings(frame_size=FRAME_SIZE), registry=CollectorRegistry())
+    manager = IngestManager(IngestSettings(media_root=ROOT, frame_size=FRAME_SIZE), registry=CollectorRegistry())
     lags: list[float] = []
     consumer = asyncio.create_task(drain(manager, lags))
     for i in range(n):
-        manager.add(f"s{i}", url, fps=1.0, realtime=True, loop_file=True)
+        manager.add(f"s{i}", StreamSpec(url, fps=1.0, realtime=True, loop=True))
     deadline = time.monotonic() + 30
     while any(s.state is not StreamState.RUNNING for s in manager.status().values()):
         if time.monotonic() > deadline:

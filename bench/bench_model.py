@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import torch
 
+from hico import VideoChatFlash
 from hico.checkpoint import as_dtype
 from hico.config import DropConfig, preset
 from hico.generation import GenerationSettings
-from hico.model import VideoChatFlash
 
 PROMPT_TEXT_TOKENS = (14, 40)  # roughly the chat template around the video, before and after
 

@@ -18,16 +18,25 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
-from hico.model import VideoChatFlash
+from ingest.spec import StreamSpec
 from memory.records import ClipRecord
 from vcflash.app import App
 from vcflash.media import write_test_video
-from vcflash.settings import Settings
+from vcflash.serve.settings import Settings
 
 
 async def run(n: int, seconds: float, model: VideoChatFlash, video: Path, tmp: Path) -> dict[str, float]:
-    settings = Settings(data_dir=tmp / f"data{n}", address="127.0.0.1:0", api_token="x", metrics_port=0, http_port=0)
+    settings = Settings.from_env(
+        {},
+        data_dir=tmp / f"data{n}",
+        address="127.0.0.1:0",
+        api_token="bench-token-0123456789",
+        metrics_port=0,
+        http_port=0,
+        media_root=video.parent,
+    )
     app = App(settings, model, registry=CollectorRegistry())
     await app.start()
     latencies: list[float] = []
@@ -41,7 +50,7 @@ async def run(n: int, seconds: float, model: VideoChatFlash, video: Path, tmp: P
 
     app.store.put = timed_put  # type: ignore[method-assign]
     for i in range(n):
-        await app.streams.add(f"cam{i}", {"source": str(video), "fps": 1.0, "realtime": True, "loop": False})
+        await app.streams.add(f"cam{i}", StreamSpec(str(video), fps=1.0, realtime=True))
     t0 = time.process_time()
     w0 = time.perf_counter()
     while any(s.state.value in ("starting", "running") for s in app.streams.manager.status().values()):

@@ -12,51 +12,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import numpy as np
 
-from encoder_svc.worker import EncoderMetrics, EncoderSettings, EncoderWorker
-from ingest.clips import CLIP_FRAMES, Clip
-from ingest.pipeline import check_stream_name
+from encoder_svc.worker import EncoderMetrics, EncoderWorker
+from hico import VideoChatFlash
 from memory.retention import sweep_forever
+from memory.server import MemoryService
+from protos.clip import Clip, clip_from_request
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from vcflash.rpc import handle_errors
-from vcflash.service import Service, ServiceEntry
+from vcflash.serve.errors import Invalid
+from vcflash.serve.lifecycle import ServiceEntry
+from vcflash.serve.rpc import handle_errors
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
-MAX_SIDE = 4096
-
-
-def clip_from_request(r: pb.EncodeClipRequest) -> Clip:
-    """Validate and unpack one clip; ValueError names what is wrong."""
-    check_stream_name(r.stream_id)
-    if r.seq < 0 or not (0 < r.height <= MAX_SIDE and 0 < r.width <= MAX_SIDE):
-        raise ValueError(f"bad clip {r.stream_id}#{r.seq}: seq {r.seq}, size {r.width}x{r.height}")
-    expected = CLIP_FRAMES * r.height * r.width * 3
-    if len(r.frames) != expected:
-        raise ValueError(f"clip {r.stream_id}#{r.seq} has {len(r.frames)} frame bytes, expected {expected}")
-    frames = np.frombuffer(r.frames, dtype=np.uint8).reshape(CLIP_FRAMES, r.height, r.width, 3)
-    return Clip(r.stream_id, r.seq, frames, tuple(r.media_times), tuple(r.wall_times), r.fps)
-
-
-def clip_request(clip: Clip) -> pb.EncodeClipRequest:
-    frames = np.ascontiguousarray(clip.frames)
-    return pb.EncodeClipRequest(
-        stream_id=clip.stream_id,
-        seq=clip.seq,
-        media_times=clip.media_times,
-        wall_times=clip.wall_times,
-        height=frames.shape[1],
-        width=frames.shape[2],
-        frames=frames.tobytes(),
-        fps=clip.fps,
-    )
 
 
 class EncoderServicer(pb_grpc.EncoderServicer):
-    def __init__(self, clips: asyncio.Queue[Clip]) -> None:
-        self.clips = clips
+    def __init__(self, clips: asyncio.Queue[Clip], max_side: int) -> None:
+        self.clips, self.max_side = clips, max_side
         self.routes: dict[tuple[str, int], asyncio.Queue[pb.EncodeClipAck]] = {}  # who waits for which ack
 
     def on_stored(self, stream_id: str, seq: int) -> None:
@@ -74,8 +48,8 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         async def read() -> None:
             async for request in request_iterator:
                 try:
-                    clip = clip_from_request(request)
-                except ValueError as e:
+                    clip = clip_from_request(request, self.max_side)
+                except Invalid as e:
                     log.warning("event=clip_rejected stream=%s seq=%d error=%s", request.stream_id, request.seq, e)
                     acks.put_nowait(pb.EncodeClipAck(stream_id=request.stream_id, seq=request.seq, error=str(e)))
                     continue
@@ -92,21 +66,23 @@ class EncoderServicer(pb_grpc.EncoderServicer):
                 del self.routes[key]
 
 
-class EncoderService(Service):
+class EncoderService(MemoryService):
     """`vcflash encoder`: the GPU side of the split deployment; writes tokens to the shared memory."""
 
     name = "encoder"
+    model: VideoChatFlash | None = None  # loaded in `setup` unless given
 
     async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
         s = self.settings
-        model = await self.load_model()
-        clips: asyncio.Queue[Clip] = asyncio.Queue(maxsize=4 * s.max_batch)
-        servicer = EncoderServicer(clips)
+        load = VideoChatFlash.from_pretrained
+        self.model = self.model or await asyncio.to_thread(load, *s.model.load_args())
+        clips: asyncio.Queue[Clip] = asyncio.Queue(maxsize=4 * s.encoder.max_batch)
+        servicer = EncoderServicer(clips, s.encoder.max_frame_side)
         worker = EncoderWorker(
-            model,
+            self.model,
             self.store,
             clips,
-            settings=EncoderSettings(max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000),
+            settings=s.encoder,
             metrics=EncoderMetrics(self.registry),
             on_stored=servicer.on_stored,
         )

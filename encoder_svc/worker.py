@@ -11,31 +11,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from hico.model import VideoChatFlash
-from ingest.clips import Clip
+from hico.model import VideoChatFlashModel
 from memory.index import ClipIndex
 from memory.records import ClipMeta, ClipRecord, clip_vector
 from memory.store import MemoryStore, MemoryUnavailable
+from protos.clip import Clip
+from vcflash.serve.settings import EncoderSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncoderSettings:
-    max_batch: int = 8  # clips per forward pass
-    max_wait_s: float = 0.05  # how long a partial batch waits for company
-    retry_initial_s: float = 0.2
-    retry_max_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_wait_s < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {self.max_batch}, {self.max_wait_s}")
 
 
 class EncoderMetrics:
@@ -48,7 +36,7 @@ class EncoderMetrics:
         self.retries = Counter("vcflash_encoder_store_retries_total", "Failed memory writes retried", registry=registry)
 
 
-def encode(model: VideoChatFlash, clips: list[Clip]) -> np.ndarray:
+def encode(model: VideoChatFlashModel, clips: list[Clip]) -> np.ndarray:
     """uint8 clips -> float16 tokens [B, 64, D]. Frames of any size; each clip on its own."""
     pixels = torch.cat([model.preprocess(c.frames) for c in clips])
     return model.encode_clips(pixels, batch_size=len(clips)).float().cpu().numpy().astype(np.float16)
@@ -70,7 +58,7 @@ def to_record(clip: Clip, tokens: np.ndarray) -> ClipRecord:
 class EncoderWorker:
     def __init__(
         self,
-        model: VideoChatFlash,
+        model: VideoChatFlashModel,
         store: MemoryStore,
         queue: asyncio.Queue[Clip],
         index: ClipIndex | None = None,
@@ -104,7 +92,7 @@ class EncoderWorker:
 
     async def _next_batch(self) -> list[Clip]:
         batch = [await self.queue.get()]
-        deadline = time.monotonic() + self.settings.max_wait_s
+        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
         while len(batch) < self.settings.max_batch:
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic())))
@@ -116,16 +104,17 @@ class EncoderWorker:
         for r in records:
             if self.accepts is not None and not self.accepts(r.meta.stream_id):
                 continue  # removed (and maybe deleted) while this batch was encoded
-            delay = self.settings.retry_initial_s
+            attempt = 0
             while True:
                 try:
                     added = await asyncio.to_thread(self.store.put, r)
                     break
                 except MemoryUnavailable as e:
                     self.metrics.retries.inc()
+                    delay = self.settings.store_retry.delay(attempt)
+                    attempt += 1
                     log.warning("event=store_retry stream=%s seq=%d delay_s=%.1f error=%s", *r.key, delay, e)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.settings.retry_max_s)
             if added and self.index is not None:  # a resent clip is already indexed
                 self.index.add(r.meta.stream_id, np.array([r.meta.seq]), r.vector[None])
             self.metrics.clips.labels(r.meta.stream_id).inc()

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 
 from hico.config import VideoChatFlashConfig, preset
 from hico.generation import GenerationSettings
-from hico.model import VideoChatFlash
+from hico.model import VideoChatFlashModel
 from hico.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ KEY_PREFIXES = (
 )
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 TINY = "tiny"  # the model name that means: the generated tiny checkpoint
+M = TypeVar("M", bound=VideoChatFlashModel)
 
 
 class CheckpointError(ValueError):
@@ -138,7 +140,7 @@ def read_weights(directory: Path, device: torch.device | str = "cpu") -> dict[st
     return tensors
 
 
-def check_weights(model: VideoChatFlash, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def check_weights(model: VideoChatFlashModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map official names to ours; raise naming every missing, unexpected or misshapen tensor."""
     expected = {official_key(k): (k, v.shape) for k, v in model.state_dict().items()}
     optional = set()
@@ -168,8 +170,9 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     attn_implementation: str | None = None,
-) -> VideoChatFlash:
-    """Build the model on the meta device and fill it straight from the safetensors files."""
+    cls: type[M] = VideoChatFlashModel,
+) -> M:
+    """Build a `cls` on the meta device and fill it straight from the safetensors files."""
     dtype, device = as_dtype(dtype), torch.device(device)
     directory = resolve_checkpoint(path_or_hub_id)
     config = read_config(directory)
@@ -178,7 +181,7 @@ def load_model(
     if not generation.eos_token_ids:
         generation = generation.override(eos_token_ids=(tokenizer.eos_token_id,))
     with torch.device("meta"):
-        model = VideoChatFlash(config, tokenizer, generation).to(dtype)
+        model = cls(config, tokenizer, generation).to(dtype)
     weights = check_weights(model, read_weights(directory, device))
     model.to_empty(device=device)
     model.llm.tie_weights()  # to_empty gives every module its own fresh tensors
@@ -199,7 +202,7 @@ def has_flash_attn() -> bool:
     return True
 
 
-def save_checkpoint(model: VideoChatFlash, directory: str | os.PathLike[str]) -> Path:
+def save_checkpoint(model: VideoChatFlashModel, directory: str | os.PathLike[str]) -> Path:
     """Write weights (official names, one file) and config.json; tokenizer files are written separately."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -234,7 +237,7 @@ def make_tiny_checkpoint(directory: str | os.PathLike[str], res: int = 224, seed
     if res not in (224, 448):
         raise ValueError(f"res must be 224 or 448, got {res}")
     config = preset("tiny", image_size=res)
-    model = VideoChatFlash(config)
+    model = VideoChatFlashModel(config)
     init_random_(model, seed)
     directory = save_checkpoint(model, directory)
     train_tiny_tokenizer(directory, vocab_size=config.text.vocab_size)

@@ -1,12 +1,13 @@
-"""Decoding settings from generation_config.json and the per-step token choice."""
+"""Decoding settings from generation_config.json, the per-step token choice, and the answer as streamed text."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +18,10 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+if TYPE_CHECKING:
+    from hico.config import DropConfig
+    from hico.model import VideoChatFlashModel
 
 
 @dataclass(frozen=True)
@@ -111,3 +116,40 @@ def detokenize(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> Iterat
         if text and not text.endswith("\ufffd"):
             yield text
             start = len(seen)
+
+
+@dataclass
+class Generated:
+    """What `generate_text` produced, filled in as it streams."""
+
+    ids: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill (to the first token), generate
+
+
+def generate_text(
+    model: VideoChatFlashModel,
+    inputs_embeds: torch.Tensor,
+    visual: torch.Tensor | None,
+    drop: DropConfig | None,
+    out: Generated,
+    *,
+    seed: int | None = None,
+    **settings: Any,
+) -> Iterator[str]:
+    """Yield the answer's text pieces as tokens arrive, recording ids and timings in `out`.
+
+    `settings` override the checkpoint's generation settings (None keeps a value); `seed` seeds sampling.
+    """
+    config = model.generation.override(**settings)
+    generator = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
+    t0 = time.perf_counter()
+
+    def tokens() -> Iterator[int]:
+        for token in model.generate(inputs_embeds, visual, config, drop, generator):
+            if not out.ids:
+                out.timings["prefill"] = time.perf_counter() - t0
+            out.ids.append(token)
+            yield token
+
+    yield from detokenize(model.tokenizer, tokens())
+    out.timings["generate"] = time.perf_counter() - t0

@@ -9,7 +9,8 @@ This reproduces the official VideoChat-Flash input pipeline for whole video file
 * :func:`load_video` reads a file with PyAV, decoding it once and keeping only the
   sampled frames, so a long video never sits in memory in full.
 * :func:`preprocess_frames` turns uint8 RGB frames into the normalised float tensor
-  the vision encoder expects (bicubic squash to a square, ImageNet mean/std).
+  the vision encoder expects (bicubic squash to a square, ImageNet mean/std; the
+  torch-free pixel math is in :mod:`hico.pixels`).
 
 Frame indices follow decord's conventions (the official reader): the frame count is
 the number of video packets in the container and the frame rate is the stream's
@@ -17,7 +18,6 @@ average rate, so the same file yields the same indices as the official code.
 """
 
 import errno
-import functools
 import logging
 import math
 import operator
@@ -34,11 +34,10 @@ import av.stream
 import av.video.stream
 import numpy as np
 import torch
-from PIL import Image
+
+from hico.pixels import normalize, squash_resize
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MIN_VIDEO_FRAMES",
     "SampledVideo",
     "VideoError",
@@ -48,9 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: The vision encoder consumes clips of 4 consecutive frames, so shorter videos are unusable.
 MIN_VIDEO_FRAMES = 4
@@ -376,34 +372,6 @@ def load_video(
 # --------------------------------------------------------------------------- pixels
 
 
-@functools.cache
-def _normalization_table() -> np.ndarray:
-    """float32 ``[3, 256]``: the normalised value of every uint8 level in each channel.
-
-    Rescaling and normalising act on each value independently, so a lookup gives
-    bit-identical results to computing ``(x * (1/255) - mean) / std`` per pixel, as the
-    official processor does (float64 rescale, float32 normalise), at a fraction of the cost.
-    """
-    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None]
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None]
-    table = (levels[None, :] - mean) / std
-    table.flags.writeable = False
-    return table
-
-
-def squash_resize(frame: np.ndarray, size: int) -> np.ndarray:
-    """One uint8 RGB frame [H, W, 3] -> [S, S, 3]: PIL bicubic in uint8, no crop, as the official processor.
-
-    A frame already S x S is returned as is (PIL would copy it unchanged), so ingest can resize once,
-    early, and the encoder's preprocessing stays exact.
-    """
-    if frame.shape[:2] == (size, size):
-        return frame
-    image = Image.fromarray(np.ascontiguousarray(frame))
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
-
-
 def preprocess_frames(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
     """Turn uint8 RGB frames ``[T, H, W, 3]`` into encoder input, float32 ``[T, 3, S, S]``.
 
@@ -430,9 +398,4 @@ def preprocess_frames(frames: np.ndarray | torch.Tensor, image_size: int) -> tor
     resized = np.empty((len(array), size, size, 3), dtype=np.uint8)
     for i, frame in enumerate(array):
         resized[i] = squash_resize(frame, size)
-
-    table = _normalization_table()
-    out = np.empty((array.shape[0], 3, size, size), dtype=np.float32)
-    for channel in range(3):
-        out[:, channel] = table[channel][resized[..., channel]]
-    return torch.from_numpy(out)
+    return torch.from_numpy(normalize(resized))

@@ -2,60 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-CLIP_FRAMES = 4
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make value equality ambiguous
-class Clip:
-    """Four sampled frames of one stream, with both clocks.
-
-    Media times are the frames' PTS in seconds (the stream's own clock); wall times are Unix
-    seconds at which each frame was live. A clip covers ``[start, end)``, ``end`` being the last
-    frame plus one sampling interval (``1 / fps``). ``frames`` is read-only: clips are shared
-    between the queue, the encoder and the memory.
-    """
-
-    stream_id: str
-    seq: int  # 0, 1, 2, ... per stream; a gap means clips were dropped at ingest
-    frames: np.ndarray  # uint8 [4, H, W, 3] RGB
-    media_times: tuple[float, ...]
-    wall_times: tuple[float, ...]
-    fps: float  # the sampling rate the frames were taken at
-
-    def __post_init__(self) -> None:
-        shape = self.frames.shape
-        if self.frames.dtype != np.uint8 or len(shape) != 4 or shape[0] != CLIP_FRAMES or shape[3] != 3:
-            raise ValueError(
-                f"clip frames must be uint8 [{CLIP_FRAMES}, H, W, 3], got {self.frames.dtype} {list(shape)}"
-            )
-        if len(self.media_times) != CLIP_FRAMES or len(self.wall_times) != CLIP_FRAMES:
-            raise ValueError(
-                f"a clip needs {CLIP_FRAMES} media and wall times, "
-                f"got {len(self.media_times)} and {len(self.wall_times)}"
-            )
-        if not self.fps > 0:
-            raise ValueError(f"fps must be > 0, got {self.fps!r}")
-        self.frames.flags.writeable = False
-
-    @property
-    def media_start(self) -> float:
-        return self.media_times[0]
-
-    @property
-    def media_end(self) -> float:
-        return self.media_times[-1] + 1.0 / self.fps
-
-    @property
-    def wall_start(self) -> float:
-        return self.wall_times[0]
-
-    @property
-    def wall_end(self) -> float:
-        return self.wall_times[-1] + 1.0 / self.fps
+from protos.clip import CLIP_FRAMES, Clip
 
 
 class ClipGrouper:

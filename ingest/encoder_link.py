@@ -10,76 +10,74 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 
-from encoder_svc.server import clip_request
-from ingest.clips import Clip
+from protos.clip import Clip, clip_request
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+from vcflash.serve.settings import LinkSettings
+from vcflash.serve.tls import aio_channel
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LinkSettings:
-    address: str = "127.0.0.1:50052"
-    token: str = ""
-    max_unacked: int = 64  # clips sent and not yet stored
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 10.0
-    max_message_bytes: int = 8 * 1024 * 1024
-
-
 class EncoderLink:
+    """`token` and `max_message_bytes` are the server's (VCFLASH_API_TOKEN, VCFLASH_MAX_MESSAGE_BYTES): the
+    encoder service shares them."""
+
     def __init__(
         self,
         clips: asyncio.Queue[Clip],
         settings: LinkSettings,
+        *,
+        token: str,
+        max_message_bytes: int,
         on_stored: Callable[[str, int], None] | None = None,
         on_rejected: Callable[[str, int, str], None] | None = None,
         accepts: Callable[[str], bool] | None = None,
     ) -> None:
         self.clips, self.settings = clips, settings
+        self.token, self.max_message_bytes = token, max_message_bytes
         self.accepts = accepts  # clips of streams removed meanwhile are not sent (or resent)
         self.on_stored, self.on_rejected = on_stored, on_rejected
         self.unacked: dict[tuple[str, int], Clip] = {}  # insertion order = send order
-        self.window = asyncio.Semaphore(settings.max_unacked)
+        self.window = asyncio.Semaphore(settings.max_unacked_clips)
         self.reconnects = 0
 
     async def run(self) -> None:
         """Forever: connect, resend the window, stream new clips, read acks; back off on failure."""
-        delay = self.settings.backoff_initial_s
-        options = [("grpc.max_send_message_length", self.settings.max_message_bytes)]
+        attempt = 0  # failures since the encoder last acknowledged a clip
+        address = self.settings.encoder_address
+        options = [("grpc.max_send_message_length", self.max_message_bytes)]
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.settings.address, options=options) as channel:
+                async with aio_channel(address, self.settings.tls_ca, options) as channel:
                     call = pb_grpc.EncoderStub(channel).EncodeClips(
-                        metadata=(("authorization", f"Bearer {self.settings.token}"),)
+                        metadata=(("authorization", f"Bearer {self.token}"),)
                     )
                     sender = asyncio.create_task(self._send(call))
                     try:
                         async for ack in call:
-                            delay = self.settings.backoff_initial_s  # healthy again
+                            attempt = 0  # healthy again
                             self._ack(ack)
                         raise ConnectionError("the encoder closed the stream")
                     finally:
                         sender.cancel()
             except (grpc.aio.AioRpcError, ConnectionError) as e:
                 self.reconnects += 1
+                delay = self.settings.link_backoff.delay(attempt)
+                attempt += 1
                 detail = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
                 log.warning(
                     "event=encoder_unreachable address=%s unacked=%d retry_s=%.1f error=%s",
-                    self.settings.address,
+                    address,
                     len(self.unacked),
                     delay,
                     detail,
                 )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.settings.backoff_max_s)
+                await asyncio.sleep(delay)
 
     async def _send(self, call: grpc.aio.StreamStreamCall) -> None:
         for key, clip in list(self.unacked.items()):  # what the last connection left unacknowledged

@@ -1,8 +1,9 @@
 """WHIP over HTTP: a sender (OBS, a browser, any WHIP client) POSTs an SDP offer and streams video.
 
 ``POST /whip/{stream}`` (``Content-Type: application/sdp``) negotiates a :class:`WebRTCSession`
-and starts stream ``{stream}`` in the :class:`IngestManager` with the session as its frame
-source; ``DELETE /whip/{stream}`` ends both. Negotiation is non-trickle (no ``PATCH``): the offer
+and adds stream ``{stream}`` to the stream registry (:class:`Streams`, the path AddStream takes
+too: same limits, retention and durable config) with the session as its frame source;
+``DELETE /whip/{stream}`` ends both. Negotiation is non-trickle (no ``PATCH``): the offer
 must carry the sender's candidates, and the answer carries ours. ``GET /whip/{stream}`` shows the
 stream's and the session's status (including frames dropped before the pipeline), ``GET
 /healthz`` answers 200. With a token configured every WHIP request but the CORS preflight needs
@@ -19,24 +20,34 @@ import inspect
 import ipaddress
 import json
 import logging
-import time
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from ingest.pipeline import IngestManager, StreamState, StreamStatus, check_fps, check_stream_name
+from ingest.pipeline import ENDED, StreamStatus
+from ingest.spec import StreamSpec
+from ingest.streams import Streams
 from ingest.webrtc import OfferError, WebRTCSession, WebRTCSettings, check_offer
+from protos.clip import check_stream_name
+from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, Unavailable
+from vcflash.serve.settings import IngestSettings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_SDP_BYTES = 64 * 1024
 SDP = "application/sdp"
-_ENDED = (StreamState.FINISHED, StreamState.FAILED, StreamState.STOPPED)
 _REPLACE_WAIT_S = 2.0  # how long a new offer waits for the ended session's stream to finish
+# The neutral errors as HTTP statuses (serve.rpc maps them to gRPC codes), most specific first.
+_HTTP_STATUS: tuple[tuple[type[Exception], type[web.HTTPException]], ...] = (
+    (Unavailable, web.HTTPServiceUnavailable),
+    (NotFound, web.HTTPNotFound),
+    (AlreadyExists, web.HTTPConflict),
+    (Exhausted, web.HTTPServiceUnavailable),
+    (Invalid, web.HTTPBadRequest),
+)
 
 OnAdd = Callable[[str, StreamStatus], Awaitable[None] | None]
-NextSeq = Callable[[str], Awaitable[int]]
 
 
 class WhipServer:
@@ -48,11 +59,10 @@ class WhipServer:
 
     def __init__(
         self,
-        manager: IngestManager,
+        streams: Streams,
         *,
         token: str | None,
         on_add: OnAdd | None,
-        next_seq: NextSeq | None,
         max_sdp_bytes: int,
         webrtc: WebRTCSettings | None,
         fps: float | None,
@@ -62,12 +72,12 @@ class WhipServer:
             raise ValueError(f"max_sdp_bytes must be >= 1, got {max_sdp_bytes}")
         if token is not None and not token:
             raise ValueError("token must be a non-empty string or None")
-        self.manager = manager
+        self.streams = streams
         self.webrtc = webrtc
-        self.fps = None if fps is None else check_fps(fps)
+        self.fps = fps
+        self._spec("default", fps)  # a bad default fails here, not at every POST
         self._token = None if token is None else token.encode()
         self.on_add = on_add
-        self.next_seq = next_seq
         self._max_sdp_bytes = max_sdp_bytes
         self._cors_origin = cors_origin
         self.sessions: dict[str, WebRTCSession] = {}
@@ -83,7 +93,7 @@ class WhipServer:
         name = request.match_info["stream"]
         self._authorize(request)
         _check_name(name)
-        fps = self._fps(request)
+        spec = self._spec_of(name, request)
         if request.content_type != SDP:
             raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP}, got {request.content_type}")
         offer = await self._read_offer(request)
@@ -95,7 +105,7 @@ class WhipServer:
             raise _error(web.HTTPConflict, f"stream {name!r} is being negotiated by another request")
         self._negotiating.add(name)
         try:
-            return await self._publish(name, offer, fps)
+            return await self._publish(name, offer, spec)
         finally:
             self._negotiating.discard(name)
 
@@ -105,7 +115,7 @@ class WhipServer:
         session = self.sessions.pop(name, None)
         if session is None:
             raise _error(web.HTTPNotFound, f"no WHIP stream named {name!r}")
-        status = await self.manager.remove(name) if name in self.manager.names() else None
+        status = await self.streams.remove(name) if name in self.streams.manager.names() else None
         await session.close()
         logger.info("whip stream deleted stream=%s", name)
         return web.json_response(_describe(status, session), dumps=_dumps)
@@ -116,7 +126,7 @@ class WhipServer:
         session = self.sessions.get(name)
         if session is None:
             raise _error(web.HTTPNotFound, f"no WHIP stream named {name!r}")
-        status = self.manager.status().get(name)
+        status = self.streams.manager.status().get(name)
         return web.json_response(_describe(status, session), dumps=_dumps)
 
     async def options(self, request: web.Request) -> web.StreamResponse:
@@ -142,41 +152,33 @@ class WhipServer:
 
     # ---------------------------------------------------------------- helpers
 
-    async def _publish(self, name: str, offer: str, fps: float | None) -> web.StreamResponse:
-        first_seq, media_offset = 0, 0.0
+    async def _publish(self, name: str, offer: str, spec: StreamSpec) -> web.StreamResponse:
+        manager = self.streams.manager
         previous = self.sessions.get(name)
-        if previous is not None and previous.closed and name in self.manager.names():
+        if previous is not None and previous.closed and name in manager.names():
             with contextlib.suppress(TimeoutError):  # its stream is ending: let it finish, not 409
-                await asyncio.wait_for(self.manager.wait(name), _REPLACE_WAIT_S)
-        if name in self.manager.names():
-            status = self.manager.status()[name]
-            if previous is None or status.state not in _ENDED:
-                raise _error(web.HTTPConflict, f"stream {name!r} already exists")
-            # The same sender publishing again after its session ended (OBS reconnecting): replace
-            # the ended stream, carrying on its clip numbering and its media clock.
-            first_seq = status.next_seq
-            media_offset = _media_after(previous)
-            await self.manager.remove(name)
-            logger.info("whip stream replaced stream=%s first_seq=%d", name, first_seq)
-        elif self.next_seq is not None:  # a name seen before this process started: continue its numbering
-            first_seq = await self.next_seq(name)
+                await asyncio.wait_for(manager.wait(name), _REPLACE_WAIT_S)
+        # The same sender publishing again after its session ended (OBS reconnecting) replaces the ended
+        # stream, carrying on its clip numbering and its media clock; any other stream holds its name.
+        if name in manager.names() and (previous is None or manager.worker(name).status().state not in ENDED):
+            raise _error(web.HTTPConflict, f"stream {name!r} already exists")
         if previous is not None:
             self.sessions.pop(name, None)
             await previous.close()
 
-        session = WebRTCSession(name, self.settings, media_offset=media_offset)
+        session = WebRTCSession(name, self.settings)
         try:
             answer = await session.accept(offer)
         except OfferError as e:
             raise _error(web.HTTPBadRequest, str(e)) from None
         except TimeoutError:
             raise _error(web.HTTPServiceUnavailable, "negotiating the WebRTC session timed out") from None
-        if name in self.manager.names():  # added by someone else (e.g. gRPC) while we negotiated
-            await session.close()
-            raise _error(web.HTTPConflict, f"stream {name!r} already exists")
 
-        try:
-            status = self.manager.add(name, f"whip://{name}", fps=fps, first_seq=first_seq, source=session.frames)
+        try:  # e.g. added by someone else (gRPC) while we negotiated, or the server is full
+            status = await self.streams.add(name, spec, source=session.frames, replace=previous is not None)
+        except Exception as e:
+            await session.close()
+            raise _http_error(e, name) from None
         except BaseException:
             await session.close()
             raise
@@ -188,13 +190,13 @@ class WhipServer:
                     await result
             except BaseException as e:
                 self.sessions.pop(name, None)
-                await self.manager.remove(name)
+                await self.streams.remove(name)
                 await session.close()
                 if isinstance(e, web.HTTPException | asyncio.CancelledError):
                     raise
                 logger.exception("whip on_add failed stream=%s", name)
                 raise _error(web.HTTPInternalServerError, f"setting up stream {name!r} failed") from None
-        logger.info("whip stream published stream=%s fps=%g first_seq=%d", name, status.fps, first_seq)
+        logger.info("whip stream published stream=%s fps=%g first_seq=%d", name, status.fps, status.next_seq)
         return web.Response(status=201, body=answer.encode(), content_type=SDP, headers={"Location": f"/whip/{name}"})
 
     def _authorize(self, request: web.Request) -> None:
@@ -210,14 +212,19 @@ class WhipServer:
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
 
-    def _fps(self, request: web.Request) -> float | None:
+    def _spec_of(self, name: str, request: web.Request) -> StreamSpec:
+        """The stream a POST asks for, checked before anything is negotiated; ``?fps=`` sets its rate."""
         value = request.query.get("fps")
-        if value is None:
-            return self.fps
         try:
-            return check_fps(float(value))
+            return self._spec(name, self.fps if value is None else float(value))
         except ValueError as e:
             raise _error(web.HTTPBadRequest, f"bad fps: {e}") from None
+
+    def _spec(self, name: str, fps: float | None) -> StreamSpec:
+        # Never resumed by the server: the sender reconnects by itself.
+        spec = StreamSpec(f"whip://{name}", fps=fps, realtime=False, resume=False)
+        self.streams.manager.admit(spec, hooked=True)
+        return spec
 
     async def _read_offer(self, request: web.Request) -> str:
         limit = self._max_sdp_bytes
@@ -253,33 +260,30 @@ WHIP = web.AppKey("whip", WhipServer)
 
 
 def create_whip_app(
-    manager: IngestManager,
+    streams: Streams,
     *,
     token: str | None,
     on_add: OnAdd | None = None,
-    next_seq: NextSeq | None = None,
-    max_sdp_bytes: int = DEFAULT_MAX_SDP_BYTES,
+    max_sdp_bytes: int = IngestSettings.max_sdp_bytes,
     webrtc: WebRTCSettings | None = None,
     fps: float | None = None,
     cors_origin: str | None = "*",
 ) -> web.Application:
-    """The WHIP endpoints for ``manager``; run them on the manager's event loop.
+    """The WHIP endpoints adding streams to ``streams``; run them on its event loop.
 
     ``token``: the bearer token senders must present (None: no authentication). ``on_add(name,
     status)``, plain or async, runs after a stream is published; if it raises, the stream is
     removed and the sender gets 500 (or the ``aiohttp.web.HTTPException`` it raised, e.g. 503).
-    ``next_seq(name)``, async, gives the first clip number of a stream this process has not seen
-    (from the durable memory, so a restarted server never reuses a stored clip's number).
+    ``max_sdp_bytes``: the largest offer (VCFLASH_MAX_SDP_BYTES).
     ``webrtc``: candidate and buffer settings (None: see :class:`WhipServer`). ``fps``: the
-    sampling rate of published streams (None: the manager's default; ``?fps=`` on the POST URL
+    sampling rate of published streams (None: the server's default; ``?fps=`` on the POST URL
     overrides both). ``cors_origin``: the ``Access-Control-Allow-Origin`` value, None for no CORS.
     The :class:`WhipServer` is ``app[WHIP]``.
     """
     whip = WhipServer(
-        manager,
+        streams,
         token=token,
         on_add=on_add,
-        next_seq=next_seq,
         max_sdp_bytes=max_sdp_bytes,
         webrtc=webrtc,
         fps=fps,
@@ -296,8 +300,11 @@ def create_whip_app(
     return app
 
 
-async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on ``host:port`` (0: any free port); returns the runner (``await runner.cleanup()``) and the port.
+async def start_http(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (0: any free port), over HTTPS with ``ssl_context``; returns the runner
+    (``await runner.cleanup()``) and the port.
 
     A WHIP app left to choose its WebRTC settings keeps candidates on 127.0.0.1 when ``host`` is a
     loopback address, so a server bound to loopback never negotiates media elsewhere.
@@ -307,7 +314,7 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
         whip.webrtc = WebRTCSettings.loopback() if _is_loopback(host) else WebRTCSettings()
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:
@@ -336,12 +343,13 @@ def _error(kind: type[web.HTTPException], message: str, **kwargs: Any) -> web.HT
     return kind(text=message + "\n", **kwargs)
 
 
-def _media_after(session: WebRTCSession) -> float:
-    """Where a republished stream's media clock starts: on from the last session, by the wall-clock gap."""
-    stats = session.stats()
-    if stats.last_media_time is None or stats.last_wall_time is None:
-        return session.media_offset
-    return stats.last_media_time + max(time.time() - stats.last_wall_time, 0.0)
+def _http_error(e: Exception, name: str) -> web.HTTPException:
+    """A neutral error as its HTTP status; anything else is a bug (500, logged, no detail for the sender)."""
+    for kind, status in _HTTP_STATUS:
+        if isinstance(e, kind):
+            return _error(status, str(e))
+    logger.error("whip stream setup failed stream=%s", name, exc_info=e)
+    return _error(web.HTTPInternalServerError, f"setting up stream {name!r} failed")
 
 
 def _dumps(value: Any) -> str:

@@ -15,36 +15,26 @@ import asyncio
 import contextlib
 import enum
 import logging
-import math
-import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from hico.video import squash_resize
-from ingest.clips import CLIP_FRAMES, Clip, ClipGrouper
+from hico.pixels import squash_resize
+from ingest.clips import ClipGrouper
+from ingest.clock import MediaClock
 from ingest.metrics import DropReason, IngestMetrics
 from ingest.sampler import FrameSampler, Verdict
-from ingest.source import (
-    DEFAULT_TIMEOUT_S,
-    Frame,
-    SourceError,
-    Transport,
-    check_source_options,
-    is_live_url,
-    open_frames,
-    redact_text,
-    redact_url,
-)
+from ingest.source import Frame, SourceError, UnsafeSourceError, check_source, open_frames, redact_text, redact_url
+from ingest.spec import StreamSpec
+from protos.clip import CLIP_FRAMES, Clip, check_stream_name
+from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound
+from vcflash.serve.settings import IngestSettings
 
 logger = logging.getLogger(__name__)
 
-STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-MAX_FPS = 30.0
 # Clips handed to the event loop but not yet queued, per stream; more means the loop is stalled.
 _MAX_HANDOFFS = 8
 
@@ -61,65 +51,11 @@ class StreamState(enum.StrEnum):
     STOPPED = "stopped"  # stopped on request
 
 
-def check_stream_name(name: str) -> str:
-    if not STREAM_NAME.fullmatch(name):
-        raise ValueError(f"stream name must match {STREAM_NAME.pattern}, got {name!r}")
-    return name
+ENDED = frozenset({StreamState.FINISHED, StreamState.FAILED, StreamState.STOPPED})
 
 
-def check_fps(fps: float) -> float:
-    if not (math.isfinite(fps) and 0 < fps <= MAX_FPS):
-        raise ValueError(f"fps must be in (0, {MAX_FPS:g}], got {fps!r}")
-    return fps
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Waits between reconnects of a live source: ``initial_s`` doubling up to ``max_s``.
-
-    Each wait is spread by +-``jitter`` (a fraction) at random, so cameras that dropped together
-    (a switch rebooting) do not all come back in the same instant. A connection that delivered
-    frames for ``reset_after_s`` was healthy: the wait after it starts again from ``initial_s``.
-    """
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    jitter: float = 0.2
-    reset_after_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        for name in ("initial_s", "max_s", "reset_after_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"backoff {name} must be a positive number of seconds, got {value!r}")
-        if self.max_s < self.initial_s:
-            raise ValueError(f"backoff max_s ({self.max_s!r}) must be >= initial_s ({self.initial_s!r})")
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"backoff jitter must be in [0, 1), got {self.jitter!r}")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before reconnect ``attempt`` (0 for the first after a healthy connection)."""
-        base = min(self.max_s, self.initial_s * 2.0 ** min(attempt, 64))
-        return base * (1 + self.jitter * random.uniform(-1, 1))
-
-
-@dataclass(frozen=True)
-class IngestSettings:
-    queue_size: int = 256  # clips, shared by all streams
-    fps: float = 1.0  # default sampling rate
-    source_timeout_s: float = DEFAULT_TIMEOUT_S  # opening and each network read
-    stop_timeout_s: float = 5.0  # how long stopping a stream waits for its thread
-    frame_size: int | None = None  # the encoder's input size S: sampled frames are squashed to S x S
-    reconnect: Backoff = Backoff()  # live sources only
-
-    def __post_init__(self) -> None:
-        if self.queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
-        check_fps(self.fps)
-        for name in ("source_timeout_s", "stop_timeout_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+class StreamExists(AlreadyExists, ValueError):
+    """The name is taken: ALREADY_EXISTS for clients, and the ValueError the manager has always raised."""
 
 
 @dataclass(frozen=True)
@@ -151,61 +87,42 @@ class StreamStatus:
 class StreamWorker:
     """Runs one source in its own thread: decode, sample, group into clips, hand them to the queue.
 
-    A live URL (``live``, default by its scheme) is reopened after every failure, waiting per
-    ``reconnect``, until stopped; meanwhile the state is ``reconnecting`` and ``error`` says why.
-    The partial clip at a disconnect is dropped (``disconnect``) and clip numbering continues.
-    Each connection starts a new sampler, and its media times are shifted to go on from the last
-    frame plus the time the stream was away (at least one sampling interval): a new RTSP session
-    restarts its clock near 0, and downstream needs a stream's media time to never go back and to
-    keep pace with wall time. The first connection's media times are its PTS unchanged.
-    Reconnecting applies to URLs opened here, not to a ``source`` hook.
+    A live source (``spec.is_live``) is reopened after every failure, waiting per
+    ``settings.reconnect``, until stopped; meanwhile the state is ``reconnecting`` and ``error`` says
+    why. The partial clip at a disconnect is dropped (``disconnect``) and clip numbering continues.
+    Each connection starts a new sampler, and the stream's ``clock`` (a :class:`MediaClock`) shifts
+    its media times to go on from the last frame plus the time the stream was away (at least one
+    sampling interval): media time never goes back and keeps pace with wall time. The first
+    connection's media times are its PTS unchanged, unless ``clock`` continues a stream that came
+    before (resumed after a restart, or replaced). Reconnecting applies to URLs opened here, not to
+    a ``source`` hook.
     """
 
     def __init__(
         self,
         name: str,
-        url: str,
+        spec: StreamSpec,
         clips: asyncio.Queue[Clip],
         metrics: IngestMetrics,
+        settings: IngestSettings,
         *,
-        fps: float = 1.0,
-        realtime: bool = True,
-        loop_file: bool = False,
         first_seq: int = 0,
-        resume_from: tuple[float, float] | None = None,
-        source_timeout_s: float = DEFAULT_TIMEOUT_S,
+        clock: MediaClock | None = None,
         source: FrameSource | None = None,
-        frame_size: int | None = None,
-        live: bool | None = None,
-        transport: Transport = "tcp",
-        listen: bool = False,
-        keyframes_only: bool = False,
-        reconnect: Backoff | None = None,
     ) -> None:
+        assert spec.fps is not None, "an admitted spec has its fps: see IngestManager.admit"
         self.name = check_stream_name(name)
-        self._source = source  # frames from elsewhere (a WebRTC track); default: open `url` with PyAV
-        self._frame_size = frame_size  # squash sampled frames to the encoder's S x S at once
-        self.fps = check_fps(fps)
-        self._url = url
-        self._safe_url = redact_url(url)
+        self.spec = spec
+        self.fps = spec.fps
+        self.clock = clock or MediaClock()
+        self._source = source  # frames from elsewhere (a WebRTC track); default: open the URL with PyAV
+        self._settings = settings  # source_timeout_s, frame_size (squash sampled frames to S x S), reconnect
+        self._safe_url = redact_url(spec.source)
         self._clips = clips
-        self._realtime = realtime
-        self._loop_file = loop_file
-        self._source_timeout_s = source_timeout_s
-        check_source_options(url, transport=transport, listen=listen)
-        self._live = source is None and (listen or (is_live_url(url) if live is None else live))
-        self._transport: Transport = transport
-        self._listen = listen
-        self._keyframes_only = keyframes_only
-        self._reconnect = reconnect or Backoff()
-        self._sampler = FrameSampler(fps)
-        self._grouper = ClipGrouper(name, fps, first_seq)  # both used by the source thread only
+        self._live = source is None and spec.is_live
+        self._sampler = FrameSampler(self.fps)
+        self._grouper = ClipGrouper(name, self.fps, first_seq)  # both used by the source thread only
         self._size: tuple[int, int] | None = None  # (width, height) of the first sampled frame
-        self._offset = 0.0  # added to this connection's PTS: see the class docstring
-        self._rebase = False  # the next frame is a new connection's first
-        # Media and wall time of the last frame read; given when resuming a stream stored before a restart,
-        # so its first connection is shifted like a reconnect and media time never goes back.
-        self._last_frame: tuple[float, float] | None = resume_from
         self._connected_at: float | None = None  # monotonic time of this connection's first frame
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -236,6 +153,7 @@ class StreamWorker:
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
         threading.Thread(target=self._run, name=f"ingest-{self.name}", daemon=True).start()
+        spec = self.spec
         logger.info(
             "stream started stream=%s url=%s fps=%g live=%s realtime=%s loop_file=%s transport=%s listen=%s "
             "keyframes_only=%s first_seq=%d",
@@ -243,11 +161,11 @@ class StreamWorker:
             self._safe_url,
             self.fps,
             self._live,
-            self._realtime,
-            self._loop_file,
-            self._transport,
-            self._listen,
-            self._keyframes_only,
+            spec.realtime,
+            spec.loop,
+            spec.transport,
+            spec.listen,
+            spec.keyframes_only,
             self._next_seq,
         )
 
@@ -294,7 +212,7 @@ class StreamWorker:
         try:
             state, error = self._ingest()
         except Exception as e:  # a bug must fail this stream only, and its text may echo the URL
-            state, error = StreamState.FAILED, redact_text(f"{type(e).__name__}: {e}", self._url)
+            state, error = StreamState.FAILED, redact_text(f"{type(e).__name__}: {e}", self.spec.source)
             logger.exception("stream crashed stream=%s", self.name)
         if state is StreamState.FINISHED and self._stop.is_set():
             state = StreamState.STOPPED
@@ -313,12 +231,15 @@ class StreamWorker:
         """Read the source to its end; reopen a live one after each failure until stopped."""
         attempt = 0  # reconnects since the last healthy connection
         while True:
-            self._sampler, self._rebase, self._connected_at = FrameSampler(self.fps), True, None
+            self._sampler, self._connected_at = FrameSampler(self.fps), None
+            self.clock.connect(min_gap_s=1 / self.fps)
             try:
                 self._read()
                 if not self._live:
                     return StreamState.FINISHED, None
                 reason = f"{self._safe_url}: the stream ended"
+            except UnsafeSourceError as e:  # refused again at a reconnect (the policy changed): never retried
+                return StreamState.FAILED, str(e)
             except SourceError as e:
                 if not self._live:
                     return StreamState.FAILED, str(e)
@@ -327,10 +248,10 @@ class StreamWorker:
                 return StreamState.STOPPED, None
             if (
                 self._connected_at is not None
-                and time.monotonic() - self._connected_at >= self._reconnect.reset_after_s
+                and time.monotonic() - self._connected_at >= self._settings.reconnect.reset_after_s
             ):
                 attempt = 0
-            delay = self._reconnect.delay(attempt)
+            delay = self._settings.reconnect.delay(attempt)
             attempt += 1
             self._disconnected(reason, delay)
             if self._stop.wait(delay):
@@ -341,19 +262,22 @@ class StreamWorker:
 
     def _read(self) -> None:
         """One connection: every frame into the sampler until the source ends or ``stop`` is set."""
+        spec = self.spec
         frames = (
             self._source(self._stop)
             if self._source is not None
             else open_frames(
-                self._url,
-                realtime=self._realtime,
+                spec.source,
+                realtime=spec.realtime,
                 stop=self._stop,
-                loop=self._loop_file,
+                loop=spec.loop,
                 live=self._live,
-                transport=self._transport,
-                listen=self._listen,
-                keyframes_only=self._keyframes_only,
-                timeout_s=self._source_timeout_s,
+                transport=spec.transport,
+                listen=spec.listen,
+                keyframes_only=spec.keyframes_only,
+                timeout_s=self._settings.source_timeout_s,
+                media_root=self._settings.media_root,
+                allow_files=self._settings.media_root is not None,
                 on_decode_error=lambda: self._drop(DropReason.DECODE_ERROR, 1),
             )
         )
@@ -377,14 +301,9 @@ class StreamWorker:
         )
 
     def _on_frame(self, frame: Frame) -> None:
-        if self._rebase:
-            self._rebase, self._connected_at = False, time.monotonic()
-            if self._last_frame is not None:
-                last_media, last_wall = self._last_frame
-                away = max(frame.wall_time - last_wall, 1 / self.fps)
-                self._offset = last_media + away - frame.pts
-        media = frame.pts + self._offset
-        self._last_frame = (media, frame.wall_time)
+        if self._connected_at is None:
+            self._connected_at = time.monotonic()
+        media = self.clock.media_time(frame.pts, frame.wall_time)
         verdict = self._sampler.offer(media)
         restart_dropped = 0
         if verdict is Verdict.RESTART:
@@ -394,8 +313,8 @@ class StreamWorker:
         if verdict is not Verdict.SKIP:
             rgb = frame.to_rgb(self._size)
             self._size = self._size or (rgb.shape[1], rgb.shape[0])
-            if self._frame_size is not None:  # a queued clip then holds 4 x S x S x 3 bytes, whatever the camera
-                rgb = squash_resize(rgb, self._frame_size)
+            if (size := self._settings.frame_size) is not None:  # a queued clip holds 4 x S x S x 3 bytes
+                rgb = squash_resize(rgb, size)
             clip = self._grouper.add(rgb, media, frame.wall_time)
         with self._lock:
             self._frames_in += 1
@@ -474,7 +393,7 @@ class StreamWorker:
 
 
 class IngestManager:
-    """The streams of one service: add, remove, status. One failing source never touches the others.
+    """The streams of one service: admit, add, remove, status. One failing source never touches the others.
 
     All streams share one bounded queue, ``clips``; the encoder side consumes it. Metrics go to
     ``registry``; use one manager per registry.
@@ -482,56 +401,59 @@ class IngestManager:
 
     def __init__(self, settings: IngestSettings | None = None, *, registry: CollectorRegistry = REGISTRY) -> None:
         self.settings = settings or IngestSettings()
-        self.clips: asyncio.Queue[Clip] = asyncio.Queue(maxsize=self.settings.queue_size)
+        self.clips: asyncio.Queue[Clip] = asyncio.Queue(maxsize=self.settings.queue_clips)
         self.metrics = IngestMetrics(registry)
         self.metrics.track_queue(self.clips.qsize)
         self._workers: dict[str, StreamWorker] = {}
 
+    def admit(self, spec: StreamSpec, hooked: bool = False) -> StreamSpec:
+        """``spec`` as this server runs it (its default fps filled in), or ``Invalid`` if it is over a limit or
+        its source is not allowed (see :func:`ingest.source.check_source`; ``hooked``: frames come from a hook,
+        e.g. WebRTC, and the source is only a name)."""
+        s = self.settings
+        if len(spec.source) > s.max_source_chars:
+            raise Invalid(f"source is longer than {s.max_source_chars} characters")
+        fps = s.fps if spec.fps is None else spec.fps
+        if fps > s.max_fps:
+            raise Invalid(f"fps must be <= {s.max_fps:g}, got {fps!r}")
+        if not hooked:
+            try:
+                check_source(spec.source, media_root=s.media_root)
+            except UnsafeSourceError as e:
+                raise Invalid(str(e)) from None
+        return replace(spec, fps=fps)
+
     def add(
         self,
         name: str,
-        url: str,
+        spec: StreamSpec,
         *,
-        fps: float | None = None,
-        realtime: bool = True,
-        loop_file: bool = False,
         first_seq: int = 0,
-        resume_from: tuple[float, float] | None = None,
+        clock: MediaClock | None = None,
         source: FrameSource | None = None,
-        live: bool | None = None,
-        transport: Transport = "tcp",
-        listen: bool = False,
-        keyframes_only: bool = False,
     ) -> StreamStatus:
-        """Start ingesting ``url`` as stream ``name``; call from the event loop.
+        """Start stream ``name`` (see :class:`StreamSpec`); call from the event loop.
 
-        ``realtime`` plays files at their own pace, as a live stream would arrive; ``first_seq``
-        continues a restarted stream's clip numbering, and ``resume_from`` (media and wall time
-        where its stored clips end) its media clock. ``live`` (default: by the URL's scheme;
-        say ``True`` for an HTTP live stream) reads as frames arrive and reconnects with backoff.
-        ``transport`` (RTSP: tcp or udp), ``listen`` (RTSP: wait for a camera to push) and
-        ``keyframes_only`` (decode keyframes only) are passed to :func:`ingest.source.open_frames`.
+        The one place a stream is admitted: its name, the stream limit and the spec's limits are checked
+        here. ``first_seq`` and ``clock`` continue a stream that came before (a restart, a WHIP sender
+        publishing again): its clip numbering and its media clock. ``source`` gives frames from elsewhere
+        (a WebRTC session) instead of opening ``spec.source``.
         """
+        check_stream_name(name)
+        spec = self.admit(spec, hooked=source is not None)
         if name in self._workers:
-            raise ValueError(f"stream {name!r} already exists")
+            raise StreamExists(f"stream {name!r} already exists")
+        if len(self._workers) >= self.settings.max_streams:
+            raise Exhausted(f"this server takes at most {self.settings.max_streams} streams")
         worker = StreamWorker(
             name,
-            url,
+            spec,
             self.clips,
             self.metrics,
-            fps=self.settings.fps if fps is None else fps,
-            realtime=realtime,
-            loop_file=loop_file,
+            self.settings,
             first_seq=first_seq,
-            resume_from=resume_from,
-            source_timeout_s=self.settings.source_timeout_s,
+            clock=clock,
             source=source,
-            frame_size=self.settings.frame_size,
-            live=live,
-            transport=transport,
-            listen=listen,
-            keyframes_only=keyframes_only,
-            reconnect=self.settings.reconnect,
         )
         worker.start()
         self._workers[name] = worker
@@ -541,7 +463,7 @@ class IngestManager:
         """Stop stream ``name`` and forget it; returns its last status."""
         worker = self._workers.pop(name, None)
         if worker is None:
-            raise KeyError(f"no stream named {name!r}")
+            raise NotFound(f"no stream named {name!r}")
         status = await worker.stop(self.settings.stop_timeout_s)
         self.metrics.forget(name)
         logger.info("stream removed stream=%s state=%s", name, status.state.value)
@@ -549,7 +471,13 @@ class IngestManager:
 
     async def wait(self, name: str) -> StreamStatus:
         """Wait until stream ``name``'s source ends."""
-        return await self._worker(name).wait()
+        return await self.worker(name).wait()
+
+    def worker(self, name: str) -> StreamWorker:
+        try:
+            return self._workers[name]
+        except KeyError:
+            raise NotFound(f"no stream named {name!r}") from None
 
     def names(self) -> list[str]:
         return sorted(self._workers)
@@ -564,9 +492,3 @@ class IngestManager:
         await asyncio.gather(*(worker.stop(self.settings.stop_timeout_s) for worker in workers))
         for worker in workers:
             self.metrics.forget(worker.name)
-
-    def _worker(self, name: str) -> StreamWorker:
-        try:
-            return self._workers[name]
-        except KeyError:
-            raise KeyError(f"no stream named {name!r}") from None

@@ -1,4 +1,4 @@
-"""Decoded frames with presentation times from anything FFmpeg opens: files, http(s), RTSP, RTMP, ...
+"""Decoded frames with presentation times from camera and relay URLs (RTSP, RTMP, SRT, UDP, HTTP) and files.
 
 Reading is blocking and runs in the caller's thread; the pipeline gives each stream its own
 thread. Frames stay as decoded ``av.VideoFrame``s until someone asks for RGB, because the
@@ -7,18 +7,33 @@ conversion costs more than decoding and most frames are never sampled.
 A *live* source (a camera, a relay: RTSP, RTMP, SRT, ...) is read as it arrives: never paced, and
 a frame's wall time is when it arrived. A finite one (a file) can be paced to its own clock.
 Reconnecting a live source that drops is the pipeline's job; one call here is one connection.
+
+Sources come from API callers, so FFmpeg never sees a URL that :func:`check_source` has not passed:
+FFmpeg opens far more than cameras (``concat:``, ``subfile:``, ``data:``, ``pipe:``, ``file:``,
+``gopher:``, ``tcp:``, ...), and a URL carrying CR/LF writes raw commands to whatever service it
+names. Every open also pins the FFmpeg protocols it may use (``protocol_whitelist``), so a
+playlist, a redirect or an SDP cannot lead elsewhere, and a local file is opened here and handed
+to FFmpeg as an open file that may open nothing else (no HLS playlist or concat script reads
+other files).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import logging
+import os
 import re
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import unquote, unquote_to_bytes
 
 import av
 import av.container
@@ -29,9 +44,33 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+# The URL schemes a source may have, each with the FFmpeg protocols it may use (its protocol_whitelist):
+# what pulling from a camera, an encoder or a relay needs, and nothing that reads local files or talks
+# raw TCP. RTSP carries media interleaved (tcp) or as RTP over UDP, and its "listen" mode is a TCP
+# server; RTMP(S) is RTMP over tcp (tls); HTTP(S) may redirect between the two, and an HLS/DASH
+# playlist fetched over it may reference http(s) segments only (not file:, not crypto: so
+# AES-encrypted HLS does not play). Left out: tcp/rtp (raw sockets a camera does not need, and tcp://
+# is the primitive of request smuggling), rtmpt/rtmpe/rtmpte (HTTP-tunnelled and Adobe-encrypted
+# RTMP: obsolete), ftp, and every meta-protocol (concat, subfile, async, cache, crypto, tee, hls+, ...).
+# SRT needs an FFmpeg built with libsrt, which PyAV's wheels are not.
+SOURCE_PROTOCOLS: Mapping[str, str] = MappingProxyType(
+    {
+        "rtsp": "rtsp,rtp,udp,tcp",
+        "rtsps": "rtsp,rtp,udp,tcp,tls",
+        "rtmp": "rtmp,tcp",
+        "rtmps": "rtmps,tcp,tls",
+        "srt": "srt",
+        "udp": "udp",
+        "http": "http,https,tcp,tls",
+        "https": "http,https,tcp,tls",
+    }
+)
+ALLOWED_SCHEMES = frozenset(SOURCE_PROTOCOLS)
+FILE_SCHEME = "file"  # CheckedSource.scheme of a local file (never accepted as a "file:" prefix)
+MAX_SOURCE_CHARS = 65536  # a sanity bound on the work a check does; services have their own, smaller limit
 # Schemes of sources that are live by nature. http(s) is not among them: a URL cannot tell an HTTP
 # live stream from a file on a web server, so callers say so (``live=True``).
-LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "rtmpt", "rtmpe", "srt", "udp", "rtp", "tcp"})
+LIVE_SCHEMES = ALLOWED_SCHEMES - {"http", "https"}
 RTSP_SCHEMES = frozenset({"rtsp", "rtsps"})
 # A listener waits for a publisher in slices this long, so that ``stop`` is heard between them.
 LISTEN_SLICE_S = 1
@@ -40,50 +79,261 @@ Transport = Literal["tcp", "udp"]
 TRANSPORTS: tuple[Transport, ...] = ("tcp", "udp")
 
 _MASK = "***"
-# Query parameters whose names contain one of these hold secrets (token, access_token, X-Amz-Signature, ...).
-_SECRET_PARAMS = ("pass", "pwd", "token", "secret", "key", "auth", "sig", "credential")
-# userinfo runs to the last "@" of the authority: a password may hold "@" too.
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+# Parameters (query, fragment, path ";name=" or "/name=value&...") whose names contain one of these hold
+# secrets (token, access_token, X-Amz-Signature, apikey, passphrase, loginpas, ...); so do these short names.
+_SECRET_WORDS = ("pas", "pwd", "token", "secret", "key", "auth", "sig", "credential", "session", "cookie")
+_SECRET_NAMES = frozenset({"p", "pw", "pwd", "pass", "k", "key", "pin", "psk"})
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*(?=:)")
+# scheme ":" and up to two slashes; the authority follows.
+_URL_HEAD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*:/{0,2})")
+# A URL inside a message: up to whitespace, a quote or an angle bracket, less the punctuation ending a sentence.
+_URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*?(?=[.,;:!?)\]]*(?:[\s'\"<>]|$))")
+# A path parameter ("/user=admin&password=...", ";password=...", XMEye's "/user=admin_password=..._channel=1"):
+# a name after a separator, its value up to the next separator or "_name=".
+_PATH_PARAM = re.compile(
+    r"(?:(?<=[/;&_,])|^)(?P<name>[A-Za-z][A-Za-z0-9.-]*)=(?P<value>(?:(?![/;&,]|_[A-Za-z][A-Za-z0-9.-]*=).)*)"
+)
+_QUERY_PARAM = re.compile(r"(?P<name>[^&;#=]+)=(?P<value>[^&;#]*)")
+# host[:port] as FFmpeg reads it: a DNS name or IPv4 address, or an IPv6 literal (with a zone) in brackets.
+_HOST_PORT = re.compile(
+    r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~-]+)?\])(?::(?P<port>[0-9]{1,5}))?"
+)
+_PREFIX_CHARS = 48
 
 
 class SourceError(Exception):
     """The source cannot be opened or read any further; the message never holds credentials."""
 
 
+class UnsafeSourceError(ValueError):
+    """:func:`check_source` refused a source: a scheme other than :data:`ALLOWED_SCHEMES`, a file where files
+    are not allowed or outside the media root, a control character. The message quotes a short redacted prefix."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedSource:
+    """A source that :func:`check_source` accepted.
+
+    ``target`` is what is opened: the URL (scheme lower-cased), or the resolved absolute path of a local
+    file; ``scheme`` one of :data:`ALLOWED_SCHEMES` or :data:`FILE_SCHEME`.
+    """
+
+    target: str
+    scheme: str
+
+    @property
+    def is_file(self) -> bool:
+        return self.scheme == FILE_SCHEME
+
+    @property
+    def protocol_whitelist(self) -> str:
+        """FFmpeg's ``protocol_whitelist`` for this source."""
+        return "file" if self.is_file else SOURCE_PROTOCOLS[self.scheme]
+
+
+def check_source(url: str, *, media_root: Path | str | None, allow_files: bool | None = None) -> CheckedSource:
+    """``url`` if it is a source FFmpeg may open here; raises :class:`UnsafeSourceError` (a ``ValueError``) if not.
+
+    Accepted: an URL with a scheme in :data:`ALLOWED_SCHEMES` (``scheme://host[:port]...``), with no control
+    character or whitespace, raw or percent-encoded (``%0d%0a``); and, where files are allowed, a plain
+    local path (no ``scheme:`` prefix, no ``file:``), resolved (symlinks followed, ``..`` removed) and, if
+    ``media_root`` is given, inside it (a relative path is then taken from ``media_root``). ``allow_files``
+    defaults to ``media_root is not None``: a service passes its configured media directory or ``None``,
+    and with ``None`` refuses local files. ``allow_files=True`` without a root accepts any path (the
+    trusted callers: tests and scripts). Pure and cheap: no I/O but resolving a file's path.
+    """
+    if allow_files is None:
+        allow_files = media_root is not None
+    if not isinstance(url, str):
+        raise UnsafeSourceError(f"a source must be a string, not {type(url).__name__}; {_allowed(allow_files)}")
+    if not url:
+        raise _refused(url, "it is empty", allow_files)
+    if len(url) > MAX_SOURCE_CHARS:
+        raise _refused(url, f"it is longer than {MAX_SOURCE_CHARS} characters", allow_files)
+    if any(_is_control(c) for c in url):
+        raise _refused(url, "it holds a control character", allow_files)
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return _check_file(url, media_root, allow_files)
+    if _has_encoded_control(url):
+        raise _refused(url, "it holds a percent-encoded control character", allow_files)
+    name = scheme[0].lower()
+    if name not in ALLOWED_SCHEMES:
+        raise _refused(url, f"scheme {name[:16]!r} is not allowed", allow_files)
+    if any(c.isspace() for c in url):
+        raise _refused(url, "it holds whitespace", allow_files)
+    rest = url[scheme.end() + 1 :]
+    if not rest.startswith("//"):
+        raise _refused(url, f"{name}: needs //host", allow_files)
+    authority = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
+    host = _HOST_PORT.fullmatch(authority.rpartition("@")[2])
+    if host is None or (host["port"] is not None and not 0 < int(host["port"]) < 65536):
+        raise _refused(url, "it has no valid host[:port]", allow_files)
+    return CheckedSource(name + url[scheme.end() :], name)
+
+
+def _check_file(url: str, media_root: Path | str | None, allow_files: bool) -> CheckedSource:
+    if not allow_files:
+        raise _refused(url, "local files are not allowed here", allow_files)
+    if ":" in url.split("/", 1)[0]:  # FFmpeg would read "name:" as a protocol ("subfile,,start,0,end,9,,:x" too)
+        raise _refused(url, "a local path may not start with 'name:' (write ./name:...)", allow_files)
+    try:
+        path = Path(url)
+        if media_root is None:
+            return CheckedSource(str(path.resolve()), FILE_SCHEME)
+        root = Path(media_root).resolve()
+        resolved = (root / path).resolve()  # an absolute path replaces the root
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL, ...
+        raise _refused(url, "its path cannot be resolved", allow_files) from None
+    if not resolved.is_relative_to(root):
+        raise _refused(url, "it is outside the media root", allow_files)
+    return CheckedSource(str(resolved), FILE_SCHEME)
+
+
+def _is_control(c: str) -> bool:
+    return ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029"
+
+
+def _has_encoded_control(url: str) -> bool:
+    """Whether percent-decoding ``url`` (repeatedly: %250d is %0d once decoded) gives a control byte."""
+    text = url
+    for _ in range(4):
+        if "%" not in text:
+            return False
+        raw = unquote_to_bytes(text)
+        if any(b < 0x20 or b == 0x7F for b in raw):
+            return True
+        decoded = raw.decode("latin-1")
+        if decoded == text:
+            return False
+        text = decoded
+    return "%" in text  # still encoded after four rounds: refuse rather than guess
+
+
+def _refused(url: str, reason: str, allow_files: bool) -> UnsafeSourceError:
+    return UnsafeSourceError(f"refused source {_prefix(url)}: {reason}; {_allowed(allow_files)}")
+
+
+def _allowed(allow_files: bool) -> str:
+    schemes = ", ".join(f"{s}://" for s in sorted(ALLOWED_SCHEMES))
+    files = ", or a local file path (inside the media root, if one is set)" if allow_files else ""
+    return f"allowed: {schemes} URLs with a host{files}"
+
+
+def _prefix(url: str) -> str:
+    """A short, redacted, printable prefix of ``url`` for messages."""
+    safe = redact_url(url)
+    short = safe[:_PREFIX_CHARS] + ("..." if len(safe) > _PREFIX_CHARS else "")
+    return repr(short)  # escapes CR, LF and other control characters
+
+
 def redact_url(url: str) -> str:
-    """``url`` fit for logs and errors: ``user:password@`` becomes ``***@``, secret query values ``***``."""
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
+    """``url`` fit for logs and errors; idempotent, and never raises, whatever ``url`` holds.
+
+    Masked with ``***``: any userinfo (``user:password@``, including a password with "@", "?", "#" or
+    "/"), the values of query, fragment and path parameters (``?token=``, ``;password=``,
+    ``/user=admin&password=...``) whose names look secret (see ``_SECRET_WORDS``, ``_SECRET_NAMES``,
+    ``X-Amz-*``), and the stream key that ends an ``rtmp*://host/app/key`` URL. Plain paths stay as they are.
+    """
+    try:
+        return _redact_url(url)
+    except Exception:  # a bug here must not hide the real error, nor leak the URL: say nothing about it
+        return "<source>"
+
+
+def _redact_url(url: str) -> str:
+    head = _URL_HEAD.match(url)
+    if head is None:
         return url  # a plain path
-    userinfo, at, host = parts.netloc.rpartition("@")
-    netloc = f"{_MASK}@{host}" if at else host
-    query = "&".join(_redact_param(param) for param in parts.query.split("&")) if parts.query else ""
-    return SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment).geturl()
+    start = head.end("head")
+    end = _authority_end(url, start)
+    at = url.rfind("@", start, end)  # FFmpeg's userinfo runs to the last "@" of the authority
+    if at < 0:  # a password holding "?" or "#" ends the authority early: take the last "@" before the path
+        slash = url.find("/", start)
+        at = url.rfind("@", start, len(url) if slash < 0 else slash)
+    if at < 0 and _bad_port(url[start:end]):  # "user:pa/ss@host": a password holding "/"
+        at = url.find("@", end)
+    if at >= 0:
+        host_end = _authority_end(url, at + 1)
+        at = max(at, url.rfind("@", at + 1, host_end))  # the host keeps no "@": a second pass finds the same
+    host_start = at + 1 if at >= 0 else start
+    end = _authority_end(url, host_start)
+    userinfo = f"{_MASK}@" if at >= 0 else ""
+    return head["head"] + userinfo + url[host_start:end] + _redact_rest(head["head"], url[end:])
+
+
+def _authority_end(url: str, start: int) -> int:
+    """Where the authority that starts at ``start`` ends: at the first "/", "?" or "#", as FFmpeg reads it."""
+    ends = [i for i in (url.find(c, start) for c in "/?#") if i >= 0]
+    return min(ends, default=len(url))
+
+
+def _bad_port(authority: str) -> bool:
+    """Whether ``authority`` has a ":" that starts no port: "user:pass" cut short by a "/" in the password."""
+    _, _, after = authority.rpartition("]")
+    _, colon, port = after.partition(":")
+    return bool(colon) and not port.isdigit()
+
+
+def _redact_rest(head: str, rest: str) -> str:
+    """Path, query and fragment (what follows the authority), secrets masked."""
+    path, hash_, fragment = rest.partition("#")
+    path, question, query = path.partition("?")
+    path = _PATH_PARAM.sub(_mask_param, path)
+    if head.lower().startswith("rtmp"):
+        path = _mask_rtmp_key(path)
+    query = _QUERY_PARAM.sub(_mask_param, query)
+    fragment = _QUERY_PARAM.sub(_mask_param, fragment)
+    return path + question + query + hash_ + fragment
+
+
+def _mask_param(match: re.Match[str]) -> str:
+    return f"{match['name']}={_MASK}" if _is_secret(match["name"]) else match[0]
+
+
+def _is_secret(name: str) -> bool:
+    name = unquote(name).strip().lower()
+    return name in _SECRET_NAMES or name.startswith("x-amz-") or any(w in name for w in _SECRET_WORDS)
+
+
+def _mask_rtmp_key(path: str) -> str:
+    """``/app/KEY`` -> ``/app/***``: RTMP's last path segment (the stream name) is the publisher's key."""
+    segments = path.split("/")
+    named = [i for i, segment in enumerate(segments) if segment]
+    if len(named) >= 2:
+        segments[named[-1]] = _MASK
+    return "/".join(segments)
 
 
 def redact_text(text: str, url: str) -> str:
-    """``text`` (an FFmpeg or library message) with ``url`` redacted, and any other ``scheme://user@`` too.
+    """``text`` (an FFmpeg or library message) with ``url`` redacted, and any other URL in it too.
 
     FFmpeg's messages may quote the URL as given or as it rewrote it (a redirect, an RTSP control URL).
     """
-    return _USERINFO.sub(rf"\g<scheme>{_MASK}@", text.replace(url, redact_url(url)))
+    try:
+        if url:
+            text = text.replace(url, redact_url(url))
+        return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]), text)
+    except Exception:  # never raise while reporting another error
+        return "<message withheld>"
 
 
-def _redact_param(param: str) -> str:
-    name, eq, _ = param.partition("=")
-    return f"{name}={_MASK}" if eq and any(s in name.lower() for s in _SECRET_PARAMS) else param
+def _scheme_of(url: str) -> str:
+    """``url``'s scheme, lower-cased; "" for a plain path or anything else."""
+    match = _SCHEME.match(url) if isinstance(url, str) else None
+    return match[0].lower() if match else ""
 
 
 def is_live_url(url: str) -> bool:
-    """Whether ``url`` names a live stream by its scheme (RTSP, RTMP, SRT, ...), not a file."""
-    return urlsplit(url).scheme.lower() in LIVE_SCHEMES
+    """Whether ``url`` names a live stream by its scheme (RTSP, RTMP, SRT, UDP), not a file."""
+    return _scheme_of(url) in LIVE_SCHEMES
 
 
 def check_source_options(url: str, *, transport: str, listen: bool) -> None:
     """Raise ``ValueError`` for options that cannot work, before any thread or socket is started."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    if listen and urlsplit(url).scheme.lower() not in RTSP_SCHEMES:
+    if listen and _scheme_of(url) not in RTSP_SCHEMES:
         raise ValueError(f"listen needs an rtsp:// URL, got {redact_url(url)}")
 
 
@@ -119,8 +369,16 @@ def open_frames(
     keyframes_only: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     on_decode_error: Callable[[], None] | None = None,
+    media_root: Path | str | None = None,
+    allow_files: bool | None = True,
 ) -> Iterator[Frame]:
     """Decoded frames of ``url`` in presentation order, until it ends or ``stop`` is set.
+
+    ``url`` passes :func:`check_source` (with ``media_root`` and ``allow_files``) before every open:
+    each replay of a file, each listening slice, each call (a reconnect); a refused one raises
+    :class:`UnsafeSourceError` (a ``ValueError``) before any socket or file is touched. The default,
+    ``allow_files=True`` without a root, opens any local file: right for tests and scripts, not for a
+    service, which passes its media directory or ``None`` (see :func:`check_source`).
 
     ``live`` (default: by the URL's scheme, see :func:`is_live_url`; always with ``listen``) reads
     frames as they come, with media time = PTS and wall time = arrival; ``realtime`` and ``loop``
@@ -140,9 +398,13 @@ def open_frames(
     Undecodable packets are skipped and reported through ``on_decode_error``. Raises
     :class:`SourceError` when the source cannot be opened, read, or has no video frames.
     """
-    check_source_options(url, transport=transport, listen=listen)
+
+    def check() -> CheckedSource:
+        return check_source(url, media_root=media_root, allow_files=allow_files)
+
+    check_source_options(check().target, transport=transport, listen=listen)
     safe_url = redact_url(url)
-    rtsp = urlsplit(url).scheme.lower() in RTSP_SCHEMES
+    rtsp = _scheme_of(url) in RTSP_SCHEMES
     live = listen or (is_live_url(url) if live is None else live)
     # FFmpeg 5+ names the RTSP socket I/O timeout "timeout", in microseconds ("stimeout" is gone); PyAV's own
     # timeout below also bounds every read, whatever the protocol.
@@ -150,12 +412,15 @@ def open_frames(
     origin: tuple[float, float, float] | None = None  # media, wall and monotonic time of the first file frame
     pass_start: float | None = None  # media time at which a replay starts
     while not stop.is_set():
-        container = (
-            _listen(url, safe_url, options, timeout_s, stop) if listen else _open(url, safe_url, options, timeout_s)
-        )
-        if container is None:
-            return
-        with container:
+        with contextlib.ExitStack() as resources:
+            container = (
+                _listen(check, url, safe_url, options, timeout_s, stop)
+                if listen
+                else _open(check(), url, safe_url, options, timeout_s, resources)
+            )
+            if container is None:
+                return
+            resources.enter_context(container)
             stream = _video_stream(container, safe_url, keyframes_only)
             interval = _frame_interval(stream)
             shift: float | None = None  # media time = PTS + shift within this pass
@@ -189,25 +454,71 @@ def open_frames(
         logger.info("source replaying url=%s media_time=%.3f", safe_url, pass_start)
 
 
-def _open(url: str, safe_url: str, options: dict[str, str], timeout_s: float) -> av.container.InputContainer:
+def _open(
+    source: CheckedSource,
+    url: str,
+    safe_url: str,
+    options: dict[str, str],
+    timeout_s: float,
+    resources: contextlib.ExitStack,
+) -> av.container.InputContainer:
+    options = options | {"protocol_whitelist": source.protocol_whitelist}
     try:
-        return av.open(url, mode="r", options=options, timeout=timeout_s)
+        if source.is_file:
+            file = resources.enter_context(_open_file(source.target))
+            return av.open(file, mode="r", options=options, timeout=timeout_s, io_open=_refuse_nested)
+        return av.open(source.target, mode="r", options=options, timeout=timeout_s)
     except (av.FFmpegError, OSError) as e:  # str(e) repeats the URL, credentials included: keep the reason
         raise SourceError(f"cannot open {safe_url}: {_reason(e, url)}") from None
 
 
+def _open_file(path: str) -> io.FileIO:
+    """``path`` (resolved by :func:`check_source`) open for reading, if it is still a regular file there.
+
+    No symlink may have replaced it since it was checked (``O_NOFOLLOW``), and a FIFO or a device is
+    refused before anything waits on it (``O_NONBLOCK``).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        file = io.FileIO(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    file.name = path  # type: ignore[misc]  # FFmpeg guesses formats by the name's extension too
+    return file
+
+
+def _refuse_nested(url: str, flags: int, options: dict[str, str]) -> None:
+    """PyAV's ``io_open`` for a local file: an HLS playlist, a concat script, an MOV reference may open nothing."""
+    raise PermissionError(errno.EPERM, "a local source may not open other files or URLs")
+
+
 def _listen(
-    url: str, safe_url: str, options: dict[str, str], timeout_s: float, stop: threading.Event
+    check: Callable[[], CheckedSource],
+    url: str,
+    safe_url: str,
+    options: dict[str, str],
+    timeout_s: float,
+    stop: threading.Event,
 ) -> av.container.InputContainer | None:
     """The pushed stream once a publisher connects; ``None`` if ``stop`` is set first.
 
     FFmpeg's own ``listen_timeout`` (whole seconds) bounds each wait: PyAV's open timeout alone
-    makes a listener fail at once (OverflowError) in FFmpeg 7+.
+    makes a listener fail at once (OverflowError) in FFmpeg 7+. ``url`` is checked again before each wait.
     """
     options = options | {"rtsp_flags": "listen", "listen_timeout": str(LISTEN_SLICE_S)}
     while not stop.is_set():
+        source = check()
         try:
-            return av.open(url, mode="r", options=options, timeout=(LISTEN_SLICE_S + timeout_s, timeout_s))
+            return av.open(
+                source.target,
+                mode="r",
+                options=options | {"protocol_whitelist": source.protocol_whitelist},
+                timeout=(LISTEN_SLICE_S + timeout_s, timeout_s),
+            )
         except TimeoutError:  # nobody published during this slice
             continue
         except (av.FFmpegError, OSError) as e:

@@ -253,17 +253,17 @@ class WebRTCSession:
     """One peer sending one video track; :meth:`frames` is the stream's ``FrameSource``.
 
     Create it on the event loop, :meth:`accept` the offer, hand :meth:`frames` to
-    ``IngestManager.add(..., source=session.frames)``. Media time is the track's own clock
-    (``frame.pts * frame.time_base``, which aiortc starts at 0 on the first frame and unwraps)
-    plus ``media_offset``; wall time is the frame's arrival. The session ends, and with it the
+    ``Streams.add(..., source=session.frames)``. Media time is the track's own clock
+    (``frame.pts * frame.time_base``, which aiortc starts at 0 on the first frame and unwraps);
+    the stream's :class:`MediaClock` continues it after an earlier session. Wall time is the
+    frame's arrival. The session ends, and with it the
     frame iterator, when the peer closes, the connection fails, the track ends, or on :meth:`close`;
     stopping the stream closes the session too.
     """
 
-    def __init__(self, stream: str, settings: WebRTCSettings | None = None, *, media_offset: float = 0.0) -> None:
+    def __init__(self, stream: str, settings: WebRTCSettings | None = None) -> None:
         self.stream = stream
         self.settings = settings or WebRTCSettings()
-        self.media_offset = media_offset
         self._loop = asyncio.get_running_loop()
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only: no STUN, no TURN
         self._buffer = FrameBuffer(self.settings.buffer_frames)
@@ -410,8 +410,8 @@ class WebRTCSession:
 
     def _media_time(self, frame: av.VideoFrame, wall: float) -> float:
         if frame.pts is None:  # not from aiortc's decoders; follow the arrival clock
-            return self._last[0] + (wall - self._last[1]) if self._last else self.media_offset
-        return self.media_offset + float(frame.pts * (frame.time_base or _RTP_TIME_BASE))
+            return self._last[0] + (wall - self._last[1]) if self._last else 0.0
+        return float(frame.pts * (frame.time_base or _RTP_TIME_BASE))
 
     async def _watch_connect(self) -> None:
         try:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memory.codec import check_format
 from memory.embedded import EmbeddedStore
 from memory.index import ClipIndex
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat, clip_vector
 from memory.redis_store import RedisStore
+from memory.secrets import KEY_FILE, ConfigCipher
 from memory.store import MemoryStore, MemoryUnavailable, UnknownStream
+from vcflash.serve.settings import private_dir
 
 __all__ = [
     "ClipIndex",
     "ClipMeta",
     "ClipRecord",
     "Clock",
+    "ConfigCipher",
     "EmbeddedStore",
     "MemoryStore",
     "MemoryUnavailable",
@@ -28,10 +32,15 @@ __all__ = [
 ]
 
 
-def open_store(redis_url: str | None, data_dir: Path, token_format: TokenFormat = "fp16") -> MemoryStore:
-    """Redis when a URL is given, so processes share one memory; else a file in data_dir for a single process."""
+def open_store(
+    redis_url: str | None, data_dir: Path, token_format: TokenFormat | str = "fp16", secret_key: str | None = None
+) -> MemoryStore:
+    """Redis when a URL is given, so processes share one memory; else a file in data_dir for a single process.
+
+    Stream configs are sealed with `secret_key` (VCFLASH_SECRET_KEY), else with DATA_DIR/secret.key, made when
+    first needed (so a Redis service that never writes configs makes no file)."""
+    token_format = check_format(token_format)
+    cipher = ConfigCipher(secret_key, Path(data_dir) / KEY_FILE)
     if redis_url:
-        return RedisStore(redis_url, token_format=token_format)
-    data_dir = Path(data_dir)
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # stream configs hold camera passwords
-    return EmbeddedStore(data_dir / "memory.sqlite3", token_format=token_format)
+        return RedisStore(redis_url, token_format=token_format, cipher=cipher)
+    return EmbeddedStore(private_dir(Path(data_dir)) / "memory.sqlite3", token_format=token_format, cipher=cipher)

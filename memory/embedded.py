@@ -3,6 +3,9 @@
 WAL with synchronous=NORMAL survives a process crash and costs no fsync per clip (a power cut may lose the
 last few commits, never corrupt the file). One connection behind a lock serialises writers of this process;
 blobs come last in each row so range scans never read their overflow pages.
+
+The file and its -wal/-shm are the owner's alone (0600); stream configs are sealed (memory.secrets), and a
+replaced or deleted config leaves no copy in the file or the WAL (secure_delete, then a truncating checkpoint).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from memory import codec
+import memory.codec as codec
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
+from memory.secrets import KEY_FILE, ConfigCipher
 from memory.store import MemoryStore, UnknownStream
 
 log = logging.getLogger(__name__)
@@ -64,15 +70,34 @@ def _meta(row: tuple[Any, ...]) -> ClipMeta:
     return ClipMeta(*row[:6], frame_media_times=tuple(json.loads(row[6])))
 
 
+def _owner_only(path: Path) -> None:
+    """Create `path` as 0600, or tighten it if an older version left it readable by others. SQLite gives the
+    -wal and -shm files it creates the mode of the database file."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and stat.S_IMODE(file.stat().st_mode) & 0o077:
+            file.chmod(0o600)
+
+
 class EmbeddedStore(MemoryStore):
-    def __init__(self, path: Path, token_format: TokenFormat = "fp16", busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        token_format: TokenFormat = "fp16",
+        busy_timeout_s: float = 5.0,
+        cipher: ConfigCipher | None = None,
+    ) -> None:
+        """`cipher` seals stream configs; by default with the key file next to the database."""
         self.path = Path(path)
         self.token_format = codec.check_format(token_format)
+        self.cipher = cipher or ConfigCipher(key_file=self.path.parent / KEY_FILE)
         self._lock = threading.Lock()
+        _owner_only(self.path)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("PRAGMA secure_delete = FAST")  # zero deleted rows where it costs no extra I/O
         self._conn.executescript(f"BEGIN; {SCHEMA} COMMIT;")
         log.info("embedded memory at %s (%s tokens)", self.path, self.token_format)
 
@@ -223,6 +248,7 @@ class EmbeddedStore(MemoryStore):
             self._stream(db, stream_id)
             db.execute("DELETE FROM clips WHERE stream_id = ?", (stream_id,))
             db.execute("DELETE FROM streams WHERE stream_id = ?", (stream_id,))
+        self._purge()
         log.info("deleted stream %r", stream_id)
 
     def set_retention(self, stream_id: str, retention: Retention) -> None:
@@ -271,15 +297,24 @@ class EmbeddedStore(MemoryStore):
         return seqs
 
     def put_stream_config(self, stream_id: str, config: dict[str, Any]) -> None:
-        text = json.dumps(config)
+        sealed = self.cipher.seal(config)
         with self._tx() as db:
             self._register(db, stream_id)
-            db.execute("UPDATE streams SET config = ? WHERE stream_id = ?", (text, stream_id))
+            db.execute("UPDATE streams SET config = ? WHERE stream_id = ?", (sealed, stream_id))
+        self._purge()  # the config it replaced may be plain JSON from an older version
 
     def stream_configs(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute("SELECT stream_id, config FROM streams WHERE config IS NOT NULL").fetchall()
-        return {stream_id: json.loads(config) for stream_id, config in rows}
+        return self.cipher.unseal_all(dict(rows))
+
+    def _purge(self) -> None:
+        """Copy the WAL into the file and empty it, so no old page (an old config) outlives its replacement; rare
+        (config writes, stream deletes), so the checkpoint's cost does not matter."""
+        with self._lock:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("event=wal_checkpoint_busy path=%s: old pages stay in the WAL until the next one", self.path)
 
     def close(self) -> None:
         with self._lock:

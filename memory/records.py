@@ -7,6 +7,8 @@ from typing import Literal
 
 import numpy as np
 
+from vcflash.serve.errors import Invalid
+
 Clock = Literal["media", "wall"]
 TokenFormat = Literal["fp16", "int8"]
 
@@ -48,9 +50,9 @@ class Retention:
 
     def __post_init__(self) -> None:
         if self.max_age_s is not None and self.max_age_s <= 0:
-            raise ValueError(f"max_age_s must be > 0, got {self.max_age_s}")
+            raise Invalid(f"max_age_s must be > 0, got {self.max_age_s}")
         if self.max_bytes is not None and self.max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {self.max_bytes}")
+            raise Invalid(f"max_bytes must be > 0, got {self.max_bytes}")
 
 
 @dataclass(frozen=True)

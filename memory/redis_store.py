@@ -3,12 +3,12 @@
 Writes and multi-key reads are Lua scripts (memory.redis_lua), so each is atomic and one round trip; token
 fetches are one pipeline. The client never retries and uses short socket timeouts: a dead Redis must surface as
 MemoryUnavailable within a second rather than stall a question, and the connection pool reconnects by itself on
-the next call once Redis is back.
+the next call once Redis is back. `rediss://` URLs connect over TLS (redis-py; `?ssl_ca_certs=/path/ca.pem` for a
+private CA). Stream configs are sealed (memory.secrets) with a key every service of the deployment must share.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -20,8 +20,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from memory import codec, redis_lua
+import memory.codec as codec
+import memory.redis_lua as redis_lua
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
+from memory.secrets import ConfigCipher
 from memory.store import MemoryStore, MemoryUnavailable, UnknownStream
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,12 @@ class RedisStore(MemoryStore):
         token_format: TokenFormat = "fp16",
         socket_timeout_s: float = 0.5,
         connect_timeout_s: float = 0.5,
+        cipher: ConfigCipher | None = None,
     ) -> None:
+        """`cipher` seals stream configs; without one they cannot be written or read (a ValueError says so)."""
         self.prefix = prefix
         self.token_format = codec.check_format(token_format)
+        self.cipher = cipher or ConfigCipher()
         self._redis = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
@@ -230,19 +235,19 @@ class RedisStore(MemoryStore):
 
     def put_stream_config(self, stream_id: str, config: dict[str, Any]) -> None:
         codec.check_stream_id(stream_id)
-        text = json.dumps(config)
+        sealed = self.cipher.seal(config)
         with self._reachable():
             (
                 self._redis.pipeline(transaction=True)
                 .sadd(self._streams_key, stream_id)
-                .hset(self._configs_key, stream_id, text)
+                .hset(self._configs_key, stream_id, sealed)
                 .execute()
             )
 
     def stream_configs(self) -> dict[str, dict[str, Any]]:
         with self._reachable():
             configs = self._redis.hgetall(self._configs_key)
-        return {k.decode(): json.loads(v) for k, v in configs.items()}
+        return self.cipher.unseal_all({k.decode(): v for k, v in configs.items()})
 
     def close(self) -> None:
         self._redis.close()

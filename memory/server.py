@@ -1,4 +1,5 @@
-"""The Memory gRPC service: clips by time range and per-stream statistics."""
+"""The Memory gRPC service (clips by time range, per-stream statistics), and the base of every service that
+holds the memory open."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import asyncio
 
 import grpc
 
+from memory import MemoryStore, open_store
 from memory.records import ClipMeta
-from memory.store import MemoryStore
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from vcflash.rpc import handle_errors
+from vcflash.serve.errors import Invalid
+from vcflash.serve.lifecycle import Service, ServiceEntry
+from vcflash.serve.rpc import handle_errors
+from vcflash.serve.settings import MemorySettings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Memory"].full_name
-MAX_CLIPS = 10_000  # per ListClips answer
 
 
 def clip_info(m: ClipMeta) -> pb.ClipInfo:
@@ -29,8 +32,8 @@ def clip_info(m: ClipMeta) -> pb.ClipInfo:
 
 
 class MemoryServicer(pb_grpc.MemoryServicer):
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
+    def __init__(self, store: MemoryStore, settings: MemorySettings) -> None:
+        self.store, self.max_clips = store, settings.max_list_clips
 
     @handle_errors
     async def ListClips(self, request: pb.ListClipsRequest, context: grpc.aio.ServicerContext) -> pb.ListClipsResponse:
@@ -38,10 +41,10 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         start = r.start if r.HasField("start") else None
         end = r.end if r.HasField("end") else None
         if start is not None and end is not None and start >= end:
-            raise ValueError(f"inverted time range: start {start} >= end {end}")
+            raise Invalid(f"inverted time range: start {start} >= end {end}")
         clock = "wall" if r.clock == pb.CLOCK_WALL else "media"
         clips = await asyncio.to_thread(self.store.clips, request.stream_id, start, end, clock=clock)
-        limit = min(request.limit or MAX_CLIPS, MAX_CLIPS)
+        limit = min(request.limit or self.max_clips, self.max_clips)
         return pb.ListClipsResponse(clips=[clip_info(c) for c in clips[:limit]], truncated=len(clips) > limit)
 
     @handle_errors
@@ -63,3 +66,22 @@ class MemoryServicer(pb_grpc.MemoryServicer):
                 )
             )
         return pb.GetStatsResponse(streams=out)
+
+
+class MemoryService(Service):
+    """A service over the shared memory: opens it before `setup`, closes it after `stop`."""
+
+    store: MemoryStore
+
+    async def start(self) -> int:
+        s = self.settings
+        m = s.memory
+        self.store = await asyncio.to_thread(open_store, m.redis_url, s.server.data_dir, m.token_format, m.secret_key)
+        return await super().start()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await super().stop(grace_s)
+        self.store.close()
+
+    def memory_entry(self) -> ServiceEntry:
+        return (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(self.store, self.settings.memory), SERVICE_NAME)

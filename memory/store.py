@@ -10,13 +10,17 @@ from typing import Any, Self
 import numpy as np
 
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats
+from vcflash.serve.errors import NotFound, Unavailable
 
 
-class MemoryUnavailable(Exception):
+class MemoryUnavailable(Unavailable):
     """The backend cannot be reached (connection refused, timeout); the gRPC layer answers UNAVAILABLE."""
 
+    def __str__(self) -> str:
+        return f"memory unavailable: {super().__str__()}"
 
-class UnknownStream(KeyError):
+
+class UnknownStream(NotFound):
     """The stream has never been written (or was deleted)."""
 
     def __init__(self, stream_id: str) -> None:

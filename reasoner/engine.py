@@ -12,35 +12,28 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
 import torch
 
 from hico.config import DropConfig
-from hico.generation import detokenize
-from hico.model import IMAGE_PLACEHOLDER, VideoChatFlash, chat_prompt, time_message
+from hico.generation import Generated, generate_text
+from hico.model import VideoChatFlashModel
+from hico.prompt import PromptVideo, build_prompt, describe
 from memory.index import ClipIndex
 from memory.records import ClipMeta, Clock
 from memory.store import MemoryStore
+from vcflash.serve.errors import Invalid, NotFound
+from vcflash.serve.settings import ReasonerSettings
 
 log = logging.getLogger(__name__)
 
 Selection = Literal["uniform", "retrieval"]
 
 
-class AskError(ValueError):
+class AskError(Invalid):
     """A question that cannot be asked as posed (maps to INVALID_ARGUMENT)."""
-
-
-@dataclass(frozen=True)
-class ReasonerLimits:
-    max_question_chars: int = 4000
-    max_frames: int = 2048  # per question, all streams together
-    max_streams: int = 8
-    max_new_tokens: int = 2048
-    max_history_turns: int = 16
 
 
 @dataclass(frozen=True)
@@ -63,11 +56,11 @@ class AskParams:
     history: Sequence[tuple[str, str]] = ()
     anchors: bool = True  # state the wall-clock span in the prompt
 
-    def validate(self, limits: ReasonerLimits) -> None:
+    def validate(self, limits: ReasonerSettings) -> None:
         if not self.stream_ids:
             raise AskError("name at least one stream")
-        if len(set(self.stream_ids)) != len(self.stream_ids) or len(self.stream_ids) > limits.max_streams:
-            raise AskError(f"give 1 to {limits.max_streams} distinct streams, got {list(self.stream_ids)}")
+        if len(set(self.stream_ids)) != len(self.stream_ids) or len(self.stream_ids) > limits.max_ask_streams:
+            raise AskError(f"give 1 to {limits.max_ask_streams} distinct streams, got {list(self.stream_ids)}")
         if not self.question.strip():
             raise AskError("the question is empty")
         if len(self.question) > limits.max_question_chars:
@@ -76,8 +69,8 @@ class AskParams:
             )
         if self.start is not None and self.end is not None and self.start >= self.end:
             raise AskError(f"inverted time range: start {self.start} >= end {self.end}")
-        if not 4 <= self.max_frames <= limits.max_frames or self.max_frames % 4:
-            raise AskError(f"max_frames must be a multiple of 4 in [4, {limits.max_frames}], got {self.max_frames}")
+        if not 4 <= self.max_frames <= limits.max_ask_frames or self.max_frames % 4:
+            raise AskError(f"max_frames must be a multiple of 4 in [4, {limits.max_ask_frames}], got {self.max_frames}")
         if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
             raise AskError(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}")
         if len(self.history) > limits.max_history_turns:
@@ -129,10 +122,6 @@ def select_clips(available: list[ClipMeta], budget: int, hits: Sequence[tuple[in
     return sorted(chosen.values(), key=lambda e: e.clip.media_start)
 
 
-def wall_clock(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
 @dataclass
 class Segment:
     """One camera's part of the prompt."""
@@ -146,14 +135,13 @@ class Segment:
     def frames(self) -> int:
         return sum(len(e.clip.frame_media_times) for e in self.evidence)
 
+    def video(self, anchors: bool, label: bool) -> PromptVideo:
+        """How the prompt states this part: optionally its camera's name and its wall-clock span."""
+        span = (self.evidence[0].clip.wall_start, self.evidence[-1].clip.wall_end) if anchors else None
+        return PromptVideo(self.frames, self.duration_s, self.stream_id if label else None, span)
+
     def describe(self, anchors: bool, label: bool) -> str:
-        msg = time_message(self.duration_s, self.frames)
-        if label:
-            msg = f'Camera "{self.stream_id}": ' + msg[0].lower() + msg[1:]
-        if anchors:
-            first, last = self.evidence[0].clip, self.evidence[-1].clip
-            msg += f" It runs from {wall_clock(first.wall_start)} to {wall_clock(last.wall_end)} UTC."
-        return msg
+        return describe(self.video(anchors, label))
 
 
 class Reasoner:
@@ -161,18 +149,18 @@ class Reasoner:
 
     def __init__(
         self,
-        model: VideoChatFlash,
+        model: VideoChatFlashModel,
         store: MemoryStore,
         index: ClipIndex | None = None,
-        limits: ReasonerLimits | None = None,
+        limits: ReasonerSettings | None = None,
         model_lock: threading.Lock | None = None,
     ) -> None:
         self.model, self.store, self.index = model, store, index
-        self.limits = limits or ReasonerLimits()
+        self.limits = limits or ReasonerSettings()
         self.model_lock = model_lock or threading.Lock()
 
     def ask(self, p: AskParams) -> Iterator[str | AskResult]:
-        """Yield answer text pieces, then the AskResult. Raises AskError, KeyError (unknown stream)
+        """Yield answer text pieces, then the AskResult. Raises AskError, NotFound (unknown stream)
         or memory.store.MemoryUnavailable before the first piece."""
         t0 = time.perf_counter()
         drop = self._resolve_drop(p.dropout)
@@ -187,31 +175,26 @@ class Reasoner:
 
         embeds, visual = self.prompt(p, segments)
         timings["prompt"] = time.perf_counter() - t0 - timings["select"]
-        settings = self.model.generation.override(
-            do_sample=p.do_sample,
-            max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            repetition_penalty=p.repetition_penalty,
-        )
-        generator = torch.Generator(self.model.device).manual_seed(p.seed) if p.seed is not None else None
-        ids: list[int] = []
-
-        def tokens() -> Iterator[int]:
-            for token in self.model.generate(embeds, visual, settings, drop, generator):
-                if not ids:
-                    timings["prefill"] = time.perf_counter() - t_gen
-                ids.append(token)
-                yield token
-
+        out = Generated()
+        pieces = []
         with self.model_lock:
-            t_gen = time.perf_counter()
-            pieces = []
-            for piece in detokenize(self.model.tokenizer, tokens()):
+            for piece in generate_text(
+                self.model,
+                embeds,
+                visual,
+                drop,
+                out,
+                seed=p.seed,
+                do_sample=p.do_sample,
+                max_new_tokens=p.max_new_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                repetition_penalty=p.repetition_penalty,
+            ):
                 pieces.append(piece)
                 yield piece
-            timings["generate"] = time.perf_counter() - t_gen
+        timings |= out.timings
         timings["total"] = time.perf_counter() - t0
         evidence = [e for s in segments for e in s.evidence]
         yield AskResult(
@@ -220,7 +203,7 @@ class Reasoner:
             frames=sum(s.frames for s in segments),
             visual_tokens=len(visual),
             prompt_tokens=embeds.shape[1],
-            new_tokens=len(ids),
+            new_tokens=len(out.ids),
             duration_s=sum(s.duration_s for s in segments),
             timings=timings,
         )
@@ -237,7 +220,7 @@ class Reasoner:
         known = set(self.store.streams())
         unknown = [s for s in p.stream_ids if s not in known]
         if unknown:
-            raise KeyError(f"unknown stream(s): {', '.join(unknown)}")
+            raise NotFound(f"unknown stream(s): {', '.join(unknown)}")
         budget = max(1, p.max_frames // 4 // len(p.stream_ids))  # clips per stream
         segments = []
         for stream_id in p.stream_ids:
@@ -257,25 +240,16 @@ class Reasoner:
 
     def _question_vector(self, question: str) -> np.ndarray:
         """The question in the clips' space: the mean of its token embeddings (the LLM input space)."""
-        ids = torch.tensor(self.model.tokenizer(question).input_ids, device=self.model.device)
         with torch.no_grad():
-            v = self.model.llm.model.embed_tokens(ids).float().mean(0).cpu().numpy()
+            v = self.model.embed_text(self.model.tokenize(question)).float().mean(0).cpu().numpy()
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
     def prompt(self, p: AskParams, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs_embeds and visual positions of the official prompt; several cameras each get a
         label before their tokens."""
-        tok = self.model.tokenizer
         many = len(segments) > 1
-        time_msg = " ".join(s.describe(p.anchors, many) for s in segments)
-        before, after = chat_prompt(p.question, time_msg, p.history).split(IMAGE_PLACEHOLDER)
-        parts: list[list[int] | torch.Tensor] = [tok(before).input_ids]
-        for i, s in enumerate(segments):
-            if many:
-                parts.append(tok(("\n" if i else "") + f'Camera "{s.stream_id}":').input_ids)
-            parts.append(s.tokens)
-        parts.append(tok(after).input_ids)
+        prompt = build_prompt(p.question, [s.video(p.anchors, label=many) for s in segments], p.history)
         try:
-            return self.model.embed(parts)
+            return self.model.embed_prompt(prompt, [s.tokens for s in segments])
         except ValueError as e:  # over the context length
             raise AskError(str(e)) from e

@@ -10,14 +10,14 @@ from typing import Any
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
-from memory import ClipIndex, MemoryStore
-from memory.server import SERVICE_NAME as MEMORY_SERVICE
-from memory.server import MemoryServicer, clip_info
+from hico import VideoChatFlash
+from memory import ClipIndex
+from memory.server import MemoryService, clip_info
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from reasoner.engine import AskParams, AskResult, Reasoner
-from vcflash.rpc import handle_errors
-from vcflash.service import Service, ServiceEntry
+from vcflash.serve.lifecycle import ServiceEntry
+from vcflash.serve.rpc import handle_errors
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reasoner"].full_name
 _DONE = object()
@@ -104,22 +104,22 @@ class ReasonerServicer(pb_grpc.ReasonerServicer):
                 await worker
 
 
-def reasoner_entries(reasoner: Reasoner, store: MemoryStore, registry: CollectorRegistry) -> list[ServiceEntry]:
-    """The Reasoner and Memory services over one store."""
-    return [
-        (pb_grpc.add_ReasonerServicer_to_server, ReasonerServicer(reasoner, registry), SERVICE_NAME),
-        (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(store), MEMORY_SERVICE),
-    ]
-
-
-class ReasonerService(Service):
+class ReasonerService(MemoryService):
     """`vcflash reasoner`: Ask and memory inspection over the shared memory (split deployment)."""
 
     name = "reasoner"
+    model: VideoChatFlash | None = None  # loaded in `setup` unless given
 
     async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
-        model = await self.load_model()
+        load = VideoChatFlash.from_pretrained
+        self.model = self.model or await asyncio.to_thread(load, *self.settings.model.load_args())
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
-        self.reasoner = Reasoner(model, self.store, self.index)
-        return reasoner_entries(self.reasoner, self.store, self.registry), []
+        self.reasoner = Reasoner(self.model, self.store, self.index, self.settings.reasoner)
+        return reasoner_entries(self.reasoner, self), []
+
+
+def reasoner_entries(reasoner: Reasoner, service: MemoryService) -> list[ServiceEntry]:
+    """The Reasoner and Memory services over the service's store."""
+    servicer = ReasonerServicer(reasoner, service.registry)
+    return [(pb_grpc.add_ReasonerServicer_to_server, servicer, SERVICE_NAME), service.memory_entry()]

@@ -30,16 +30,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
-from hico.model import VideoChatFlash
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from vcflash.app import App
 from vcflash.client import Client
 from vcflash.media import write_test_video
-from vcflash.settings import Settings
+from vcflash.serve.settings import Settings
 
-TOKEN = "test-token-4f2a"
+TOKEN = "test-token-4f2a-9b7d1c"
+ANY = Path("/")  # the test videos live in pytest's temp dirs: any local file may be a source here
 QUESTION = "What moves across the screen?"
 SIZE = (64, 48)
 TIMINGS = {"select", "prompt", "prefill", "generate", "total"}
@@ -98,7 +99,15 @@ class Served:
 
 
 def start_app(runner: LoopThread, model: VideoChatFlash, **settings: Any) -> Served:
-    s = Settings(model="tiny", address="127.0.0.1:0", api_token=TOKEN, metrics_port=0, http_port=0, **settings)
+    s = Settings.from_env(
+        {},
+        model="tiny",
+        address="127.0.0.1:0",
+        api_token=TOKEN,
+        metrics_port=0,
+        http_port=0,
+        **{"media_root": ANY} | settings,
+    )
 
     async def start() -> App:
         app = App(s, model, registry=CollectorRegistry())
@@ -344,8 +353,18 @@ def test_bad_stream_requests_are_invalid_or_already_exist(served: Served, videos
     assert code_of(lambda: c.add_stream("fast", video, fps=100)) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(lambda: c.add_stream("empty", "")) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(lambda: c.clips("cam", 12, 4)) == grpc.StatusCode.INVALID_ARGUMENT
+    # sources that would turn the server against its host (issue 8): refused before anything opens
+    hostile = [
+        "concat:/etc/passwd|/etc/hostname",
+        "gopher://127.0.0.1:6379/_%0d%0aFLUSHALL",
+        "pipe:0",
+        "file:/etc/passwd",
+        "rtsp://127.0.0.1:6379/x\r\nFLUSHALL",
+    ]
+    for i, source in enumerate(hostile):
+        assert code_of(lambda: c.add_stream(f"evil{i}", source)) == grpc.StatusCode.INVALID_ARGUMENT, source  # noqa: B023
     assert {s.stream_id for s in c.list_streams()} >= {"cam", "cam2"}
-    assert not {"bad name!", "fast", "empty"} & {s.stream_id for s in c.list_streams()}
+    assert not {"bad name!", "fast", "empty", "evil0"} & {s.stream_id for s in c.list_streams()}
 
 
 def every_method(channel: grpc.Channel) -> dict[str, Callable[..., object]]:
@@ -623,6 +642,7 @@ def vcflash_up(tmp_path_factory: pytest.TempPathFactory, model: VideoChatFlash) 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VCFLASH_")} | {
         "VCFLASH_HTTP_PORT": "0",
+        "VCFLASH_MEDIA_ROOT": "/",
         "VCFLASH_DATA_DIR": str(tmp / "data"),
         "VCFLASH_METRICS_PORT": "0",
         "VCFLASH_API_TOKEN": TOKEN,

@@ -39,3 +39,15 @@ def test_services_gpus_healthchecks_and_settings() -> None:
     assert services["ingest"]["environment"]["VCFLASH_ENCODER_ADDRESS"] == "encoder:50052"
     for dockerfile in ("docker/Dockerfile.gpu", "docker/Dockerfile.ingest"):
         assert (ROOT / dockerfile).is_file()
+
+
+def test_compose_sets_only_known_settings_and_ingest_carries_no_torch() -> None:
+    from vcflash.serve.settings import variables
+
+    known = {name for name, _ in variables()}
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        unknown = {k for k in service.get("environment", {}) if k.startswith("VCFLASH_")} - known
+        assert not unknown, (name, unknown)
+    ingest = (ROOT / "docker/Dockerfile.ingest").read_text()
+    assert "torch" not in ingest.replace("no torch", "") and "[model]" not in ingest

@@ -16,15 +16,16 @@ from aiohttp import ClientSession
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from prometheus_client import CollectorRegistry
 
+from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
-from hico.model import VideoChatFlash
+from ingest.spec import StreamSpec
 from ingest.webrtc import ice_host_addresses
 from reasoner.engine import AskParams, AskResult
 from vcflash.app import App
 from vcflash.media import write_test_video
-from vcflash.settings import Settings
+from vcflash.serve.settings import Settings
 
-TOKEN = "live-secret"
+TOKEN = "live-secret-token-7c1e"
 LOOPBACK = ["127.0.0.1"]
 
 
@@ -60,13 +61,15 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> VideoChatFlash:
 @pytest_asyncio.fixture
 async def app(model: VideoChatFlash, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[App]:
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4=True, use_ipv6=True: list(LOOPBACK))
-    settings = Settings(
+    settings = Settings.from_env(
+        {},
         data_dir=tmp_path / "data",
         address="127.0.0.1:0",
         api_token=TOKEN,
         metrics_port=0,
         http_port=free_port(),
         max_wait_ms=10,
+        media_root=Path("/"),  # a test video in pytest's temp dir plays as a live stream
     )
     service = App(settings, model, registry=CollectorRegistry())
     await service.start()
@@ -83,7 +86,7 @@ async def test_webrtc_sender_to_memory_to_an_answer(app: App) -> None:
     try:
         with ice_host_addresses(LOOPBACK):
             await pc.setLocalDescription(await pc.createOffer())
-        url = f"http://127.0.0.1:{app.settings.http_port}/whip/door"
+        url = f"http://127.0.0.1:{app.settings.server.http_port}/whip/door"
         headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {TOKEN}"}
         async with ClientSession() as http:
             async with http.post(url, data=pc.localDescription.sdp, headers=headers) as response:
@@ -111,7 +114,7 @@ async def test_eight_concurrent_streams_lose_no_frame_unaccounted(app: App, tmp_
     video = write_test_video(tmp_path / "cam.mp4", seconds=6, fps=25, size=(160, 120))
     names = [f"cam{i}" for i in range(8)]
     for name in names:
-        await app.streams.add(name, {"source": str(video), "fps": 2.0, "realtime": True, "loop": False})
+        await app.streams.add(name, StreamSpec(str(video), fps=2.0, realtime=True))
     manager = app.streams.manager
     await wait_until(lambda: all(s.state.value == "finished" for s in manager.status().values()), 30, "streams")
     await wait_until(

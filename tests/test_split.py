@@ -21,7 +21,7 @@ from hico.checkpoint import make_tiny_checkpoint
 from vcflash.client import Client
 from vcflash.media import write_test_video
 
-TOKEN = "split-secret"
+TOKEN = "split-secret-0c4b9e2f"
 VCFLASH = str(Path(sys.executable).parent / "vcflash")
 
 
@@ -58,6 +58,7 @@ class Deployment:
             "VCFLASH_METRICS_PORT": "0",
             "VCFLASH_MAX_WAIT_MS": "10",
             "VCFLASH_HTTP_PORT": "0",
+            "VCFLASH_MEDIA_ROOT": "/",  # the test video lives in pytest's temp dir
         }
 
     def start(self, name: str) -> None:

@@ -6,13 +6,17 @@ import asyncio
 import threading
 from typing import Any
 
-from encoder_svc.worker import EncoderMetrics, EncoderSettings, EncoderWorker
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from encoder_svc.worker import EncoderMetrics, EncoderWorker
+from hico import VideoChatFlash
 from ingest.server import ServesStreams, ingest_entry
 from memory import ClipIndex
 from memory.retention import sweep_forever
 from reasoner.engine import Reasoner
 from reasoner.server import reasoner_entries
-from vcflash.service import ServiceEntry
+from vcflash.serve.lifecycle import ServiceEntry
+from vcflash.serve.settings import Settings
 
 
 class App(ServesStreams):
@@ -20,9 +24,16 @@ class App(ServesStreams):
 
     name = "all-in-one"
 
+    def __init__(
+        self, settings: Settings, model: VideoChatFlash | None = None, registry: CollectorRegistry = REGISTRY
+    ) -> None:
+        super().__init__(settings, registry)
+        self.model = model  # given (tests share one) or loaded in `setup`
+
     async def setup(self) -> tuple[list[ServiceEntry], list[Any]]:
         s = self.settings
-        model = await self.load_model()
+        load = VideoChatFlash.from_pretrained
+        self.model = model = self.model or await asyncio.to_thread(load, *s.model.load_args())
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
         lock = threading.Lock()
@@ -32,12 +43,12 @@ class App(ServesStreams):
             self.store,
             self.streams.manager.clips,
             self.index,
-            EncoderSettings(max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000),
+            s.encoder,
             lock,
             EncoderMetrics(self.registry),
             on_stored=self.streams.on_stored,
             accepts=self.streams.accepts,
         )
-        self.reasoner = Reasoner(model, self.store, self.index, model_lock=lock)
-        services = [entry, *reasoner_entries(self.reasoner, self.store, self.registry)]
+        self.reasoner = Reasoner(model, self.store, self.index, s.reasoner, model_lock=lock)
+        services = [entry, *reasoner_entries(self.reasoner, self)]
         return services, [encoder.run(), sweep_forever(self.store, self.index)]

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `vcflash --help` should be instant
     from vcflash.client import Client
-    from vcflash.settings import Settings
+    from vcflash.serve.settings import Settings
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    from hico import VideoChatFlash
     from hico.checkpoint import DEFAULT_MODEL
-    from hico.model import VideoChatFlash
 
     model = VideoChatFlash.from_pretrained(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     answer = model.answer(
@@ -65,7 +65,7 @@ def cmd_make_test_video(args: argparse.Namespace) -> int:
 
 
 def service_settings(args: argparse.Namespace) -> Settings:
-    from vcflash.settings import Settings
+    from vcflash.serve.settings import Settings
 
     address = f"{args.host}:{args.port}" if args.port is not None else None
     return Settings.from_env(
@@ -75,6 +75,8 @@ def service_settings(args: argparse.Namespace) -> Settings:
         device=getattr(args, "device", None),
         dtype=getattr(args, "dtype", None),
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        frame_size=getattr(args, "frame_size", None),
+        media_root=Path(args.media_root).resolve() if getattr(args, "media_root", None) else None,
     )
 
 
@@ -82,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`up`, `ingest`, `encoder` and `reasoner`: build the service and run it until a signal."""
     import asyncio
 
-    from vcflash.service import run
+    from vcflash.serve.lifecycle import run
 
     settings = service_settings(args)
     if args.command == "up":
@@ -92,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.command == "ingest":
         from ingest.server import IngestService
 
-        service = IngestService(settings, frame_size=args.frame_size)
+        service = IngestService(settings)
     elif args.command == "encoder":
         from encoder_svc.server import EncoderService
 
@@ -107,27 +109,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def client(args: argparse.Namespace, reasoner: bool = False) -> Client:
     from vcflash.client import Client
-    from vcflash.settings import Settings, token_path
+    from vcflash.serve.settings import ClientSettings
 
-    settings = Settings.from_env()
+    settings = ClientSettings.from_env(api_token=args.token, tls_ca=tls_ca(args))
     address = args.address or (settings.reasoner_address if reasoner else None) or settings.address
-    token = args.token or settings.api_token
-    if not token:
-        path = token_path(settings.data_dir)
-        if not path.is_file():
-            raise ValueError(
-                f"no API token: pass --token, set VCFLASH_API_TOKEN, or run the server once to create {path}"
-            )
-        token = path.read_text().strip()
-    return Client(address, token)
+    return Client(address, settings.token(), tls_ca=settings.tls_ca)
+
+
+def tls_ca(args: argparse.Namespace) -> Path | None:
+    return Path(args.tls_ca).expanduser() if args.tls_ca else None
 
 
 def cmd_streams(args: argparse.Namespace) -> int:
     with client(args) as c:
         if args.action == "add":
+            local = Path(args.source)  # a file named relative to here means this file, wherever the server runs
+            source = str(local.resolve()) if "://" not in args.source and local.exists() else args.source
             s = c.add_stream(
                 args.name,
-                args.source,
+                source,
                 fps=args.fps,
                 realtime=not args.fast,
                 loop=args.loop,
@@ -155,13 +155,13 @@ def cmd_streams(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the server reports SERVING (compose healthchecks); needs no token."""
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from vcflash.settings import Settings
+    from vcflash.serve.settings import ClientSettings
+    from vcflash.serve.tls import channel as open_channel
 
-    address = args.address or Settings.from_env().address
-    with grpc.insecure_channel(address) as channel:
+    settings = ClientSettings.from_env(tls_ca=tls_ca(args))
+    with open_channel(args.address or settings.address, settings.tls_ca) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=args.service), timeout=3
         )
@@ -181,7 +181,7 @@ def parse_time(value: str) -> tuple[float, bool]:
 
 
 def cmd_ask_live(args: argparse.Namespace) -> int:
-    from reasoner.engine import wall_clock
+    from hico.prompt import wall_clock
 
     start, wall_a = parse_time(args.start) if args.start else (None, False)
     end, wall_b = parse_time(args.end) if args.end else (None, False)
@@ -263,18 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1", help="listen address with --port (default 127.0.0.1)")
         p.add_argument("--port", type=int, help="gRPC port (default: VCFLASH_ADDRESS)")
         p.add_argument("--data-dir", help="embedded memory and API token (default ~/.local/share/vcflash)")
+        if name in ("up", "ingest"):
+            p.add_argument(
+                "--media-root", help="local video files streams may read, under this dir only (default: none)"
+            )
         p.set_defaults(func=cmd_serve)
         return p
 
     service("up", "run ingest, encoder, memory and reasoner in one process (gRPC server)", model=True)
     ingest = service("ingest", "split deployment: streams in, clips to the encoder service", model=False)
-    ingest.add_argument("--frame-size", type=int, default=448, help="the encoder's input size S (448 or 224)")
+    ingest.add_argument("--frame-size", type=int, help="the encoder's input size S (default VCFLASH_FRAME_SIZE or 448)")
     service("encoder", "split deployment: clips -> visual tokens -> memory", model=True)
     service("reasoner", "split deployment: Ask and memory inspection", model=True)
+
+    def tls(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tls-ca", help="CA certificate (PEM) to connect over TLS (default: VCFLASH_TLS_CA; plaintext)")
 
     def connection(p: argparse.ArgumentParser) -> None:
         p.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
         p.add_argument("--token", help="API token (default: VCFLASH_API_TOKEN or the data dir's api_token)")
+        tls(p)
 
     streams = sub.add_parser("streams", help="add, list or remove live streams on a running server")
     streams_sub = streams.add_subparsers(dest="action", required=True)
@@ -313,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="gRPC health check of a running server (exit 0 when SERVING)")
     health.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
     health.add_argument("--service", default="", help="a service name, e.g. vcflash.v1.Reasoner (default: all)")
+    tls(health)
     health.set_defaults(func=cmd_health)
 
     video = sub.add_parser("make-test-video", help="write a synthetic H.264 test video")

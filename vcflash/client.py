@@ -1,7 +1,7 @@
 """A small synchronous Python client for a running vcflash server.
 
 from vcflash.client import Client
-with Client("127.0.0.1:50051", token) as c:
+with Client("127.0.0.1:50051", token) as c:   # tls_ca="ca.pem": TLS, verified against that CA
     c.add_stream("lobby", "rtsp://cam/stream", fps=1)
     for piece in c.ask(["lobby"], "When did the van leave?"):
         print(piece, end="")          # text pieces, then the final AskResult
@@ -10,6 +10,7 @@ with Client("127.0.0.1:50051", token) as c:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -17,12 +18,22 @@ import grpc
 
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+from vcflash.serve.tls import channel
 
 
 class Client:
-    def __init__(self, address: str, token: str, timeout_s: float = 30.0, max_message_bytes: int = 8 << 20) -> None:
-        self.channel = grpc.insecure_channel(
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        timeout_s: float = 30.0,
+        max_message_bytes: int = 8 << 20,
+        tls_ca: Path | str | None = None,
+    ) -> None:
+        """`tls_ca`: a CA certificate (PEM file) to connect over TLS and verify the server with; None: plaintext."""
+        self.channel = channel(
             address,
+            None if tls_ca is None else Path(tls_ca),
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),

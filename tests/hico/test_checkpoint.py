@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hico import VideoChatFlash
 from hico.checkpoint import CheckpointError, make_tiny_checkpoint, official_key
 from hico.config import DropConfig, VideoChatFlashConfig, preset
-from hico.model import VideoChatFlash
+from hico.prompt import PromptVideo, build_prompt
 from hico.tokenizer import TokenizerLoadError
 
 OFFICIAL_PREFIXES = (
@@ -235,7 +236,7 @@ def test_answer_is_deterministic_and_counts_add_up(model224: VideoChatFlash) -> 
     assert a.token_ids == b.token_ids
     assert 1 <= len(a.token_ids) <= 2
     assert (a.num_frames, a.visual_tokens, a.duration_s) == (8, 2 * 64, 8.0)  # 1 fps assumed for bare frames
-    before, after = model224.prompt_ids(QUESTION, 8, 8.0)
+    before, after = (model224.tokenize(p) for p in build_prompt(QUESTION, [PromptVideo(8, 8.0)]) if isinstance(p, str))
     assert a.prompt_tokens == len(before) + 128 + len(after)
 
 
@@ -444,7 +445,7 @@ def test_hub_id_offline_without_cache(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from hico.checkpoint import CheckpointError\n"
-        "from hico.model import VideoChatFlash\n"
+        "from hico import VideoChatFlash\n"
         "try:\n"
         "    VideoChatFlash.from_pretrained(sys.argv[1])\n"
         "except CheckpointError as e:\n"

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
-from hico.model import VideoChatFlash, chat_prompt, time_message
+from hico.prompt import PromptVideo, build_prompt, chat_prompt, time_message
 from vcflash.media import write_test_video
 
 QUESTION = "When does the red square reach the middle?"
@@ -39,7 +40,7 @@ def test_prompt_is_the_official_chatml_with_time_message() -> None:
 
 
 def test_prompt_halves_are_tokenized_separately(model: VideoChatFlash) -> None:
-    before, after = model.prompt_ids("Q?", 64, 12.0, ())
+    before, after = (model.tokenize(p) for p in build_prompt("Q?", [PromptVideo(64, 12.0)]) if isinstance(p, str))
     tok = model.tokenizer
     assert before == tok("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n").input_ids
     assert tok.decode(after) == f"\n{time_message(12.0, 64)} Q?<|im_end|>\n<|im_start|>assistant\n"
@@ -70,7 +71,8 @@ def test_frames_tokens_and_file_give_the_same_answer(model: VideoChatFlash, fram
     from_tokens = model.answer(tokens, QUESTION, duration_s=16.0, max_new_tokens=6)
     assert from_frames.token_ids == from_tokens.token_ids
     assert (from_frames.num_frames, from_frames.visual_tokens) == (16, 256)
-    assert from_frames.prompt_tokens == 256 + sum(len(x) for x in model.prompt_ids(QUESTION, 16, 16.0))
+    text = [p for p in build_prompt(QUESTION, [PromptVideo(16, 16.0)]) if isinstance(p, str)]
+    assert from_frames.prompt_tokens == 256 + sum(len(model.tokenize(p)) for p in text)
     assert model.chat(tokens, QUESTION, duration_s=16.0, max_new_tokens=6) == from_tokens.text
 
     video = write_test_video(tmp_path / "v.mp4", seconds=10, fps=10, size=(64, 48))

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import hico.qwen2
+from hico import VideoChatFlash
 from hico.config import DropConfig
 from hico.generation import GenerationSettings
 from hico.merge import merge_clip_tokens
-from hico.model import VideoChatFlash
 from hico.tokenizer import train_tiny_tokenizer
 from hico.vision import clip_position_table
 

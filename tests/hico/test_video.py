@@ -14,9 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from hico.pixels import IMAGENET_MEAN, IMAGENET_STD
 from hico.video import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SampledVideo,
     VideoError,
     load_video,

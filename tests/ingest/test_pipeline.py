@@ -15,8 +15,14 @@ from prometheus_client import CollectorRegistry
 
 import ingest.pipeline
 from ingest.clips import Clip
-from ingest.pipeline import IngestManager, IngestSettings, StreamState, StreamStatus
+from ingest.pipeline import IngestManager, StreamState, StreamStatus
 from ingest.source import Frame
+from ingest.spec import StreamSpec
+from vcflash.serve.settings import IngestSettings
+
+# Ingest mechanics read local test videos: any file is allowed (the file policy has its own tests).
+ROOT = Path("/")
+FILES = IngestSettings(media_root=ROOT)
 
 
 def drain(queue: asyncio.Queue[Clip]) -> list[Clip]:
@@ -55,8 +61,8 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
 @pytest.mark.asyncio
 async def test_file_at_1_fps_becomes_five_clips(videos: dict[str, Path]) -> None:
     registry = CollectorRegistry()
-    manager = IngestManager(registry=registry)
-    manager.add("cam-1", str(videos["20s"]), realtime=False)
+    manager = IngestManager(FILES, registry=registry)
+    manager.add("cam-1", StreamSpec(str(videos["20s"]), realtime=False))
     status = await manager.wait("cam-1")
 
     clips = drain(manager.clips)
@@ -87,8 +93,8 @@ async def test_file_at_1_fps_becomes_five_clips(videos: dict[str, Path]) -> None
 @pytest.mark.asyncio
 async def test_full_queue_drops_clips_and_counts_every_frame(videos: dict[str, Path]) -> None:
     registry = CollectorRegistry()
-    manager = IngestManager(IngestSettings(queue_size=1), registry=registry)
-    manager.add("cam", str(videos["20s"]), realtime=False, fps=1.5)  # 30 sampled: 7 clips and 2 left over
+    manager = IngestManager(IngestSettings(media_root=ROOT, queue_clips=1), registry=registry)
+    manager.add("cam", StreamSpec(str(videos["20s"]), realtime=False, fps=1.5))  # 30 sampled: 7 clips and 2 left over
     status = await manager.wait("cam")
 
     assert status.frames_in == 500 and status.frames_sampled == 30
@@ -105,10 +111,10 @@ async def test_full_queue_drops_clips_and_counts_every_frame(videos: dict[str, P
 
 @pytest.mark.asyncio
 async def test_failing_source_leaves_other_streams_alone(videos: dict[str, Path]) -> None:
-    manager = IngestManager(registry=CollectorRegistry())
+    manager = IngestManager(FILES, registry=CollectorRegistry())
     bad_url = f"rtsp://admin:hunter2@127.0.0.1:{closed_port()}/live?token=s3cret"
-    manager.add("bad", bad_url, realtime=False, live=False)
-    manager.add("good", str(videos["20s"]), realtime=False)
+    manager.add("bad", StreamSpec(bad_url, realtime=False, live=False))
+    manager.add("good", StreamSpec(str(videos["20s"]), realtime=False))
     bad, good = await manager.wait("bad"), await manager.wait("good")
 
     assert bad.state is StreamState.FAILED
@@ -124,8 +130,8 @@ async def test_failing_source_leaves_other_streams_alone(videos: dict[str, Path]
 @pytest.mark.asyncio
 async def test_removing_a_running_stream_stops_it_promptly(videos: dict[str, Path]) -> None:
     registry = CollectorRegistry()
-    manager = IngestManager(registry=registry)
-    manager.add("live", str(videos["20s"]), realtime=True)
+    manager = IngestManager(FILES, registry=registry)
+    manager.add("live", StreamSpec(str(videos["20s"]), realtime=True))
     await wait_until(lambda: manager.status()["live"].state is StreamState.RUNNING)
 
     start = time.monotonic()
@@ -141,8 +147,8 @@ async def test_removing_a_running_stream_stops_it_promptly(videos: dict[str, Pat
 
 @pytest.mark.asyncio
 async def test_looped_file_keeps_media_time_running(videos: dict[str, Path]) -> None:
-    manager = IngestManager(registry=CollectorRegistry())
-    manager.add("loop", str(videos["2s"]), realtime=False, loop_file=True, first_seq=10)
+    manager = IngestManager(FILES, registry=CollectorRegistry())
+    manager.add("loop", StreamSpec(str(videos["2s"]), realtime=False, loop=True), first_seq=10)
     clips = [await asyncio.wait_for(manager.clips.get(), 5) for _ in range(3)]
     status = await manager.remove("loop")
 
@@ -166,8 +172,8 @@ async def test_restarted_source_drops_the_partial_clip(monkeypatch: pytest.Monke
     before = [i / 10 for i in range(60)]  # 0.0 .. 5.9 s: 6 sampled, one clip and two left over
     after = [i / 10 for i in range(45)]  # restarted at 0: 0 .. 4.4 s: 5 sampled
     monkeypatch.setattr(ingest.pipeline, "open_frames", fake_source(before + after))
-    manager = IngestManager(registry=CollectorRegistry())
-    manager.add("cam", "fake://", realtime=False)
+    manager = IngestManager(FILES, registry=CollectorRegistry())
+    manager.add("cam", StreamSpec("http://127.0.0.1/fake", realtime=False))  # open_frames is faked
     status = await manager.wait("cam")
 
     clips = drain(manager.clips)
@@ -181,8 +187,8 @@ async def test_restarted_source_drops_the_partial_clip(monkeypatch: pytest.Monke
 @pytest.mark.asyncio
 async def test_stalled_event_loop_drops_instead_of_buffering(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ingest.pipeline, "open_frames", fake_source([float(t) for t in range(48)]))
-    manager = IngestManager(registry=CollectorRegistry())
-    manager.add("cam", "fake://", realtime=False)
+    manager = IngestManager(FILES, registry=CollectorRegistry())
+    manager.add("cam", StreamSpec("http://127.0.0.1/fake", realtime=False))  # open_frames is faked
     deadline = time.monotonic() + 5
     while manager.status()["cam"].state is not StreamState.FINISHED:  # block the loop while 12 clips are made
         assert time.monotonic() < deadline
@@ -195,15 +201,15 @@ async def test_stalled_event_loop_drops_instead_of_buffering(monkeypatch: pytest
 
 @pytest.mark.asyncio
 async def test_stream_names_and_settings_are_validated(videos: dict[str, Path]) -> None:
-    manager = IngestManager(registry=CollectorRegistry())
+    manager = IngestManager(FILES, registry=CollectorRegistry())
     for name in ("", "a b", "x" * 65, "cam/1", "ünï"):
         with pytest.raises(ValueError, match="stream name"):
-            manager.add(name, str(videos["2s"]))
-    manager.add("cam.1_a-B", str(videos["2s"]), realtime=False)
+            manager.add(name, StreamSpec(str(videos["2s"])))
+    manager.add("cam.1_a-B", StreamSpec(str(videos["2s"]), realtime=False))
     with pytest.raises(ValueError, match="'cam.1_a-B' already exists"):
-        manager.add("cam.1_a-B", str(videos["2s"]))
+        manager.add("cam.1_a-B", StreamSpec(str(videos["2s"])))
     with pytest.raises(ValueError, match="fps"):
-        manager.add("cam2", str(videos["2s"]), fps=31)
+        manager.add("cam2", StreamSpec(str(videos["2s"]), fps=31))
     with pytest.raises(KeyError, match="nope"):
         await manager.remove("nope")
     await manager.close()
@@ -212,7 +218,12 @@ async def test_stream_names_and_settings_are_validated(videos: dict[str, Path]) 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"fps": 0.0}, "fps"), ({"fps": 30.5}, "fps"), ({"queue_size": 0}, "queue_size"), ({"stop_timeout_s": 0}, "stop")],
+    [
+        ({"fps": 0.0}, "FPS"),
+        ({"fps": 30.5}, "FPS"),
+        ({"queue_clips": 0}, "QUEUE_CLIPS"),
+        ({"stop_timeout_s": 0}, "STOP"),
+    ],
 )
 def test_settings_validation(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):

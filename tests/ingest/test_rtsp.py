@@ -23,14 +23,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ingest.clips import Clip
-from ingest.pipeline import Backoff, IngestManager, IngestSettings, StreamState, StreamStatus
+from ingest.pipeline import IngestManager, StreamState, StreamStatus
 from ingest.source import open_frames, redact_text
+from ingest.spec import StreamSpec
+from vcflash.serve.settings import Backoff, IngestSettings
+
+# Ingest mechanics read local test videos: any file is allowed (the file policy has its own tests).
+ROOT = Path("/")
+FILES = IngestSettings(media_root=ROOT)
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with python3-gi and gir1.2-gst-rtsp-server-1.0
 SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
 FPS = 5.0  # sampling rate in these tests: a clip every 0.8 s
 # Short timeouts and waits, so that a drop is noticed and healed within a test's budget.
-FAST = IngestSettings(source_timeout_s=3.0, reconnect=Backoff(initial_s=0.2, max_s=1.0, jitter=0.0))
+FAST = IngestSettings(media_root=ROOT, source_timeout_s=3.0, reconnect=Backoff(initial_s=0.2, max_s=1.0, jitter=0.0))
 
 
 def closed_port() -> int:
@@ -157,7 +163,7 @@ async def test_pulls_a_camera(rtsp_server: Callable[..., RtspServer], transport:
     server = rtsp_server()
     registry = CollectorRegistry()
     manager = IngestManager(FAST, registry=registry)
-    manager.add("cam", server.url(), fps=FPS, transport=transport)  # type: ignore[arg-type]
+    manager.add("cam", StreamSpec(server.url(), fps=FPS, transport=transport))  # type: ignore[arg-type]
     clips = []
     for _ in range(3):
         clips += await take(manager, 1)
@@ -178,8 +184,8 @@ async def test_credentials_never_leak(rtsp_server: Callable[..., RtspServer], ca
     caplog.set_level(logging.DEBUG)
     server = rtsp_server(auth="viewer:hunter2")
     manager = IngestManager(FAST, registry=CollectorRegistry())
-    manager.add("cam", server.url("viewer:hunter2@"), fps=FPS)
-    manager.add("intruder", server.url("viewer:wrong-s3cret@"), fps=FPS)
+    manager.add("cam", StreamSpec(server.url("viewer:hunter2@"), fps=FPS))
+    manager.add("intruder", StreamSpec(server.url("viewer:wrong-s3cret@"), fps=FPS))
     clip = (await take(manager, 1))[0]
     await wait_for(lambda: manager.status()["intruder"].reconnects >= 1, 5, "retried")
     intruder = manager.status()["intruder"]
@@ -201,7 +207,7 @@ async def test_camera_dies_and_returns(rtsp_server: Callable[..., RtspServer]) -
     server = rtsp_server()
     registry = CollectorRegistry()
     manager = IngestManager(FAST, registry=registry)
-    manager.add("cam", server.url(), fps=FPS)
+    manager.add("cam", StreamSpec(server.url(), fps=FPS))
     clips = await take(manager, 2)
     await wait_for(lambda: manager.status()["cam"].frames_sampled % 4 == 2, 5, "halfway through a clip")
     server.kill()
@@ -233,7 +239,7 @@ async def test_stalled_camera_times_out_and_recovers(rtsp_server: Callable[..., 
     server = rtsp_server()
     assert server.process is not None
     manager = IngestManager(replace(FAST, source_timeout_s=1.0), registry=CollectorRegistry())
-    manager.add("cam", server.url(), fps=FPS)
+    manager.add("cam", StreamSpec(server.url(), fps=FPS))
     clips = await take(manager, 1)
     server.process.send_signal(signal.SIGSTOP)  # connection open, no data: only a read timeout notices
     try:
@@ -253,8 +259,8 @@ async def test_stalled_camera_times_out_and_recovers(rtsp_server: Callable[..., 
 async def test_nothing_listening_is_retried_not_fatal(videos: dict[str, Path]) -> None:
     manager = IngestManager(FAST, registry=CollectorRegistry())
     bad_url = f"rtsp://admin:hunter2@127.0.0.1:{closed_port()}/live?token=s3cret"
-    manager.add("bad", bad_url, fps=FPS)
-    manager.add("good", str(videos["20s"]), realtime=False)
+    manager.add("bad", StreamSpec(bad_url, fps=FPS))
+    manager.add("good", StreamSpec(str(videos["20s"]), realtime=False))
     good = await manager.wait("good")
     await wait_for(lambda: manager.status()["bad"].reconnects >= 2, 3, "retried twice")
     bad = manager.status()["bad"]
@@ -276,7 +282,7 @@ async def test_nothing_listening_is_retried_not_fatal(videos: dict[str, Path]) -
 async def test_camera_pushes_to_a_listening_stream() -> None:
     url = f"rtsp://127.0.0.1:{closed_port()}/live"
     manager = IngestManager(FAST, registry=CollectorRegistry())
-    manager.add("pushed", url, fps=FPS, listen=True)
+    manager.add("pushed", StreamSpec(url, fps=FPS, listen=True))
     publishers = [publish(url)]
     try:
         clips = await take(manager, 2)
@@ -307,9 +313,9 @@ def test_listener_with_no_publisher_stops_promptly() -> None:
 
 @pytest.mark.asyncio
 async def test_keyframes_only_decodes_one_frame_in_25(videos: dict[str, Path]) -> None:
-    manager = IngestManager(registry=CollectorRegistry())
-    manager.add("full", str(videos["20s"]), realtime=False)
-    manager.add("key", str(videos["20s"]), realtime=False, keyframes_only=True)  # GOP 25 at 25 fps
+    manager = IngestManager(FILES, registry=CollectorRegistry())
+    manager.add("full", StreamSpec(str(videos["20s"]), realtime=False))
+    manager.add("key", StreamSpec(str(videos["20s"]), realtime=False, keyframes_only=True))  # GOP 25 at 25 fps
     full, key = await manager.wait("full"), await manager.wait("key")
     clips: dict[str, list[Clip]] = {"full": [], "key": []}
     for clip in drain(manager.clips):
@@ -323,11 +329,11 @@ async def test_keyframes_only_decodes_one_frame_in_25(videos: dict[str, Path]) -
 
 
 def test_bad_options_are_refused_before_anything_starts() -> None:
-    manager = IngestManager(registry=CollectorRegistry())
+    manager = IngestManager(FILES, registry=CollectorRegistry())
     with pytest.raises(ValueError, match="transport must be one of"):
-        manager.add("cam", "rtsp://127.0.0.1:1/x", transport="http")  # type: ignore[arg-type]
+        manager.add("cam", StreamSpec("rtsp://127.0.0.1:1/x", transport="http"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"listen needs an rtsp:// URL, got http://\*\*\*@h/x"):
-        manager.add("cam", "http://u:p@h/x", listen=True)
+        manager.add("cam", StreamSpec("http://u:p@h/x", listen=True))
     assert manager.names() == []
 
 
@@ -336,7 +342,7 @@ def test_backoff_doubles_to_its_cap_with_bounded_jitter() -> None:
     assert Backoff(jitter=0).delay(10_000) == 30
     delays = [Backoff(initial_s=1, jitter=0.2).delay(0) for _ in range(200)]
     assert 0.8 <= min(delays) < max(delays) <= 1.2
-    for kwargs, match in [({"initial_s": 0}, "initial_s"), ({"max_s": 0.1}, "max_s"), ({"jitter": 1}, "jitter")]:
+    for kwargs, match in [({"initial_s": 0}, "INITIAL_S"), ({"max_s": 0.1}, "max_s"), ({"jitter": 1}, "JITTER")]:
         with pytest.raises(ValueError, match=match):
             Backoff(**kwargs)  # type: ignore[arg-type]
 

@@ -31,9 +31,18 @@ from prometheus_client import CollectorRegistry
 
 from ingest.clips import Clip
 from ingest.http import WHIP, create_whip_app, start_http
-from ingest.pipeline import IngestManager, IngestSettings, StreamState
+from ingest.pipeline import IngestManager, StreamState
 from ingest.source import Frame
+from ingest.spec import StreamSpec
+from ingest.streams import Streams
 from ingest.webrtc import FrameBuffer, WebRTCSession, WebRTCSettings, ice_host_addresses
+from memory.embedded import EmbeddedStore
+from memory.records import Retention
+from vcflash.serve.settings import IngestSettings
+
+# Ingest mechanics read local test videos: any file is allowed (the file policy has its own tests).
+ROOT = Path("/")
+FILES = IngestSettings(media_root=ROOT)
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -102,9 +111,11 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest_asyncio.fixture
-async def whip(loopback_only: None) -> AsyncIterator[Whip]:
-    manager = IngestManager(IngestSettings(stop_timeout_s=2.0), registry=CollectorRegistry())
-    app = create_whip_app(manager, token=TOKEN, webrtc=WebRTCSettings.loopback(connect_timeout_s=10.0))
+async def whip(loopback_only: None, tmp_path: Path) -> AsyncIterator[Whip]:
+    manager = IngestManager(IngestSettings(media_root=ROOT, stop_timeout_s=2.0), registry=CollectorRegistry())
+    store = EmbeddedStore(tmp_path / "memory.sqlite3")
+    streams = Streams(manager, store, Retention())
+    app = create_whip_app(streams, token=TOKEN, webrtc=WebRTCSettings.loopback(connect_timeout_s=10.0))
     runner, port = await start_http(app, "127.0.0.1", 0)
     async with ClientSession() as http:
         try:
@@ -112,6 +123,7 @@ async def whip(loopback_only: None) -> AsyncIterator[Whip]:
         finally:
             await runner.cleanup()  # closes the sessions
             await manager.close()
+            store.close()
 
 
 class Sender:
@@ -434,7 +446,7 @@ async def test_whip_rejects_bad_requests_with_clear_statuses(whip: Whip) -> None
             while not stop.wait(0.05):
                 yield Frame(pts=time.monotonic(), wall_time=time.time(), image=np.zeros((8, 8, 3), np.uint8))
 
-        whip.manager.add("busy", "test://busy", source=forever)  # any live stream holds its name
+        whip.manager.add("busy", StreamSpec("test://busy"), source=forever)  # any live stream holds its name
         status, _, body = await whip.post("busy", offer)
         assert status == 409 and "already exists" in body
 
@@ -497,11 +509,13 @@ def test_settings_validate_and_loopback_filters_remote_candidates() -> None:
 
 
 @pytest.mark.asyncio
-async def test_start_http_keeps_candidates_on_loopback_when_bound_there() -> None:
-    app = create_whip_app(IngestManager(registry=CollectorRegistry()), token=None)
+async def test_start_http_keeps_candidates_on_loopback_when_bound_there(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "memory.sqlite3")
+    app = create_whip_app(Streams(IngestManager(FILES, registry=CollectorRegistry()), store, Retention()), token=None)
     assert app[WHIP].webrtc is None
     runner, port = await start_http(app, "127.0.0.1", 0)
     try:
         assert port > 0 and app[WHIP].settings == WebRTCSettings.loopback()
     finally:
         await runner.cleanup()
+        store.close()

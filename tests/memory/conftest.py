@@ -1,7 +1,8 @@
 """Real backends for the memory tests: a private redis-server (tests/conftest.py) and SQLite files in tmp_path.
 
 The `store` fixture runs every test against both backends; `make_store` opens another client on the same data
-(a reopened file, a new Redis connection) to check what survives.
+(a reopened file, a new Redis connection) to check what survives. Both seal stream configs: the embedded store
+with the key file beside its database, Redis with one key per test (as VCFLASH_SECRET_KEY would give).
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.fernet import Fernet
 
-from memory import ClipMeta, ClipRecord, EmbeddedStore, MemoryStore, RedisStore, TokenFormat, clip_vector
+from memory import (
+    ClipMeta,
+    ClipRecord,
+    ConfigCipher,
+    EmbeddedStore,
+    MemoryStore,
+    RedisStore,
+    TokenFormat,
+    clip_vector,
+)
 
 WALL0 = 1_700_000_000.0  # wall time of clip 0
 FRAME_DT = 1.0  # seconds between sampled frames: a clip covers 4 s on both clocks
@@ -24,19 +35,20 @@ StoreFactory = Callable[..., MemoryStore]
 
 @pytest.fixture(params=["embedded", "redis"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Opens a new store object on this test's data each call: `make_store(token_format="fp16")`."""
+    """Opens a new store object on this test's data each call: `make_store(token_format="fp16", cipher=None)`."""
     opened: list[MemoryStore] = []
     if request.param == "embedded":
         path = tmp_path / "memory.sqlite3"
 
-        def open_(token_format: TokenFormat = "fp16") -> MemoryStore:
-            opened.append(EmbeddedStore(path, token_format=token_format))
+        def open_(token_format: TokenFormat = "fp16", cipher: ConfigCipher | None = None) -> MemoryStore:
+            opened.append(EmbeddedStore(path, token_format=token_format, cipher=cipher))
             return opened[-1]
     else:
         url, prefix = request.getfixturevalue("redis_server").url, f"test-{uuid.uuid4().hex}"
+        shared = ConfigCipher(Fernet.generate_key().decode())
 
-        def open_(token_format: TokenFormat = "fp16") -> MemoryStore:
-            opened.append(RedisStore(url, prefix=prefix, token_format=token_format))
+        def open_(token_format: TokenFormat = "fp16", cipher: ConfigCipher | None = None) -> MemoryStore:
+            opened.append(RedisStore(url, prefix=prefix, token_format=token_format, cipher=cipher or shared))
             return opened[-1]
 
     yield open_

@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 import pytest
 import redis
+from cryptography.fernet import Fernet
 
-from memory import MemoryUnavailable, RedisStore, Retention
+from memory import ConfigCipher, MemoryUnavailable, RedisStore, Retention
 
 
 def fails_fast(call: Callable[[], object], limit_s: float = 2.0) -> None:
@@ -50,7 +51,7 @@ def test_hung_redis_times_out_and_the_store_recovers(own_redis_server, clip) -> 
 
 def test_deleting_every_stream_leaves_no_keys(redis_server, clip) -> None:
     prefix = f"test-{uuid.uuid4().hex}"
-    with RedisStore(redis_server.url, prefix=prefix) as store:
+    with RedisStore(redis_server.url, prefix=prefix, cipher=ConfigCipher(Fernet.generate_key().decode())) as store:
         for seq in range(5):
             store.put(clip(seq, "cam"))
             store.put(clip(seq, "door"))

@@ -9,13 +9,19 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from encoder_svc.worker import encode, to_record
+from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
-from hico.model import VideoChatFlash, chat_prompt, time_message
-from ingest import IngestManager
+from hico.prompt import chat_prompt, time_message
+from ingest import IngestManager, StreamSpec
 from ingest.clips import Clip
 from memory import ClipIndex, ClipMeta, EmbeddedStore
 from reasoner.engine import AskError, AskParams, AskResult, Reasoner, select_clips, uniform_pick
 from vcflash.media import write_test_video
+from vcflash.serve.settings import IngestSettings
+
+# Ingest mechanics read local test videos: any file is allowed (the file policy has its own tests).
+ROOT = Path("/")
+FILES = IngestSettings(media_root=ROOT)
 
 QUESTION = "When does the red square reach the middle?"
 
@@ -48,8 +54,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> VideoChatFlash:
 
 
 async def ingest_clips(path: Path) -> list[Clip]:
-    manager = IngestManager(registry=CollectorRegistry())
-    manager.add("cam", str(path), realtime=False)
+    manager = IngestManager(FILES, registry=CollectorRegistry())
+    manager.add("cam", StreamSpec(str(path), realtime=False))
     await manager.wait("cam")
     clips = []
     while not manager.clips.empty():

@@ -12,34 +12,28 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memory.store import MemoryUnavailable
+from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, Unavailable
+from vcflash.serve.settings import check_token
 
 log = logging.getLogger(__name__)
 
 # Probes must work without credentials (compose healthchecks, grpcurl list).
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-class Exhausted(Exception):
-    """A limit was reached (full queue, too many streams): RESOURCE_EXHAUSTED."""
-
-
-class AlreadyExists(Exception):
-    """ALREADY_EXISTS."""
+STATUS = (  # the neutral errors, most specific first
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Invalid, grpc.StatusCode.INVALID_ARGUMENT),
+)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The one place where domain errors become gRPC status codes."""
-    if isinstance(exc, MemoryUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"memory unavailable: {exc}"
-    if isinstance(exc, KeyError):
-        return grpc.StatusCode.NOT_FOUND, str(exc.args[0]) if exc.args else "not found"
-    if isinstance(exc, AlreadyExists):
-        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, Exhausted):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, (ValueError, TypeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    """The one place where errors become gRPC status codes: the neutral ones by kind, anything else is a bug
+    (INTERNAL, with no detail for the client)."""
+    for kind, code in STATUS:
+        if isinstance(exc, kind):
+            return code, str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
@@ -78,10 +72,11 @@ def handle_errors(method: F) -> F:
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Every call but health and reflection needs `authorization: Bearer <token>`."""
+    """Every call but health and reflection needs `authorization: Bearer <token>`; a short token is refused here
+    too, so no caller can turn auth off by passing an empty one."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = f"Bearer {check_token(token, 'the server settings')}".encode()
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -113,9 +108,11 @@ def create_server(
     services: Iterable[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
     token: str,
     max_message_bytes: int,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server with the given (add_fn, servicer, full service name) triples, auth, health
-    (every service NOT_SERVING until the caller marks it ready) and reflection. Returns the bound port."""
+    (every service NOT_SERVING until the caller marks it ready) and reflection, over TLS when `credentials` are
+    given (`tls.server_credentials`). Returns the bound port."""
     server = grpc.aio.server(
         interceptors=[BearerAuth(token)],
         options=[
@@ -130,7 +127,7 @@ def create_server(
         names.append(name)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port, health_servicer

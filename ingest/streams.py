@@ -1,0 +1,136 @@
+"""The stream registry: every stream a server runs comes and goes here, whether AddStream or WHIP started it.
+
+Beside the running streams (an `IngestManager`) it keeps their durable side in memory: each stream's spec
+(so a restarted server resumes the active ones), its retention, and where it left off: a stream continues
+its clip numbering and media clock after its last stored clip, so a clip's `(stream, seq)` is never reused
+and its media time never goes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from ingest.clock import MediaClock
+from ingest.pipeline import ENDED, FrameSource, IngestManager, StreamState, StreamStatus
+from ingest.spec import StreamSpec
+from memory.index import ClipIndex
+from memory.records import Retention
+from memory.store import MemoryStore
+from vcflash.serve.errors import Exhausted, Invalid
+
+log = logging.getLogger(__name__)
+
+
+class Streams:
+    """Add, resume and remove streams, with their configs, retention and stored-clip counts.
+
+    Errors: an unknown stream is `NotFound`, a taken name `AlreadyExists`, a full server `Exhausted`, a bad
+    spec `Invalid` (all raised by `IngestManager.add`, the one place a stream is admitted).
+    """
+
+    def __init__(
+        self, manager: IngestManager, store: MemoryStore, default_retention: Retention, index: ClipIndex | None = None
+    ) -> None:
+        self.manager, self.store, self.index = manager, store, index
+        self.default_retention = default_retention
+        self.stored: Counter[str] = Counter()  # clips stored per stream, since this process started it
+        self.drain: Callable[[str], Awaitable[None]] | None = None  # waits out clips still at a remote encoder
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+
+    def on_stored(self, stream_id: str, seq: int) -> None:
+        self.stored[stream_id] += 1
+
+    def accepts(self, stream_id: str) -> bool:
+        """Whether clips of this stream are still wanted (not removed while they waited for the encoder)."""
+        return stream_id in self.manager.names()
+
+    def status(self, stream_id: str) -> StreamStatus:
+        return self.manager.worker(stream_id).status()
+
+    async def add(
+        self,
+        stream_id: str,
+        spec: StreamSpec,
+        retention: Retention | None = None,
+        *,
+        source: FrameSource | None = None,
+        replace: bool = False,
+    ) -> StreamStatus:
+        """Start a stream and keep its spec, so a restarted server resumes it (if `spec.resume`).
+
+        `replace`: an ended stream of this name (a WHIP sender that left and publishes again) is replaced
+        and continued; otherwise the name must be free. `source` gives the frames (a WebRTC session).
+        """
+        status = await self._start(stream_id, spec, source, replace)
+        await asyncio.to_thread(self.store.set_retention, stream_id, retention or self.default_retention)
+        return status
+
+    async def resume(self) -> list[str]:
+        """Restart the streams that were active when the server last stopped; a stored config that no longer
+        passes (a lower limit, a bad value) leaves its stream stopped, not the server."""
+        configs = await asyncio.to_thread(self.store.stream_configs)
+        started = []
+        for stream_id, config in sorted(configs.items()):
+            if not config.get("active") or stream_id in self.manager.names():
+                continue
+            try:
+                await self._start(stream_id, StreamSpec.from_config(config))
+            except (Invalid, Exhausted) as e:
+                log.warning("event=stream_not_resumed stream=%s error=%s", stream_id, e)
+                continue
+            started.append(stream_id)
+        return started
+
+    async def remove(self, stream_id: str, delete_memory: bool = False) -> StreamStatus:
+        """Stop a stream; its memory stays (and it is not resumed) unless `delete_memory`."""
+        spec = self.manager.worker(stream_id).spec
+        status = await self._stop(stream_id)  # from here on `accepts` refuses its queued clips
+        self.stored.pop(stream_id, None)
+        if delete_memory:
+            if self.drain is not None:
+                await self.drain(stream_id)
+            await asyncio.to_thread(self.store.delete_stream, stream_id)
+            if self.index is not None:
+                self.index.drop_stream(stream_id)
+        else:
+            await asyncio.to_thread(self.store.put_stream_config, stream_id, spec.to_config(active=False))
+        return status
+
+    async def _start(
+        self, stream_id: str, spec: StreamSpec, source: FrameSource | None = None, replace: bool = False
+    ) -> StreamStatus:
+        first_seq, clock = await self._continuation(stream_id, replace)
+        status = self.manager.add(stream_id, spec, first_seq=first_seq, clock=clock, source=source)
+        spec = self.manager.worker(stream_id).spec  # as admitted: the server's default fps filled in
+        await asyncio.to_thread(self.store.put_stream_config, stream_id, spec.to_config(active=spec.resume))
+        self._watchers[stream_id] = asyncio.create_task(self._retire_when_done(stream_id, spec))
+        return status
+
+    async def _continuation(self, stream_id: str, replace: bool) -> tuple[int, MediaClock | None]:
+        """Where a starting stream goes on from: the first clip number and the media clock."""
+        if replace and stream_id in self.manager.names():
+            worker = self.manager.worker(stream_id)
+            if worker.status().state in ENDED:
+                status = await self._stop(stream_id)
+                return status.next_seq, worker.clock  # clips still on their way to memory count too
+        try:
+            last = (await asyncio.to_thread(self.store.stats, stream_id)).last
+        except KeyError:  # a new stream
+            return 0, None
+        return (last.seq + 1, MediaClock.after(last.media_end, last.wall_end)) if last else (0, None)
+
+    async def _stop(self, stream_id: str) -> StreamStatus:
+        status = await self.manager.remove(stream_id)
+        watcher = self._watchers.pop(stream_id, None)
+        if watcher is not None:
+            watcher.cancel()
+        return status
+
+    async def _retire_when_done(self, stream_id: str, spec: StreamSpec) -> None:
+        """A source that ended by itself (a file played out) is not restarted with the server."""
+        status = await self.manager.wait(stream_id)
+        if status.state is StreamState.FINISHED and spec.resume:
+            await asyncio.to_thread(self.store.put_stream_config, stream_id, spec.to_config(active=False))
