@@ -29,8 +29,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
 
 
 class EncoderServicer(pb_grpc.EncoderServicer):
-    def __init__(self, clips: asyncio.Queue[Clip], max_side: int) -> None:
-        self.clips, self.max_side = clips, max_side
+    def __init__(self, clips: asyncio.Queue[Clip], max_side: int, metrics: EncoderMetrics | None = None) -> None:
+        self.clips, self.max_side, self.metrics = clips, max_side, metrics
         self.routes: dict[tuple[str, int], asyncio.Queue[pb.EncodeClipAck]] = {}  # who waits for which ack
 
     def on_stored(self, stream_id: str, seq: int) -> None:
@@ -38,6 +38,12 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         acks = self.routes.pop((stream_id, seq), None)
         if acks is not None:
             acks.put_nowait(pb.EncodeClipAck(stream_id=stream_id, seq=seq, stored=True))
+
+    def on_failed(self, stream_id: str, seq: int, error: str) -> None:
+        """EncoderWorker's callback: the clip was rejected for good; the error ack releases ingest's window."""
+        acks = self.routes.pop((stream_id, seq), None)
+        if acks is not None:
+            acks.put_nowait(pb.EncodeClipAck(stream_id=stream_id, seq=seq, stored=False, error=error))
 
     @handle_errors
     async def EncodeClips(
@@ -51,6 +57,8 @@ class EncoderServicer(pb_grpc.EncoderServicer):
                     clip = clip_from_request(request, self.max_side)
                 except Invalid as e:
                     log.warning("event=clip_rejected stream=%s seq=%d error=%s", request.stream_id, request.seq, e)
+                    if self.metrics is not None:
+                        self.metrics.failed.labels("invalid").inc()
                     acks.put_nowait(pb.EncodeClipAck(stream_id=request.stream_id, seq=request.seq, error=str(e)))
                     continue
                 self.routes[(clip.stream_id, clip.seq)] = acks
@@ -77,14 +85,17 @@ class EncoderService(MemoryService):
         load = VideoChatFlash.from_pretrained
         self.model = self.model or await asyncio.to_thread(load, *s.model.load_args())
         clips: asyncio.Queue[Clip] = asyncio.Queue(maxsize=4 * s.encoder.max_batch)
-        servicer = EncoderServicer(clips, s.encoder.max_frame_side)
+        metrics = EncoderMetrics(self.registry)
+        servicer = EncoderServicer(clips, s.encoder.max_frame_side, metrics)
         worker = EncoderWorker(
             self.model,
             self.store,
             clips,
             settings=s.encoder,
-            metrics=EncoderMetrics(self.registry),
+            metrics=metrics,
             on_stored=servicer.on_stored,
+            on_failed=servicer.on_failed,
+            on_health=self.set_healthy,
         )
         entry = (pb_grpc.add_EncoderServicer_to_server, servicer, SERVICE_NAME)
         return [entry], [worker.run(), sweep_forever(self.store, None)]

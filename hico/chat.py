@@ -11,6 +11,7 @@ from typing import Self
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hico.checkpoint import load_model
 from hico.generation import Generated, generate_text
@@ -29,6 +30,7 @@ class Answer:
     duration_s: float
     visual_tokens: int  # entering the LLM, before dropout
     prompt_tokens: int  # text + visual
+    stop: str = ""  # why generation ended: eos, length, blank or repeat (degenerate output)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode_video, encode, prefill, generate
 
 
@@ -105,7 +107,9 @@ class VideoChatFlash(VideoChatFlashModel):
         """Answer a question about a video file, uint8 frames [T, H, W, 3] or visual tokens [C, 64, D].
 
         `history` is earlier (question, answer) turns about the same video. `compress` overrides the
-        checkpoint's visual dropout. Extra keywords (temperature, top_p, top_k, repetition_penalty)
+        checkpoint's visual dropout. `max_new_tokens` None: generation_config.json's, else 512; degenerate output
+        (whitespace or one repeated token) ends early (`hico.generation.Degenerate`). `progress`: bars for
+        encoding and generation (on stderr). Extra keywords (temperature, top_p, top_k, repetition_penalty)
         override generation_config.json.
         """
         timings: dict[str, float] = {}
@@ -125,10 +129,14 @@ class VideoChatFlash(VideoChatFlashModel):
             max_new_tokens=max_new_tokens,
             **generation,
         )
-        for _ in pieces:  # run to the end; the text is decoded whole, keeping a trailing partial character
-            pass
+        with tqdm(desc="generating", unit="tok", disable=not progress, leave=False) as bar:
+            for _ in pieces:  # run to the end; the text is decoded whole, keeping a trailing partial character
+                bar.total = out.max_new_tokens
+                bar.update(len(out.ids) - bar.n)
         text = self.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
-        return Answer(text, out.ids, num_frames, duration, len(positions), embeds.shape[1], timings | out.timings)
+        return Answer(
+            text, out.ids, num_frames, duration, len(positions), embeds.shape[1], out.stop, timings | out.timings
+        )
 
     def chat(
         self,

@@ -10,6 +10,14 @@ from datetime import UTC, datetime
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 USER, ASSISTANT, END = "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"
+# Text that the template or the tokenizer gives a meaning: in a question or an earlier turn it would split the
+# prompt at a second <image> or forge a turn of the conversation.
+RESERVED_MARKERS = (IMAGE_PLACEHOLDER, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def find_marker(text: str) -> str | None:
+    """The first reserved marker in `text`, or None."""
+    return next((m for m in RESERVED_MARKERS if m in text), None)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,11 @@ def build_prompt(
     """
     if not question.strip():
         raise ValueError("the question is empty")
+    for where, text in [("the question", question)] + [
+        (f"history turn {i + 1}", q + a) for i, (q, a) in enumerate(history)
+    ]:
+        if (marker := find_marker(text)) is not None:
+            raise ValueError(f"{where} contains the reserved prompt marker {marker}")
     time_msg = " ".join(describe(v) for v in videos)
     before, after = chat_prompt(question, time_msg, history).split(IMAGE_PLACEHOLDER)
     pieces: list[str | int] = [before]

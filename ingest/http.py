@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import inspect
 import ipaddress
@@ -31,7 +32,7 @@ from ingest.spec import StreamSpec
 from ingest.streams import Streams
 from ingest.webrtc import OfferError, WebRTCSession, WebRTCSettings, check_offer
 from protos.clip import check_stream_name
-from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, Unavailable
+from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, Unavailable, excerpt
 from vcflash.serve.settings import IngestSettings
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class WhipServer:
         self._cors_origin = cors_origin
         self.sessions: dict[str, WebRTCSession] = {}
         self._negotiating: set[str] = set()  # names reserved while their offer is being answered
+        self.body_timeout_s = 10.0  # how long an offer's body may take to arrive; start_http sets it
 
     @property
     def settings(self) -> WebRTCSettings:
@@ -95,7 +97,9 @@ class WhipServer:
         _check_name(name)
         spec = self._spec_of(name, request)
         if request.content_type != SDP:
-            raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP}, got {request.content_type}")
+            raise _error(
+                web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP}, got {excerpt(request.content_type)}"
+            )
         offer = await self._read_offer(request)
         try:
             check_offer(offer, self.settings)  # before anything changes: a bad offer leaves no trace
@@ -114,7 +118,7 @@ class WhipServer:
         self._authorize(request)
         session = self.sessions.pop(name, None)
         if session is None:
-            raise _error(web.HTTPNotFound, f"no WHIP stream named {name!r}")
+            raise _error(web.HTTPNotFound, f"no WHIP stream named {excerpt(name)}")
         status = await self.streams.remove(name) if name in self.streams.manager.names() else None
         await session.close()
         logger.info("whip stream deleted stream=%s", name)
@@ -125,7 +129,7 @@ class WhipServer:
         self._authorize(request)
         session = self.sessions.get(name)
         if session is None:
-            raise _error(web.HTTPNotFound, f"no WHIP stream named {name!r}")
+            raise _error(web.HTTPNotFound, f"no WHIP stream named {excerpt(name)}")
         status = self.streams.manager.status().get(name)
         return web.json_response(_describe(status, session), dumps=_dumps)
 
@@ -232,10 +236,16 @@ class WhipServer:
         if request.content_length is not None and request.content_length > limit:
             raise _error(web.HTTPRequestEntityTooLarge, too_large, max_size=limit, actual_size=request.content_length)
         body = bytearray()
-        async for chunk in request.content.iter_chunked(16 * 1024):
-            body += chunk
-            if len(body) > limit:
-                raise _error(web.HTTPRequestEntityTooLarge, too_large, max_size=limit, actual_size=len(body))
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.content.iter_chunked(16 * 1024):
+                    body += chunk
+                    if len(body) > limit:
+                        raise _error(web.HTTPRequestEntityTooLarge, too_large, max_size=limit, actual_size=len(body))
+        except TimeoutError:
+            raise _error(
+                web.HTTPRequestTimeout, f"the SDP offer did not arrive within {self.body_timeout_s:g} s"
+            ) from None
         try:
             offer = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -301,18 +311,35 @@ def create_whip_app(
 
 
 async def start_http(
-    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    timeout_s: float = 10.0,
+    max_connections: int = 256,
 ) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port`` (0: any free port), over HTTPS with ``ssl_context``; returns the runner
     (``await runner.cleanup()``) and the port.
 
     A WHIP app left to choose its WebRTC settings keeps candidates on 127.0.0.1 when ``host`` is a
     loopback address, so a server bound to loopback never negotiates media elsewhere.
+
+    Limits (VCFLASH_HTTP_TIMEOUT_S, VCFLASH_HTTP_MAX_CONNECTIONS): a connection whose next request head has
+    not fully arrived ``timeout_s`` after it connected or after its previous response is closed (idle keep-alive
+    and slow headers alike), a WHIP offer's body must arrive within ``timeout_s`` (else 408), and at most
+    ``max_connections`` are open at once: one more is closed as soon as it is accepted.
     """
+    if timeout_s <= 0 or max_connections < 1:
+        raise ValueError(f"timeout_s must be > 0 and max_connections >= 1, got {timeout_s}, {max_connections}")
     whip = app.get(WHIP)
     if whip is not None and whip.webrtc is None:
         whip.webrtc = WebRTCSettings.loopback() if _is_loopback(host) else WebRTCSettings()
-    runner = web.AppRunner(app)
+    if whip is not None:
+        whip.body_timeout_s = timeout_s
+    # aiohttp arms keepalive_timeout when a connection opens and after each response, and closes the connection
+    # if no complete request head has arrived by then: the header timeout.
+    runner = _CappedRunner(app, max_connections, keepalive_timeout=timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
@@ -321,6 +348,64 @@ async def start_http(
         await runner.cleanup()
         raise
     return runner, runner.addresses[0][1]
+
+
+class _CappedRunner(web.AppRunner):
+    """An AppRunner whose sites accept at most ``max_connections`` open connections (its ``server``, the protocol
+    factory the sites listen with, counts them); one over the cap is closed at once and logged."""
+
+    def __init__(self, app: web.Application, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.max_connections = max_connections
+        self.open = 0
+        self.refused = 0
+
+    @property
+    def server(self) -> Any:
+        real = super().server
+        return None if real is None else functools.partial(self._protocol, real)
+
+    def _protocol(self, real: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
+        if self.open >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 100 == 0:
+                logger.warning("http connection refused: %d open, the limit (refused=%d)", self.open, self.refused)
+            return _Refused()
+        self.open += 1
+        return _Counted(real(), self)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted out of the runner's open connections when it closes."""
+
+    def __init__(self, inner: asyncio.Protocol, runner: _CappedRunner) -> None:
+        self._inner, self._runner, self._open = inner, runner, True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._open:
+            self._open = False
+            self._runner.open -= 1
+        self._inner.connection_lost(exc)
 
 
 def _is_loopback(host: str) -> bool:

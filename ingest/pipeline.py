@@ -278,6 +278,7 @@ class StreamWorker:
                 timeout_s=self._settings.source_timeout_s,
                 media_root=self._settings.media_root,
                 allow_files=self._settings.media_root is not None,
+                max_frame_pixels=self._settings.max_frame_pixels,
                 on_decode_error=lambda: self._drop(DropReason.DECODE_ERROR, 1),
             )
         )

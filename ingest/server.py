@@ -120,7 +120,9 @@ async def start_whip(settings: Settings, streams: Streams) -> web.AppRunner | No
     if not s.http_port:
         return None
     app = create_whip_app(streams, token=s.api_token, max_sdp_bytes=settings.ingest.max_sdp_bytes)
-    runner, _ = await start_http(app, s.host, s.http_port, ssl_context=server_ssl_context(s.tls_cert, s.tls_key))
+    tls = server_ssl_context(s.tls_cert, s.tls_key)
+    limits = {"timeout_s": s.http_timeout_s, "max_connections": s.http_max_connections}
+    runner, _ = await start_http(app, s.host, s.http_port, ssl_context=tls, **limits)
     return runner
 
 

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import io
 import logging
+import math
 import os
 import re
 import stat
@@ -44,6 +45,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_FRAME_PIXELS = 4096 * 4096  # VCFLASH_MAX_FRAME_PIXELS: larger decoded frames are scaled down
 # The URL schemes a source may have, each with the FFmpeg protocols it may use (its protocol_whitelist):
 # what pulling from a camera, an encoder or a relay needs, and nothing that reads local files or talks
 # raw TCP. RTSP carries media interleaved (tcp) or as RTP over UDP, and its "listen" mode is a TCP
@@ -371,6 +373,7 @@ def open_frames(
     on_decode_error: Callable[[], None] | None = None,
     media_root: Path | str | None = None,
     allow_files: bool | None = True,
+    max_frame_pixels: int | None = DEFAULT_MAX_FRAME_PIXELS,
 ) -> Iterator[Frame]:
     """Decoded frames of ``url`` in presentation order, until it ends or ``stop`` is set.
 
@@ -395,7 +398,9 @@ def open_frames(
     ``keyframes_only`` has the decoder skip all but keyframes, so sampling 1 fps from a stream
     with a 1 s GOP costs a fraction of a full decode; the sampler then picks among keyframes.
     ``timeout_s`` bounds opening and each network read (a stalled stream fails after it).
-    Undecodable packets are skipped and reported through ``on_decode_error``. Raises
+    Undecodable packets are skipped and reported through ``on_decode_error``. A decoded frame with more than
+    ``max_frame_pixels`` pixels (None: no limit) is scaled down to fit, aspect kept, in its own pixel format
+    (swscale) before anyone converts it to RGB: a 16000 x 16000 PNG never becomes a 768 MB RGB array. Raises
     :class:`SourceError` when the source cannot be opened, read, or has no video frames.
     """
 
@@ -426,6 +431,7 @@ def open_frames(
             shift: float | None = None  # media time = PTS + shift within this pass
             media: float | None = None
             for frame in _decode(container, stream, url, timeout_s, on_decode_error):
+                frame = fit_frame(frame, max_frame_pixels, safe_url)
                 if frame.time is None:  # no PTS: follow the previous frame
                     media = (pass_start or 0.0) if media is None else media + interval
                 else:
@@ -452,6 +458,19 @@ def open_frames(
         if live or not loop:
             return
         logger.info("source replaying url=%s media_time=%.3f", safe_url, pass_start)
+
+
+def fit_frame(frame: av.VideoFrame, max_pixels: int | None, safe_url: str = "") -> av.VideoFrame:
+    """``frame``, or a copy scaled down (aspect kept) to at most ``max_pixels`` pixels when it has more."""
+    width, height = frame.width, frame.height
+    if max_pixels is None or width * height <= max_pixels:
+        return frame
+    scale = math.sqrt(max_pixels / (width * height))
+    w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    logger.debug("source frame scaled url=%s from=%dx%d to=%dx%d", safe_url, width, height, w, h)
+    small = frame.reformat(width=w, height=h)
+    small.pts, small.time_base = frame.pts, frame.time_base
+    return small
 
 
 def _open(

@@ -44,6 +44,10 @@ class Clip:
         shape = self.frames.shape
         if self.frames.dtype != np.uint8 or len(shape) != 4 or shape[0] != CLIP_FRAMES or shape[3] != 3:
             raise Invalid(f"clip frames must be uint8 [{CLIP_FRAMES}, H, W, 3], got {self.frames.dtype} {list(shape)}")
+        if shape[1] < 1 or shape[2] < 1:
+            raise Invalid(f"clip {self.stream_id}#{self.seq}: empty frames {list(shape)}")
+        if not isinstance(self.seq, int | np.integer) or self.seq < 0:
+            raise Invalid(f"clip {self.stream_id}: seq must be an integer >= 0, got {self.seq!r}")
         if len(self.media_times) != CLIP_FRAMES or len(self.wall_times) != CLIP_FRAMES:
             raise Invalid(
                 f"a clip needs {CLIP_FRAMES} media and wall times, "

@@ -20,11 +20,11 @@ import torch
 from hico.config import DropConfig
 from hico.generation import Generated, generate_text
 from hico.model import VideoChatFlashModel
-from hico.prompt import PromptVideo, build_prompt, describe
+from hico.prompt import PromptVideo, build_prompt, describe, find_marker
 from memory.index import ClipIndex
 from memory.records import ClipMeta, Clock
 from memory.store import MemoryStore
-from vcflash.serve.errors import Invalid, NotFound
+from vcflash.serve.errors import Invalid, NotFound, excerpt
 from vcflash.serve.settings import ReasonerSettings
 
 log = logging.getLogger(__name__)
@@ -57,26 +57,48 @@ class AskParams:
     anchors: bool = True  # state the wall-clock span in the prompt
 
     def validate(self, limits: ReasonerSettings) -> None:
+        """Every size and marker check, before anything is tokenized or embedded; messages quote no more than a
+        short excerpt of what the client sent."""
         if not self.stream_ids:
             raise AskError("name at least one stream")
         if len(set(self.stream_ids)) != len(self.stream_ids) or len(self.stream_ids) > limits.max_ask_streams:
-            raise AskError(f"give 1 to {limits.max_ask_streams} distinct streams, got {list(self.stream_ids)}")
-        if not self.question.strip():
-            raise AskError("the question is empty")
+            raise AskError(f"give 1 to {limits.max_ask_streams} distinct streams, got {len(self.stream_ids)} names")
         if len(self.question) > limits.max_question_chars:
             raise AskError(
                 f"the question has {len(self.question)} characters; the limit is {limits.max_question_chars}"
             )
+        if not self.question.strip():
+            raise AskError("the question is empty")
+        if len(self.history) > limits.max_history_turns:
+            raise AskError(f"history has {len(self.history)} turns; the limit is {limits.max_history_turns}")
+        total = 0
+        for i, turn in enumerate(self.history):
+            for role, text in zip(("question", "answer"), turn, strict=True):
+                if len(text) > limits.max_history_turn_chars:
+                    raise AskError(
+                        f"history turn {i + 1}'s {role} has {len(text)} characters; "
+                        f"the limit is {limits.max_history_turn_chars}"
+                    )
+                total += len(text)
+        if total > limits.max_history_chars:
+            raise AskError(f"the history has {total} characters; the limit is {limits.max_history_chars}")
+        for where, text in [("the question", self.question)] + [
+            (f"history turn {i + 1}'s {role}", text)
+            for i, turn in enumerate(self.history)
+            for role, text in zip(("question", "answer"), turn, strict=True)
+        ]:
+            if (marker := find_marker(text)) is not None:
+                raise AskError(f"{where} contains the reserved prompt marker {marker}; remove it")
         if self.start is not None and self.end is not None and self.start >= self.end:
             raise AskError(f"inverted time range: start {self.start} >= end {self.end}")
         if not 4 <= self.max_frames <= limits.max_ask_frames or self.max_frames % 4:
             raise AskError(f"max_frames must be a multiple of 4 in [4, {limits.max_ask_frames}], got {self.max_frames}")
         if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
             raise AskError(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}")
-        if len(self.history) > limits.max_history_turns:
-            raise AskError(f"history has {len(self.history)} turns; the limit is {limits.max_history_turns}")
+        if self.dropout is not None and len(self.dropout) > 64:  # its parse error would quote it whole
+            raise AskError(f"dropout spec {excerpt(self.dropout)} is too long (expected TYPE:LAYERS:RATIOS)")
         if self.selection not in ("uniform", "retrieval"):
-            raise AskError(f"unknown selection {self.selection!r}")
+            raise AskError(f"unknown selection {excerpt(self.selection)}")
 
 
 @dataclass(frozen=True)
@@ -163,11 +185,12 @@ class Reasoner:
         """Yield answer text pieces, then the AskResult. Raises AskError, NotFound (unknown stream)
         or memory.store.MemoryUnavailable before the first piece."""
         t0 = time.perf_counter()
+        p.validate(self.limits)  # every size first: nothing below sees an oversized input
         drop = self._resolve_drop(p.dropout)
         segments = self.select(p)
         timings = {"select": time.perf_counter() - t0}
         if not segments:
-            where = ", ".join(p.stream_ids)
+            where = ", ".join(p.stream_ids)  # known streams: select refused unknown names
             answer = f"There is no video from {where} in that time range."
             yield answer
             yield AskResult(answer, [], 0, 0, 0, 0, 0.0, timings, f"no clips from {where} in the requested range")
@@ -220,7 +243,7 @@ class Reasoner:
         known = set(self.store.streams())
         unknown = [s for s in p.stream_ids if s not in known]
         if unknown:
-            raise NotFound(f"unknown stream(s): {', '.join(unknown)}")
+            raise NotFound(f"unknown stream(s): {', '.join(excerpt(s) for s in unknown[:4])}")
         budget = max(1, p.max_frames // 4 // len(p.stream_ids))  # clips per stream
         segments = []
         for stream_id in p.stream_ids:
@@ -248,8 +271,23 @@ class Reasoner:
         """inputs_embeds and visual positions of the official prompt; several cameras each get a
         label before their tokens."""
         many = len(segments) > 1
-        prompt = build_prompt(p.question, [s.video(p.anchors, label=many) for s in segments], p.history)
         try:
-            return self.model.embed_prompt(prompt, [s.tokens for s in segments])
+            prompt = build_prompt(p.question, [s.video(p.anchors, label=many) for s in segments], p.history)
+        except ValueError as e:  # a reserved marker (validate refuses them first)
+            raise AskError(str(e)) from e
+        # Tokenize and count before any embedding lookup: a prompt over the limit costs no tensor memory.
+        parts: list[list[int] | torch.Tensor] = [
+            segments[piece].tokens if isinstance(piece, int) else self.model.tokenize(piece) for piece in prompt
+        ]
+        visual = sum(int(np.prod(part.shape[:-1])) for part in parts if isinstance(part, torch.Tensor))
+        total = visual + sum(len(part) for part in parts if not isinstance(part, torch.Tensor))
+        limit = min(self.limits.max_prompt_tokens, self.model.config.max_length)
+        if total > limit:
+            raise AskError(
+                f"the prompt has {total} tokens ({visual} visual); the limit is {limit}: "
+                "ask over fewer frames or with a shorter history"
+            )
+        try:
+            return self.model.embed(parts)
         except ValueError as e:  # over the context length
             raise AskError(str(e)) from e

@@ -48,6 +48,7 @@ class App(ServesStreams):
             EncoderMetrics(self.registry),
             on_stored=self.streams.on_stored,
             accepts=self.streams.accepts,
+            on_health=self.set_healthy,
         )
         self.reasoner = Reasoner(model, self.store, self.index, s.reasoner, model_lock=lock)
         services = [entry, *reasoner_entries(self.reasoner, self)]

@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # heavy imports stay lazy: `vcflash --help` should be instant
+if TYPE_CHECKING:  # heavy imports stay lazy: commands that only talk gRPC never load torch or transformers
     from vcflash.client import Client
     from vcflash.serve.settings import Settings
+
+# Per command: the default gRPC port and metrics port, so the split deployment's three processes can share one
+# host. VCFLASH_ADDRESS / VCFLASH_METRICS_PORT, then --port / --metrics-port, override them.
+SERVICE_PORTS = {"up": (50051, 9464), "ingest": (50051, 9464), "encoder": (50052, 9465), "reasoner": (50053, 9466)}
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -29,7 +35,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         start_s=args.start,
         end_s=args.end,
         seed=args.seed,
-        progress=not args.json and sys.stderr.isatty(),
+        progress=not args.json and sys.stderr.isatty(),  # bars for encoding and generation, on a terminal only
         temperature=args.temperature,
     )
     if args.json:
@@ -41,6 +47,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "visual_tokens": answer.visual_tokens,
             "prompt_tokens": answer.prompt_tokens,
             "new_tokens": len(answer.token_ids),
+            "stop": answer.stop,
             "dropout": None if drop is None else {"type": drop.type, "layers": drop.layers, "ratios": drop.ratios},
             "timings_s": {k: round(v, 4) for k, v in answer.timings.items()},
         }
@@ -67,11 +74,20 @@ def cmd_make_test_video(args: argparse.Namespace) -> int:
 def service_settings(args: argparse.Namespace) -> Settings:
     from vcflash.serve.settings import Settings
 
-    address = f"{args.host}:{args.port}" if args.port is not None else None
+    port, metrics_port = SERVICE_PORTS[args.command]
+    if args.port is not None:
+        address: str | None = f"{args.host}:{args.port}"
+    else:  # VCFLASH_ADDRESS, else this command's default port
+        address = None if os.environ.get("VCFLASH_ADDRESS") else f"{args.host}:{port}"
+    if args.metrics_port is not None:
+        metrics_port = args.metrics_port
+    elif os.environ.get("VCFLASH_METRICS_PORT"):
+        metrics_port = None
     return Settings.from_env(
         model=getattr(args, "model", None),
         redis_url=args.redis,
         address=address,
+        metrics_port=metrics_port,
         device=getattr(args, "device", None),
         dtype=getattr(args, "dtype", None),
         data_dir=Path(args.data_dir) if args.data_dir else None,
@@ -84,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`up`, `ingest`, `encoder` and `reasoner`: build the service and run it until a signal."""
     import asyncio
 
-    from vcflash.serve.lifecycle import run
+    from vcflash.serve.lifecycle import PortInUse, run
 
     settings = service_settings(args)
     if args.command == "up":
@@ -103,7 +119,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from reasoner.server import ReasonerService
 
         service = ReasonerService(settings)
-    asyncio.run(run(service))
+    try:
+        asyncio.run(run(service))
+    except PortInUse as e:
+        print(f"vcflash: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -139,6 +159,15 @@ def cmd_streams(args: argparse.Namespace) -> int:
         elif args.action == "rm":
             c.remove_stream(args.name, delete_memory=args.delete_memory)
             print(f"{args.name}: removed")
+        elif args.json:
+            from google.protobuf.json_format import MessageToDict
+
+            stats = {m.stream_id: MessageToDict(m, preserving_proto_field_name=True) for m in c.stats()}
+            streams = []
+            for s in c.list_streams():
+                d = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                streams.append(d | {"memory": stats.get(s.stream_id)})
+            print(json.dumps(streams, indent=2))
         else:
             stats = {m.stream_id: m for m in c.stats()}
             for s in c.list_streams():
@@ -153,20 +182,50 @@ def cmd_streams(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the server reports SERVING (compose healthchecks); needs no token."""
+def check_health(args: argparse.Namespace, timeout_s: float = 3.0) -> tuple[str, str]:
+    """(address, status name) of the server's gRPC health check; needs no token."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from vcflash.serve.settings import ClientSettings
     from vcflash.serve.tls import channel as open_channel
 
     settings = ClientSettings.from_env(tls_ca=tls_ca(args))
-    with open_channel(args.address or settings.address, settings.tls_ca) as channel:
+    address = args.address or settings.address
+    with open_channel(address, settings.tls_ca) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=3
+            health_pb2.HealthCheckRequest(service=args.service), timeout=timeout_s
         )
-    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return address, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server reports SERVING (compose healthchecks)."""
+    address, status = check_health(args)
+    if args.json:
+        print(json.dumps({"address": address, "service": args.service, "status": status}))
+    else:
+        print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Poll the health check until SERVING (exit 0) or `--timeout` seconds pass (exit 1)."""
+    import grpc
+
+    deadline = time.monotonic() + args.timeout
+    status, address = "UNREACHABLE", args.address
+    while True:
+        try:
+            address, status = check_health(args, timeout_s=max(0.1, min(2.0, deadline - time.monotonic())))
+        except grpc.RpcError as e:
+            status = f"UNREACHABLE ({e.code().name})"  # type: ignore[attr-defined]
+        if status == "SERVING":
+            print(status)
+            return 0
+        if time.monotonic() >= deadline:
+            print(f"vcflash: not serving after {args.timeout:g} s: {status}", file=sys.stderr)
+            return 1
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
 def parse_time(value: str) -> tuple[float, bool]:
@@ -199,9 +258,20 @@ def cmd_ask_live(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
         ):
             if isinstance(event, str):
-                print(event, end="", flush=True)
+                if not args.json:
+                    print(event, end="", flush=True)
             else:
                 result = event
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        record = (
+            None
+            if result is None
+            else MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        )
+        print(json.dumps(record, indent=2))
+        return 0
     print()
     if result is not None:
         if result.note:
@@ -220,6 +290,7 @@ def cmd_ask_live(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcflash", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer a question about a video file, offline")
@@ -240,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="visual dropout: off, recommended (uniform0_attention:4,18:1,0.75,0.25) or TYPE:LAYERS:RATIOS; "
         "default: the checkpoint's config",
     )
-    ask.add_argument("--max-new-tokens", type=int, default=1024)
+    ask.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="answer length limit (default: generation_config.json's, else 512); degenerate output "
+        "(whitespace, one repeated token) stops early",
+    )
     ask.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ask.add_argument("--temperature", type=float, help="sampling temperature (default from generation_config.json)")
     ask.add_argument("--seed", type=int, help="random seed for --sample")
@@ -260,8 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device", help="cpu or cuda (default: VCFLASH_DEVICE or cpu)")
             p.add_argument("--dtype", help="float32, bfloat16 or float16")
         p.add_argument("--redis", help="Redis URL for the memory (default: embedded, file-backed in the data dir)")
-        p.add_argument("--host", default="127.0.0.1", help="listen address with --port (default 127.0.0.1)")
-        p.add_argument("--port", type=int, help="gRPC port (default: VCFLASH_ADDRESS)")
+        port, metrics_port = SERVICE_PORTS[name]
+        p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help=f"gRPC port (default: VCFLASH_ADDRESS, else {port})")
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            help=f"Prometheus port, 0: off (default: VCFLASH_METRICS_PORT, else {metrics_port})",
+        )
         p.add_argument("--data-dir", help="embedded memory and API token (default ~/.local/share/vcflash)")
         if name in ("up", "ingest"):
             p.add_argument(
@@ -299,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.add_argument("--delete-memory", action="store_true", help="also forget its clips")
     ls = streams_sub.add_parser("ls", help="list streams with their counters")
+    ls.add_argument("--json", action="store_true", help="print the streams and their memory as JSON")
     for p in (add, rm, ls):
         connection(p)
     streams.set_defaults(func=cmd_streams)
@@ -315,14 +398,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     live.add_argument("--compress", help="visual dropout: off, recommended or TYPE:LAYERS:RATIOS")
     live.add_argument("--max-new-tokens", type=int, default=512)
+    live.add_argument("--json", action="store_true", help="print only the result (answer, evidence, timings) as JSON")
     connection(live)
     live.set_defaults(func=cmd_ask_live)
 
     health = sub.add_parser("health", help="gRPC health check of a running server (exit 0 when SERVING)")
     health.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
     health.add_argument("--service", default="", help="a service name, e.g. vcflash.v1.Reasoner (default: all)")
+    health.add_argument("--json", action="store_true", help="print address, service and status as JSON")
     tls(health)
     health.set_defaults(func=cmd_health)
+
+    wait = sub.add_parser("wait", help="wait until a server is SERVING (exit 0), or time out (exit 1)")
+    wait.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
+    wait.add_argument("--service", default="", help="a service name (default: all)")
+    wait.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    tls(wait)
+    wait.set_defaults(func=cmd_wait)
 
     video = sub.add_parser("make-test-video", help="write a synthetic H.264 test video")
     video.add_argument("path")
@@ -338,21 +430,37 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    import grpc
-
-    from hico.checkpoint import CheckpointError
-    from hico.tokenizer import TokenizerLoadError
-
     try:
         return args.func(args)
-    except (CheckpointError, TokenizerLoadError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"vcflash: error: {e}", file=sys.stderr)
-        return 2
-    except grpc.RpcError as e:
-        print(f"vcflash: error: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # The error types are looked up only in modules already loaded: importing them would load torch
+        # (hico) or grpc into commands that need neither.
+        if isinstance(e, loaded("grpc", "RpcError")):
+            print(f"vcflash: error: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+        usage = (FileNotFoundError, ValueError, TypeError, *loaded("hico.checkpoint", "CheckpointError"))
+        if isinstance(e, usage + loaded("hico.tokenizer", "TokenizerLoadError")):
+            print(f"vcflash: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def loaded(module: str, name: str) -> tuple[type[BaseException], ...]:
+    """The exception class `module.name` if that module is already imported, else nothing."""
+    m = sys.modules.get(module)
+    return (getattr(m, name),) if m is not None else ()
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("vcflash")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A small synchronous Python client for a running vcflash server.
 
 from vcflash.client import Client
-with Client("127.0.0.1:50051", token) as c:   # tls_ca="ca.pem": TLS, verified against that CA
+with Client("127.0.0.1:50051") as c:   # token: VCFLASH_API_TOKEN or the local server's; tls_ca="ca.pem": TLS
     c.add_stream("lobby", "rtsp://cam/stream", fps=1)
     for piece in c.ask(["lobby"], "When did the van leave?"):
         print(piece, end="")          # text pieces, then the final AskResult
@@ -24,13 +24,23 @@ from vcflash.serve.tls import channel
 class Client:
     def __init__(
         self,
-        address: str,
-        token: str,
+        address: str | None = None,
+        token: str | None = None,
         timeout_s: float = 30.0,
         max_message_bytes: int = 8 << 20,
         tls_ca: Path | str | None = None,
     ) -> None:
-        """`tls_ca`: a CA certificate (PEM file) to connect over TLS and verify the server with; None: plaintext."""
+        """`address` None: VCFLASH_ADDRESS (or 127.0.0.1:50051). `token` None: as the CLI finds it,
+        VCFLASH_API_TOKEN, else the one a server on this machine keeps in VCFLASH_DATA_DIR (a ValueError when there
+        is none). `tls_ca`: a CA certificate (PEM file) to connect over TLS and verify the server with; None:
+        VCFLASH_TLS_CA, else plaintext."""
+        if address is None or token is None or tls_ca is None:
+            from vcflash.serve.settings import ClientSettings
+
+            settings = ClientSettings.from_env()
+            address = address or settings.address
+            token = token or settings.token()
+            tls_ca = tls_ca if tls_ca is not None else settings.tls_ca
         self.channel = channel(
             address,
             None if tls_ca is None else Path(tls_ca),

@@ -28,3 +28,10 @@ class Exhausted(Exception):
 
 class Unavailable(Exception):
     """A backend this service needs cannot be reached right now: UNAVAILABLE (retry later)."""
+
+
+def excerpt(text: object, limit: int = 48) -> str:
+    """A short, printable prefix of client-supplied `text` for error messages and logs: never the whole of a long
+    input (a 7 MB question must not come back in its own error), with control characters escaped."""
+    s = str(text)
+    return repr(s) if len(s) <= limit else f"{s[:limit]!r}... ({len(s)} characters)"

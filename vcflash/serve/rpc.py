@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import functools
 import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -56,6 +59,8 @@ def handle_errors(method: F) -> F:
             try:
                 async for item in method(self, request, context):
                     yield item
+            except grpc.aio.AbortError:  # already answered (e.g. a malformed message in a request stream)
+                raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status
                 await abort(context, exc)
 
@@ -65,10 +70,131 @@ def handle_errors(method: F) -> F:
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await abort(context, exc)
 
     return unary  # type: ignore[return-value]
+
+
+MALFORMED = object()  # what a request message that does not parse deserializes to
+MALFORMED_MESSAGE = "malformed request: the message is not a valid protobuf of the method's request type"
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """A request message that does not parse is INVALID_ARGUMENT, for every method and call shape (grpc-python
+    would answer UNKNOWN or INTERNAL and log a traceback): each handler's deserializer returns `MALFORMED` instead
+    of raising, and its behaviour aborts on it, for a unary request before the method runs, in a request stream
+    when the method reads that message."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except Exception:  # noqa: BLE001 - DecodeError and kin: the client's mistake, answered by the behaviour
+                return MALFORMED
+
+        kind = {
+            (False, False): "unary_unary",
+            (False, True): "unary_stream",
+            (True, False): "stream_unary",
+            (True, True): "stream_stream",
+        }[(handler.request_streaming, handler.response_streaming)]
+        behavior = getattr(handler, kind)
+        if behavior is None:
+            return handler
+        guard = _guard_stream if handler.request_streaming else _guard_unary
+        return handler._replace(request_deserializer=deserialize, **{kind: guard(behavior)})
+
+
+async def _refuse(context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_MESSAGE)
+
+
+def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """`behavior` (a coroutine or async generator function; grpc.aio tells them apart) refusing MALFORMED."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if request is MALFORMED:
+                await _refuse(context)
+            async for item in behavior(request, context):
+                yield item
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is MALFORMED:
+            await _refuse(context)
+        result = behavior(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return unary
+
+
+def _guard_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A request-streaming `behavior` that is cancelled, and the call refused, when a MALFORMED message arrives:
+    the method may read its requests in another task (EncodeClips does), so raising in the iterator would not end
+    the call; the iterator flags the message and waits, and each step of the method races that flag."""
+
+    async def checked(requests: Any, bad: asyncio.Event) -> AsyncIterator[Any]:
+        async for request in requests:
+            if request is MALFORMED:
+                bad.set()
+                await asyncio.Event().wait()  # until the call is cancelled below
+            yield request
+
+    async def step(work: Awaitable[Any], bad: asyncio.Event, context: grpc.aio.ServicerContext) -> Any:
+        task = asyncio.ensure_future(work)
+        flag = asyncio.ensure_future(bad.wait())
+        try:
+            await asyncio.wait({task, flag}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            flag.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if bad.is_set() and task.cancelled():
+            await _refuse(context)
+        return task.result()
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            bad = asyncio.Event()
+            responses = behavior(checked(requests, bad), context)
+            try:
+                while True:
+                    try:
+                        item = await step(responses.__anext__(), bad, context)
+                    except StopAsyncIteration:
+                        return
+                    yield item
+            finally:
+                await responses.aclose()
+
+        return stream
+
+    async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        bad = asyncio.Event()
+
+        async def call() -> Any:
+            result = behavior(checked(requests, bad), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return await step(call(), bad, context)
+
+    return unary
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
@@ -114,10 +240,11 @@ def create_server(
     (every service NOT_SERVING until the caller marks it ready) and reflection, over TLS when `credentials` are
     given (`tls.server_credentials`). Returns the bound port."""
     server = grpc.aio.server(
-        interceptors=[BearerAuth(token)],
+        interceptors=[MalformedRequests(), BearerAuth(token)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of silently sharing it
         ],
     )
     health_servicer = health.aio.HealthServicer()
@@ -127,9 +254,12 @@ def create_server(
         names.append(name)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind": in use, or not an address of this host
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {address} (in use, or not an address of this host)")
     return server, port, health_servicer
 
 

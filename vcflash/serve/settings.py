@@ -83,6 +83,8 @@ class ServerSettings(Section):
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "vcflash")
     max_message_bytes: int = setting(8 * 1024 * 1024, lo=1)
+    http_max_connections: int = setting(256, lo=1)  # open WHIP/HTTP connections; more are closed at once
+    http_timeout_s: float = setting(10.0, lo=1e-3)  # an HTTP request's head, and its body, must arrive within this
     tls_cert: Path | None = None  # PEM certificate chain for gRPC and WHIP; with tls_key, or neither
     tls_key: Path | None = None
 
@@ -135,6 +137,7 @@ class IngestSettings(Section):
     source_timeout_s: float = setting(10.0, lo=1e-3)  # opening and each network read
     stop_timeout_s: float = setting(5.0, lo=1e-3)  # how long stopping a stream waits for its thread
     max_sdp_bytes: int = setting(64 * 1024, lo=1)  # a WHIP offer
+    max_frame_pixels: int = setting(4096 * 4096, lo=256)  # decoded frames above this are scaled down at decode
     reconnect: Backoff = field(default_factory=Backoff)  # live sources
 
     def __post_init__(self) -> None:
@@ -158,6 +161,9 @@ class ReasonerSettings(Section):
     max_ask_streams: int = setting(8, lo=1)
     max_new_tokens: int = setting(2048, lo=1)
     max_history_turns: int = setting(16, lo=0)
+    max_history_turn_chars: int = setting(8000, lo=1)  # each earlier question or answer
+    max_history_chars: int = setting(32000, lo=1)  # all earlier turns together
+    max_prompt_tokens: int = setting(32768, lo=64)  # text and visual tokens, checked before any embedding
 
 
 @dataclass(frozen=True)
