@@ -3,6 +3,7 @@
 Weights are random (speed does not depend on values), so real sizes need no download:
 
     python bench/bench_model.py --size tiny                       # CPU, seconds
+    python bench/bench_model.py --size tiny --kernels fast        # Conv2d + SDPA vision tower (not bit-exact)
     python bench/bench_model.py --size 2b --device cuda --dtype bfloat16 --batches 1,2,4,8,16,32 \
         --frames 512,2048 --compress uniform0_attention:4,18:1,0.75,0.25
 
@@ -21,9 +22,10 @@ from collections.abc import Callable
 import torch
 
 from hico import VideoChatFlash
-from hico.checkpoint import as_dtype
+from hico.checkpoint import as_dtype, has_flash_attn
 from hico.config import DropConfig, preset
 from hico.generation import GenerationSettings
+from hico.kernels import choose_kernels, default_dtype, log_kernels
 
 PROMPT_TEXT_TOKENS = (14, 40)  # roughly the chat template around the video, before and after
 
@@ -47,7 +49,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int, warmup: i
     return statistics.median(times)
 
 
-def random_model(size: str, res: int, dtype: torch.dtype, device: torch.device) -> VideoChatFlash:
+def random_model(size: str, res: int, dtype: torch.dtype, device: torch.device, kernels: str) -> VideoChatFlash:
     with torch.device("meta"):
         model = VideoChatFlash(preset(size, image_size=res)).to(dtype)
     model.to_empty(device=device)
@@ -59,6 +61,9 @@ def random_model(size: str, res: int, dtype: torch.dtype, device: torch.device) 
             else:
                 p.normal_(0.0, 0.02)
     model.init_buffers()
+    choice = choose_kernels(device, dtype, has_flash_attn(), kernels)
+    model.set_kernels(choice)
+    log_kernels(choice, kernels, device, dtype)
     return model.eval()
 
 
@@ -125,7 +130,8 @@ def main() -> None:
     ap.add_argument("--size", default="tiny", choices=["tiny", "2b", "7b"])
     ap.add_argument("--res", type=int, default=448, choices=[224, 448])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--kernels", default="exact", choices=["exact", "fast"], help="see hico.kernels")
     ap.add_argument("--batches", default="1,4,8", help="encoder batch sizes in clips")
     ap.add_argument("--frames", default="64,512", help="prefill lengths in frames (16 tokens each)")
     ap.add_argument("--compress", default=None, help="also time prefill with this dropout spec TYPE:LAYERS:RATIOS")
@@ -135,7 +141,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = random_model(args.size, args.res, as_dtype(args.dtype), device)
+    dtype = default_dtype(device) if args.dtype is None else as_dtype(args.dtype)
+    model = random_model(args.size, args.res, dtype, device, args.kernels)
     drop = DropConfig.from_spec(args.compress) if args.compress else None
     frames = [int(x) for x in args.frames.split(",")]
     records = bench_encoder(model, [int(x) for x in args.batches.split(",")], args.repeat)
@@ -150,13 +157,18 @@ def main() -> None:
     header = {
         "size": args.size,
         "res": args.res,
-        "dtype": args.dtype,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kernels": args.kernels,
+        "vision_attention": model.kernels.vision_attention,
         "device": machine,
         "threads": torch.get_num_threads(),
     }
     for r in records:
         print(json.dumps(header | r))
-    print(f"\n{args.size} @ {args.res}px, {args.dtype}, {machine}, {torch.get_num_threads()} threads\n")
+    print(
+        f"\n{args.size} @ {args.res}px, {header['dtype']}, {args.kernels} kernels ({model.kernels}), {machine}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     for r in records:
         if r["what"] == "encoder":
             print(

@@ -20,7 +20,7 @@ from memory.server import MemoryService
 from protos.clip import Clip, clip_from_request
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from vcflash.serve.errors import Invalid
+from vcflash.serve.errors import Invalid, excerpt
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.rpc import handle_errors
 
@@ -56,7 +56,8 @@ class EncoderServicer(pb_grpc.EncoderServicer):
                 try:
                     clip = clip_from_request(request, self.max_side)
                 except Invalid as e:
-                    log.warning("event=clip_rejected stream=%s seq=%d error=%s", request.stream_id, request.seq, e)
+                    name = excerpt(request.stream_id)  # not checked yet: may be long or hold CR/LF
+                    log.warning("event=clip_rejected stream=%s seq=%d error=%s", name, request.seq, e)
                     if self.metrics is not None:
                         self.metrics.failed.labels("invalid").inc()
                     acks.put_nowait(pb.EncodeClipAck(stream_id=request.stream_id, seq=request.seq, error=str(e)))

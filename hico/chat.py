@@ -39,12 +39,17 @@ class VideoChatFlash(VideoChatFlashModel):
     def from_pretrained(
         cls,
         path_or_hub_id: str | os.PathLike[str],
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
+        kernels: str = "exact",
         attn_implementation: str | None = None,
     ) -> Self:
-        """Load a released checkpoint (hub id or local dir, official layout, safetensors), or `tiny`."""
-        return load_model(path_or_hub_id, dtype, device, attn_implementation, cls=cls)
+        """Load a released checkpoint (hub id or local dir, official layout, safetensors), or `tiny`.
+
+        dtype None: bfloat16 on CUDA, float32 on CPU. kernels: "exact" (the official model's, bit-exact
+        with it) or "fast" (see `hico.kernels`).
+        """
+        return load_model(path_or_hub_id, dtype, device, kernels, attn_implementation, cls=cls)
 
     def visual_input(
         self,

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,8 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hico.config import VideoChatFlashConfig, preset
+from hico.config import TextConfig, VideoChatFlashConfig, VisionConfig, preset
 from hico.generation import GenerationSettings
+from hico.kernels import choose_kernels, default_dtype, log_kernels
 from hico.model import VideoChatFlashModel
 from hico.tokenizer import load_tokenizer, train_tiny_tokenizer
 
@@ -42,7 +44,13 @@ KEY_PREFIXES = (
     ("llm.lm_head.", "lm_head."),
 )
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
-TINY = "tiny"  # the model name that means: the generated tiny checkpoint
+TINY = "tiny"  # the model name of the shipped tiny model, trained on synthetic shapes scenes
+TINY_RANDOM = "tiny-random"  # the model name of a random tiny checkpoint, generated on first use
+TINY_WEIGHTS = Path(__file__).parent / "weights" / "tiny"
+AUTO_MAP = {
+    "AutoConfig": "modeling_videochat_flash.VideoChatFlashQwenConfig",
+    "AutoModel": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM",
+}
 M = TypeVar("M", bound=VideoChatFlashModel)
 
 
@@ -75,10 +83,12 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike[str]) -> Path:
-    """A local dir as is; `tiny`, a generated tiny checkpoint; otherwise a hub id, downloaded (or found in
-    the HF cache) with huggingface_hub."""
+    """A local dir as is; `tiny`, the shipped tiny model; `tiny-random`, a generated random tiny checkpoint;
+    otherwise a hub id, downloaded (or found in the HF cache) with huggingface_hub."""
     if str(path_or_hub_id) == TINY:
         return tiny_checkpoint_dir()
+    if str(path_or_hub_id) == TINY_RANDOM:
+        return random_tiny_checkpoint_dir()
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -167,13 +177,21 @@ def check_weights(model: VideoChatFlashModel, weights: dict[str, torch.Tensor]) 
 
 def load_model(
     path_or_hub_id: str | os.PathLike[str] = DEFAULT_MODEL,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    kernels: str = "exact",
     attn_implementation: str | None = None,
     cls: type[M] = VideoChatFlashModel,
 ) -> M:
-    """Build a `cls` on the meta device and fill it straight from the safetensors files."""
-    dtype, device = as_dtype(dtype), torch.device(device)
+    """Build a `cls` on the meta device and fill it straight from the safetensors files.
+
+    dtype None: bfloat16 on CUDA (as the official model), float32 elsewhere. `kernels` "exact" (official
+    kernels, bit-exact with the official model) or "fast" (see `hico.kernels`); `attn_implementation`
+    overrides the LLM attention. Each kernel choice is logged once, here.
+    """
+    device = torch.device(device)
+    dtype = default_dtype(device) if dtype is None else as_dtype(dtype)
+    choice = choose_kernels(device, dtype, has_flash_attn(), kernels, attn_implementation)
     directory = resolve_checkpoint(path_or_hub_id)
     config = read_config(directory)
     tokenizer = load_tokenizer(directory)
@@ -187,10 +205,9 @@ def load_model(
     model.llm.tie_weights()  # to_empty gives every module its own fresh tensors
     model.load_state_dict(weights, strict=False)  # strictness checked above; tied lm_head follows embed
     model.init_buffers()
-    if attn_implementation is None:
-        attn_implementation = "flash_attention_2" if device.type == "cuda" and has_flash_attn() else "sdpa"
-    model.llm.set_attention(attn_implementation)
-    log.info("loaded %s (%s, %s, %s attention)", directory, dtype, device, attn_implementation)
+    model.set_kernels(choice)
+    log.info("loaded %s (%s, %s)", directory, dtype, device)
+    log_kernels(choice, kernels, device, dtype)
     return model.eval()
 
 
@@ -229,20 +246,67 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(0.02 * noise)
 
 
-def make_tiny_checkpoint(directory: str | os.PathLike[str], res: int = 224, seed: int = 0) -> Path:
+@torch.no_grad()
+def init_for_training_(model: VideoChatFlashModel, seed: int) -> None:
+    """Weights to train from scratch: norms 1, biases 0, matrices N(0, 0.02) (Qwen's initializer_range), and a
+    patch embedding four times that, so what a patch shows outweighs the fixed position table in the tower's
+    tokens and token merging groups patches by content from the first step. (`init_random_`'s noisy norms and
+    biases exercise every parameter for parity tests; trained from, they leave the visual tokens nearly alike.)"""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if p.ndim == 1:
+            p.fill_(1.0 if re.search(r"norm\d?\.weight$|layernorm\.weight$", name) else 0.0)
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    model.vision_tower.patch_embed.proj.weight.mul_(4.0)
+
+
+def shapes_config() -> VideoChatFlashConfig:
+    """The shape of the shipped `tiny` model: the tiny preset with a wider LLM (128) and a 1,024-token
+    vocabulary that holds the shapes questions' words whole. Still 4 decoder layers at 224 px, a few MB."""
+    text = TextConfig(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    vision = VisionConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=224
+    )
+    return VideoChatFlashConfig(
+        text=text, vision=vision, mm_hidden_size=64, bos_token_id=1021, eos_token_id=1023, extra={"auto_map": AUTO_MAP}
+    )
+
+
+def make_tiny_checkpoint(
+    directory: str | os.PathLike[str],
+    res: int = 224,
+    seed: int = 0,
+    config: VideoChatFlashConfig | None = None,
+    corpus: Iterable[str] = (),
+    greedy: bool = False,
+    for_training: bool = False,
+) -> Path:
     """A random tiny model in the exact official layout, with a trained byte-level BPE tokenizer.
 
-    Everything runs offline in seconds on it; its answers are noise.
+    Everything runs offline in seconds on it; its answers are noise. `config` replaces the tiny preset (then
+    `res` is its own), `corpus` adds lines to the tokenizer's training text, `greedy` writes a
+    generation_config.json for greedy answers without a repetition penalty, and `for_training` initialises
+    the weights to train from (`init_for_training_`). All three make the base `vcflash train` turns into
+    the shipped `tiny`: `vcflash make-tiny-checkpoint DIR --preset shapes`.
     """
-    if res not in (224, 448):
-        raise ValueError(f"res must be 224 or 448, got {res}")
-    config = preset("tiny", image_size=res)
+    if config is None:
+        if res not in (224, 448):
+            raise ValueError(f"res must be 224 or 448, got {res}")
+        config = preset("tiny", image_size=res)
     model = VideoChatFlashModel(config)
-    init_random_(model, seed)
+    (init_for_training_ if for_training else init_random_)(model, seed)
     directory = save_checkpoint(model, directory)
-    train_tiny_tokenizer(directory, vocab_size=config.text.vocab_size)
+    train_tiny_tokenizer(directory, vocab_size=config.text.vocab_size, extra_corpus=corpus)
     bos, eos = config.bos_token_id, config.eos_token_id
-    generation = {
+    generation: dict[str, object] = {
         "bos_token_id": bos,
         "do_sample": True,
         "eos_token_id": [eos, bos],
@@ -252,13 +316,26 @@ def make_tiny_checkpoint(directory: str | os.PathLike[str], res: int = 224, seed
         "top_k": 20,
         "top_p": 0.8,
     }
+    if greedy:
+        generation = {"bos_token_id": bos, "do_sample": False, "eos_token_id": [eos, bos], "max_new_tokens": 32}
+        generation |= {"pad_token_id": bos}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory
 
 
-def tiny_checkpoint_dir(res: int = 224) -> Path:
-    """The tiny checkpoint that the model name `tiny` stands for, made on first use under
-    $VCFLASH_CACHE (default ~/.cache/vcflash)."""
+def tiny_checkpoint_dir() -> Path:
+    """The checkpoint the model name `tiny` stands for: the tiny model trained on synthetic shapes scenes that
+    ships with the package (`hico/weights/tiny`), so it answers questions about them, offline and at once.
+
+    Until those weights ship (issue 10), `tiny` is the random tiny checkpoint, as `tiny-random`."""
+    if not (TINY_WEIGHTS / "model.safetensors").is_file():
+        return random_tiny_checkpoint_dir()
+    return TINY_WEIGHTS
+
+
+def random_tiny_checkpoint_dir(res: int = 224) -> Path:
+    """The random tiny checkpoint that `tiny-random` stands for, made on first use under $VCFLASH_CACHE
+    (default ~/.cache/vcflash)."""
     root = Path(os.environ.get("VCFLASH_CACHE", Path.home() / ".cache" / "vcflash"))
     directory = root / f"tiny-{res}"
     if not (directory / "generation_config.json").is_file():  # written last

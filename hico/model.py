@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hico.config import DROP_PRESETS, DropConfig, VideoChatFlashConfig
 from hico.generation import GenerationSettings, next_token
+from hico.kernels import Kernels
 from hico.prompt import PromptVideo, build_prompt
 from hico.qwen2 import KVCache, Qwen2ForCausalLM
 from hico.video import preprocess_frames
@@ -45,6 +46,7 @@ class VideoChatFlashModel(nn.Module):
         self.vision_tower = UMTEncoder(config.vision)
         self.mm_projector = Projector(config)
         self.llm = Qwen2ForCausalLM(config.text)
+        self.kernels = Kernels("conv3d", "origin", "sdpa")  # the modules' defaults; `set_kernels` changes them
 
     @property
     def device(self) -> torch.device:
@@ -53,6 +55,12 @@ class VideoChatFlashModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.llm.lm_head.weight.dtype
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Run the patch embedding and both attentions with these kernels (`hico.kernels.choose_kernels`)."""
+        self.vision_tower.set_kernels(kernels.patch_embed, kernels.vision_attention)
+        self.llm.set_attention(kernels.llm_attention)
+        self.kernels = kernels
 
     def init_buffers(self) -> None:
         """Recompute the derived tables (position table, RoPE frequencies) after a meta-device build."""

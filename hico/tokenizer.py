@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,7 +250,7 @@ def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str,
     return tok
 
 
-def _train_core(vocab_size: int) -> Tokenizer:
+def _train_core(vocab_size: int, extra_corpus: tuple[str, ...] = ()) -> Tokenizer:
     """Train the BPE merges so the model vocab (without specials) has exactly ``vocab_size - 3`` entries."""
     target = vocab_size - len(SPECIAL_TOKENS)
     tok = _byte_level_bpe()
@@ -263,7 +263,7 @@ def _train_core(vocab_size: int) -> Tokenizer:
         continuing_subword_prefix="",
         end_of_word_suffix="",
     )
-    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tok.train_from_iterator(itertools.chain(tiny_corpus(), extra_corpus), trainer=trainer)
     got = tok.get_vocab_size(with_added_tokens=False)
     if got != target:
         raise ValueError(
@@ -325,8 +325,13 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def train_tiny_tokenizer(out_dir: str | os.PathLike[str], *, vocab_size: int = 512) -> None:
+def train_tiny_tokenizer(
+    out_dir: str | os.PathLike[str], *, vocab_size: int = 512, extra_corpus: Iterable[str] = ()
+) -> None:
     """Train a small byte-level BPE tokenizer with the Qwen special tokens and save it in the HF layout.
+
+    ``extra_corpus`` lines are trained on after the built-in corpus (a domain's words, so they become whole
+    tokens); without it the result is the same as it always was.
 
     Total vocab (merged tokens + the 3 specials) is exactly ``vocab_size``, so a model with ``vocab_size``
     embedding rows covers every id.  The specials get the last three ids, in Qwen order.  The built-in corpus
@@ -341,7 +346,7 @@ def train_tiny_tokenizer(out_dir: str | os.PathLike[str], *, vocab_size: int = 5
             f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} specials), "
             f"got {vocab_size}"
         )
-    tok = _train_core(vocab_size)
+    tok = _train_core(vocab_size, tuple(extra_corpus))
     first_special_id = tok.get_vocab_size(with_added_tokens=False)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
@@ -394,7 +399,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()
         try:
-            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            # trust_remote_code=False: the released config.json names remote code in `auto_map` (the model's),
+            # which would otherwise make transformers ask on stdin; the tokenizer itself is the stock Qwen2 one.
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
         finally:
             transformers_logging.set_verbosity(verbosity)
     except Exception as exc:

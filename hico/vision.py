@@ -6,6 +6,8 @@ and `model.mm_projector.` (see `hico.checkpoint`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,18 +41,70 @@ def clip_position_table(cfg: VisionConfig) -> torch.Tensor:
     return table
 
 
+# -- kernels, picked by name (`hico.kernels.choose_kernels`) ------------------------------------
+
+
+def conv3d_patch_embed(proj: nn.Conv3d, frames: torch.Tensor) -> torch.Tensor:
+    """The official call: the Conv3d over [B, 3, T, S, S]. frames: [B, T, 3, S, S] -> [B, T·L, C]."""
+    return proj(frames.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2)
+
+
+def conv2d_patch_embed(proj: nn.Conv3d, frames: torch.Tensor) -> torch.Tensor:
+    """Tubelets are one frame, so a 2-D convolution over the B·T frames is the same sum (faster on CPU in float32;
+    it may round differently from the Conv3d on other backends)."""
+    b, t = frames.shape[:2]
+    x = F.conv2d(frames.flatten(0, 1), proj.weight.squeeze(2), proj.bias, proj.stride[1:])  # [B·T, C, g, g]
+    return x.reshape(b, t, x.shape[1], -1).permute(0, 1, 3, 2).flatten(1, 2)  # [B, T·L, C]
+
+
+def origin_attention(qkv: torch.Tensor, scale: float) -> torch.Tensor:
+    """The official non-flash formulation, op for op: q·scale @ kᵀ, softmax in the input dtype, @ v.
+
+    qkv: [B, N, 3, H, hd] -> [B, N, H·hd].
+    """
+    b, n = qkv.shape[:2]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, N]
+    return (attn @ v).transpose(1, 2).reshape(b, n, -1)
+
+
+def flash_attention(qkv: torch.Tensor, scale: float) -> torch.Tensor:
+    """flash-attn's packed kernel, as the official tower calls it (CUDA, bfloat16/float16)."""
+    from flash_attn import flash_attn_qkvpacked_func  # optional, CUDA only
+
+    return flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=scale, causal=False).flatten(2)
+
+
+def sdpa_attention(qkv: torch.Tensor, scale: float) -> torch.Tensor:
+    b, n = qkv.shape[:2]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(b, n, -1)
+
+
+PatchEmbedFn = Callable[[nn.Conv3d, torch.Tensor], torch.Tensor]
+AttentionFn = Callable[[torch.Tensor, float], torch.Tensor]
+PATCH_EMBED_FUNCTIONS: dict[str, PatchEmbedFn] = {"conv3d": conv3d_patch_embed, "conv2d": conv2d_patch_embed}
+ATTENTION_FUNCTIONS: dict[str, AttentionFn] = {
+    "origin": origin_attention,
+    "flash_v2": flash_attention,
+    "sdpa": sdpa_attention,
+}
+
+
+# -- modules ------------------------------------------------------------------------------------
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         p = cfg.patch_size
         # A tubelet of one frame: the checkpoint stores a Conv3d kernel (1, p, p).
         self.proj = nn.Conv3d(3, cfg.hidden_size, kernel_size=(1, p, p), stride=(1, p, p))
+        self.patch_embed_fn: PatchEmbedFn = conv3d_patch_embed
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        b, t = frames.shape[:2]  # frames: [B, T, 3, S, S]
-        # Frames are independent, so a 2-D convolution over B·T frames is the same and faster.
-        x = F.conv2d(frames.flatten(0, 1), self.proj.weight.squeeze(2), self.proj.bias, self.proj.stride[1:])
-        return x.reshape(b, t, x.shape[1], -1).permute(0, 1, 3, 2).flatten(1, 2)  # [B, T·L, C]
+        """frames: [B, T, 3, S, S] -> [B, T·L, C], tokens in (t, h, w) order."""
+        return self.patch_embed_fn(self.proj, frames)
 
 
 class Attention(nn.Module):
@@ -60,18 +114,18 @@ class Attention(nn.Module):
         super().__init__()
         c = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
+        self.scale = (c // self.num_heads) ** -0.5
         self.qkv = nn.Linear(c, 3 * c, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(c))
         self.v_bias = nn.Parameter(torch.zeros(c))
         self.proj = nn.Linear(c, c)
+        self.attention_fn: AttentionFn = origin_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, hd]
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, -1)  # [B, N, 3, H, hd]
+        return self.proj(self.attention_fn(qkv, self.scale))
 
 
 class Mlp(nn.Module):
@@ -112,6 +166,17 @@ class UMTEncoder(nn.Module):
     def init_buffers(self) -> None:
         """Recompute the position table (after building on the meta device)."""
         self.pos_embed = clip_position_table(self.cfg).to(self.pos_embed.device)
+
+    def set_kernels(self, patch_embed: str, attention: str) -> None:
+        """Pick the patch-embedding and attention kernels by name (`hico.kernels`)."""
+        if patch_embed not in PATCH_EMBED_FUNCTIONS or attention not in ATTENTION_FUNCTIONS:
+            raise ValueError(
+                f"unknown vision kernels: patch embedding {patch_embed!r} (choose from {list(PATCH_EMBED_FUNCTIONS)}), "
+                f"attention {attention!r} (choose from {list(ATTENTION_FUNCTIONS)})"
+            )
+        self.patch_embed.patch_embed_fn = PATCH_EMBED_FUNCTIONS[patch_embed]
+        for block in self.blocks:
+            block.attn.attention_fn = ATTENTION_FUNCTIONS[attention]
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """clips: [B, T, 3, S, S] normalized pixels -> [B, T·L, C] features."""

@@ -5,7 +5,7 @@ from ingest.clock import MediaClock
 from ingest.metrics import DropReason, IngestMetrics
 from ingest.pipeline import IngestManager, StreamState, StreamStatus, StreamWorker
 from ingest.sampler import FrameSampler, Verdict
-from ingest.source import Frame, SourceError, open_frames, redact_url
+from ingest.source import Frame, SourceError, SourceRefused, open_frames, redact_url
 from ingest.spec import StreamSpec
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "IngestMetrics",
     "MediaClock",
     "SourceError",
+    "SourceRefused",
     "StreamSpec",
     "StreamState",
     "StreamStatus",

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ingest.pipeline import ENDED, StreamStatus
 from ingest.spec import StreamSpec
@@ -338,8 +340,17 @@ async def start_http(
     if whip is not None:
         whip.body_timeout_s = timeout_s
     # aiohttp arms keepalive_timeout when a connection opens and after each response, and closes the connection
-    # if no complete request head has arrived by then: the header timeout.
-    runner = _CappedRunner(app, max_connections, keepalive_timeout=timeout_s)
+    # if no complete request head has arrived by then: the header timeout. Lingering (reading an unread body
+    # before closing) is bounded the same way. Access lines leave out query strings (a client may put a token
+    # there) and a request the HTTP parser refuses is one line, not a traceback anyone can repeat.
+    runner = _CappedRunner(
+        app,
+        max_connections,
+        keepalive_timeout=timeout_s,
+        lingering_time=timeout_s,
+        access_log_class=_AccessLog,
+        logger=_ServerLog(logging.getLogger("aiohttp.server"), {}),
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
@@ -406,6 +417,40 @@ class _Counted(asyncio.Protocol):
             self._open = False
             self._runner.open -= 1
         self._inner.connection_lost(exc)
+
+
+class _AccessLog(AbstractAccessLogger):
+    """One line per request: method, path without its query, status, size and time."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %d %.3fs",
+            request.remote,
+            request.method,
+            excerpt(request.path),
+            response.status,
+            response.body_length,
+            time,
+        )
+
+
+class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger, where a request its parser refused (a client's fault: answered 400) is one line
+    without a traceback; a failing handler keeps its traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if not self._refused(logging.INFO, exc_info):
+            self.error(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        if not self._refused(logging.DEBUG, exc_info):
+            super().debug(msg, *args, exc_info=exc_info, **kwargs)
+
+    def _refused(self, level: int, exc: object) -> bool:
+        if isinstance(exc, HttpProcessingError):
+            self.log(level, "http request refused: %s", excerpt(str(exc.message)))
+            return True
+        return False
 
 
 def _is_loopback(host: str) -> bool:

@@ -5,8 +5,14 @@ and never waits on the event loop: finished clips are handed over with ``call_so
 and ``put_nowait``. When the queue is full the clip is dropped and counted, so a slow encoder costs
 frames, never ingest latency or memory.
 
-A live source (RTSP, RTMP, ...) that fails to open, drops or stalls is reopened with exponential
-backoff until the stream is removed; a file that fails, fails for good.
+A frame's wall time is this server's clock when it arrived, or, for an RTSP stream that asks
+(``StreamSpec.camera_clock``), the camera's own clock from its RTCP sender reports once one has come, unless
+that is further than ``camera_clock_max_skew_s`` from ours. A clip never mixes the two.
+
+A live source (RTSP, RTMP, ...) that fails to open, drops, stalls or decodes nothing is reopened with
+exponential backoff until the stream is removed; a file that fails, fails for good. So does a source that
+refuses us (401, 403, 404) a few times in a row: retrying cannot fix credentials, and would lock the account
+of a camera that counts bad logins.
 """
 
 from __future__ import annotations
@@ -27,16 +33,34 @@ from ingest.clips import ClipGrouper
 from ingest.clock import MediaClock
 from ingest.metrics import DropReason, IngestMetrics
 from ingest.sampler import FrameSampler, Verdict
-from ingest.source import Frame, SourceError, UnsafeSourceError, check_source, open_frames, redact_text, redact_url
+from ingest.source import (
+    Frame,
+    SourceError,
+    SourceRefused,
+    UnsafeSourceError,
+    check_source,
+    open_frames,
+    redact_text,
+    redact_url,
+)
 from ingest.spec import StreamSpec
 from protos.clip import CLIP_FRAMES, Clip, check_stream_name
-from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound
+from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, excerpt
 from vcflash.serve.settings import IngestSettings
 
 logger = logging.getLogger(__name__)
 
 # Clips handed to the event loop but not yet queued, per stream; more means the loop is stalled.
 _MAX_HANDOFFS = 8
+# A disconnect for the same reason as the one before is logged at warning level once in this many: retrying
+# every second, a camera that is away for hours would otherwise fill the log.
+_LOG_REPEATS_EVERY = 60
+
+# StreamStatus.clock: where wall times come from. A camera clock too far from ours is "server (camera clock off by
+# +1000.0 s)" for the rest of the connection.
+SERVER_CLOCK = "server"
+CAMERA_CLOCK = "camera"
+WAITING_FOR_REPORT = "camera (waiting for sender report)"  # this server's clock until the camera's first report
 
 
 FrameSource = Callable[[threading.Event], Iterator[Frame]]  # frames until the event is set
@@ -82,6 +106,7 @@ class StreamStatus:
     last_media_time: float | None
     last_wall_time: float | None
     reconnects: int  # times a live source was reopened after it failed, dropped or stalled
+    clock: str = SERVER_CLOCK  # where wall times come from: SERVER_CLOCK, CAMERA_CLOCK, WAITING_FOR_REPORT, ...
 
 
 class StreamWorker:
@@ -89,13 +114,22 @@ class StreamWorker:
 
     A live source (``spec.is_live``) is reopened after every failure, waiting per
     ``settings.reconnect``, until stopped; meanwhile the state is ``reconnecting`` and ``error`` says
-    why. The partial clip at a disconnect is dropped (``disconnect``) and clip numbering continues.
+    why. A connection that decodes no frame within ``settings.first_frame_timeout_s`` is such a
+    failure. A source that refuses us (401, 403, 404: :class:`SourceRefused`) ``settings.refused_tries``
+    times in a row fails, its error starting with the reason ("unauthorized: ..."); a file fails at
+    once. The partial clip at a disconnect is dropped (``disconnect``) and clip numbering continues.
     Each connection starts a new sampler, and the stream's ``clock`` (a :class:`MediaClock`) shifts
     its media times to go on from the last frame plus the time the stream was away (at least one
     sampling interval): media time never goes back and keeps pace with wall time. The first
     connection's media times are its PTS unchanged, unless ``clock`` continues a stream that came
     before (resumed after a restart, or replaced). Reconnecting applies to URLs opened here, not to
     a ``source`` hook.
+
+    With ``spec.camera_clock`` a frame's wall time is the camera's clock (``Frame.camera_time``) once the
+    connection's first sender report has come, and this server's before. A camera clock further than
+    ``settings.camera_clock_max_skew_s`` from ours is ignored for the rest of the connection (a warning, once per
+    stream, gives the skew). When a connection's clock changes, its partial clip is dropped (``discontinuity``):
+    a clip's wall times come from one clock. Media time, and the gaps the media clock measures, stay on ours.
     """
 
     def __init__(
@@ -116,10 +150,14 @@ class StreamWorker:
         self.fps = spec.fps
         self.clock = clock or MediaClock()
         self._source = source  # frames from elsewhere (a WebRTC track); default: open the URL with PyAV
-        self._settings = settings  # source_timeout_s, frame_size (squash sampled frames to S x S), reconnect
+        self._settings = settings  # timeouts, frame_size (squash sampled frames to S x S), reconnect, refused_tries
         self._safe_url = redact_url(spec.source)
         self._clips = clips
         self._live = source is None and spec.is_live
+        self._camera_clock = spec.camera_clock  # wall time from Frame.camera_time where frames carry it (RTSP)
+        self._on_camera = False  # this connection's last frame took the camera's clock (source thread only)
+        self._camera_skew: float | None = None  # a camera clock ignored on this connection: how far off it was
+        self._told_camera = self._told_skew = False  # logged once per stream: the camera clock used; ignored
         self._sampler = FrameSampler(self.fps)
         self._grouper = ClipGrouper(name, self.fps, first_seq)  # both used by the source thread only
         self._size: tuple[int, int] | None = None  # (width, height) of the first sampled frame
@@ -128,6 +166,7 @@ class StreamWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
         self._dropping = False  # logging state of queue_full drops, event loop only
+        self._repeats = 0  # disconnects in a row for the same reason, source thread only
 
         self._lock = threading.Lock()  # guards the fields below: the source thread writes, the loop reads
         self._state = StreamState.STARTING
@@ -139,6 +178,7 @@ class StreamWorker:
         self._last_media: float | None = None
         self._last_wall: float | None = None
         self._reconnects = 0
+        self._clock_name = WAITING_FOR_REPORT if self._camera_clock else SERVER_CLOCK
 
         self._m_in = metrics.frames_in.labels(name)
         self._m_sampled = metrics.frames_sampled.labels(name)
@@ -156,7 +196,7 @@ class StreamWorker:
         spec = self.spec
         logger.info(
             "stream started stream=%s url=%s fps=%g live=%s realtime=%s loop_file=%s transport=%s listen=%s "
-            "keyframes_only=%s first_seq=%d",
+            "keyframes_only=%s camera_clock=%s first_seq=%d",
             self.name,
             self._safe_url,
             self.fps,
@@ -166,6 +206,7 @@ class StreamWorker:
             spec.transport,
             spec.listen,
             spec.keyframes_only,
+            self._camera_clock,
             self._next_seq,
         )
 
@@ -177,7 +218,8 @@ class StreamWorker:
         return self.status()
 
     async def stop(self, timeout_s: float = 5.0) -> StreamStatus:
-        """Ask the source to stop and wait up to ``timeout_s`` for its thread (a network read may hold it)."""
+        """Ask the source to stop and wait up to ``timeout_s`` for its thread; a blocking open or network read
+        is aborted at once and its connection closed (see :func:`ingest.source.open_frames`)."""
         self._stop.set()
         if self._done is not None:
             try:
@@ -185,6 +227,11 @@ class StreamWorker:
             except TimeoutError:
                 logger.warning("stream stop timed out stream=%s timeout_s=%g", self.name, timeout_s)
         return self.status()
+
+    @property
+    def hooked(self) -> bool:
+        """Whether frames come from a hook (a WebRTC session), not from opening the source."""
+        return self._source is not None
 
     def status(self) -> StreamStatus:
         with self._lock:
@@ -204,6 +251,7 @@ class StreamWorker:
                 last_media_time=self._last_media,
                 last_wall_time=self._last_wall,
                 reconnects=self._reconnects,
+                clock=self._clock_name,
             )
 
     # ---------------------------------------------------------------- source thread
@@ -228,19 +276,27 @@ class StreamWorker:
             pass
 
     def _ingest(self) -> tuple[StreamState, str | None]:
-        """Read the source to its end; reopen a live one after each failure until stopped."""
+        """Read the source to its end; reopen a live one after each failure until stopped or refused for good."""
         attempt = 0  # reconnects since the last healthy connection
+        refused = 0  # refusals (401, 403, 404) in a row
         while True:
             self._sampler, self._connected_at = FrameSampler(self.fps), None
             self.clock.connect(min_gap_s=1 / self.fps)
+            if self._camera_clock:  # each connection waits for its own first sender report
+                self._on_camera, self._camera_skew = False, None
+                with self._lock:
+                    self._clock_name = WAITING_FOR_REPORT
             try:
                 self._read()
                 if not self._live:
                     return StreamState.FINISHED, None
-                reason = f"{self._safe_url}: the stream ended"
+                reason, refused = f"{self._safe_url}: the stream ended", 0
             except UnsafeSourceError as e:  # refused again at a reconnect (the policy changed): never retried
                 return StreamState.FAILED, str(e)
             except SourceError as e:
+                refused = refused + 1 if isinstance(e, SourceRefused) else 0
+                if isinstance(e, SourceRefused) and (refused >= self._settings.refused_tries or not self._live):
+                    return StreamState.FAILED, self._gave_up(e, refused)
                 if not self._live:
                     return StreamState.FAILED, str(e)
                 reason = str(e)
@@ -260,6 +316,12 @@ class StreamWorker:
                 self._reconnects += 1
             self._m_reconnects.inc()
 
+    def _gave_up(self, e: SourceRefused, tries: int) -> str:
+        return (
+            f"{e.reason}: {e} ({tries} {'try' if tries == 1 else 'tries in a row'}); "
+            f"fix the source, then restart the stream (vcflash streams restart {self.name})"
+        )
+
     def _read(self) -> None:
         """One connection: every frame into the sampler until the source ends or ``stop`` is set."""
         spec = self.spec
@@ -275,7 +337,9 @@ class StreamWorker:
                 transport=spec.transport,
                 listen=spec.listen,
                 keyframes_only=spec.keyframes_only,
+                camera_clock=spec.camera_clock,
                 timeout_s=self._settings.source_timeout_s,
+                first_frame_timeout_s=self._settings.first_frame_timeout_s,
                 media_root=self._settings.media_root,
                 allow_files=self._settings.media_root is not None,
                 max_frame_pixels=self._settings.max_frame_pixels,
@@ -289,23 +353,30 @@ class StreamWorker:
     def _disconnected(self, reason: str, delay: float) -> None:
         dropped = self._grouper.discard()
         with self._lock:
+            repeated = self._state is StreamState.RECONNECTING and self._error == reason
             self._state, self._error, self._partial = StreamState.RECONNECTING, reason, 0
             reconnects = self._reconnects
         self._drop(DropReason.DISCONNECT, dropped)
-        logger.warning(
-            "stream disconnected stream=%s reason=%s dropped=%d reconnects=%d retry_in_s=%.2f",
+        self._repeats = self._repeats + 1 if repeated else 0
+        log = logger.debug if self._repeats % _LOG_REPEATS_EVERY else logger.warning
+        log(
+            "stream disconnected stream=%s reason=%s dropped=%d reconnects=%d retry_in_s=%.2f repeats=%d",
             self.name,
             reason,
             dropped,
             reconnects,
             delay,
+            self._repeats,
         )
 
     def _on_frame(self, frame: Frame) -> None:
         if self._connected_at is None:
             self._connected_at = time.monotonic()
-        media = self.clock.media_time(frame.pts, frame.wall_time)
+        media = self.clock.media_time(frame.pts, frame.wall_time)  # our clock: the time a reconnect was away
+        on_camera = self._on_camera
+        wall = self._wall_time(frame) if self._camera_clock else frame.wall_time
         verdict = self._sampler.offer(media)
+        switch_dropped = self._grouper.discard() if self._on_camera != on_camera else 0  # one clock per clip
         restart_dropped = 0
         if verdict is Verdict.RESTART:
             restart_dropped = self._grouper.discard()
@@ -316,18 +387,18 @@ class StreamWorker:
             self._size = self._size or (rgb.shape[1], rgb.shape[0])
             if (size := self._settings.frame_size) is not None:  # a queued clip holds 4 x S x S x 3 bytes
                 rgb = squash_resize(rgb, size)
-            clip = self._grouper.add(rgb, media, frame.wall_time)
+            clip = self._grouper.add(rgb, media, wall)
         with self._lock:
             self._frames_in += 1
             resumed = self._state is StreamState.RECONNECTING
             if self._state is not StreamState.RUNNING:
                 self._state, self._error = StreamState.RUNNING, None
+            self._partial = self._grouper.pending  # a switch of clocks may empty it on a frame not sampled
             if verdict is Verdict.SKIP:
                 self._not_sampled += 1
             else:
                 self._sampled += 1
-                self._last_media, self._last_wall = media, frame.wall_time
-                self._partial = self._grouper.pending
+                self._last_media, self._last_wall = media, wall
                 self._next_seq = self._grouper.next_seq
         if resumed:
             logger.info(
@@ -336,9 +407,38 @@ class StreamWorker:
         self._m_in.inc()
         if verdict is not Verdict.SKIP:
             self._m_sampled.inc()
-        self._drop(DropReason.DISCONTINUITY, restart_dropped)
+        self._drop(DropReason.DISCONTINUITY, switch_dropped + restart_dropped)
         if clip is not None:
             self._hand_off(clip)
+
+    def _wall_time(self, frame: Frame) -> float:
+        """The frame's wall time for a ``camera_clock`` stream: the camera's once it reports, if close to ours."""
+        if frame.camera_time is None or self._camera_skew is not None:  # no report yet, or one too far off
+            return frame.wall_time
+        skew = frame.camera_time - frame.wall_time
+        limit = self._settings.camera_clock_max_skew_s
+        if abs(skew) > limit:
+            self._on_camera, self._camera_skew = False, skew
+            with self._lock:
+                self._clock_name = f"{SERVER_CLOCK} (camera clock off by {skew:+.1f} s)"
+            log = logger.debug if self._told_skew else logger.warning
+            self._told_skew = True
+            log(
+                "stream camera clock ignored stream=%s skew_s=%+.3f max_skew_s=%g: wall times stay on this "
+                "server's clock for this connection (VCFLASH_CAMERA_CLOCK_MAX_SKEW_S)",
+                self.name,
+                skew,
+                limit,
+            )
+            return frame.wall_time
+        if not self._on_camera:
+            self._on_camera = True
+            with self._lock:
+                self._clock_name = CAMERA_CLOCK
+            log = logger.debug if self._told_camera else logger.info
+            self._told_camera = True
+            log("stream camera clock used stream=%s skew_s=%+.3f", self.name, skew)
+        return frame.camera_time
 
     def _hand_off(self, clip: Clip) -> None:
         with self._lock:
@@ -443,7 +543,9 @@ class IngestManager:
         check_stream_name(name)
         spec = self.admit(spec, hooked=source is not None)
         if name in self._workers:
-            raise StreamExists(f"stream {name!r} already exists")
+            state = self._workers[name].status().state
+            hint = f" ({state.value}: restart it, or remove it first)" if state in ENDED else ""
+            raise StreamExists(f"stream {name!r} already exists{hint}")
         if len(self._workers) >= self.settings.max_streams:
             raise Exhausted(f"this server takes at most {self.settings.max_streams} streams")
         worker = StreamWorker(
@@ -464,7 +566,7 @@ class IngestManager:
         """Stop stream ``name`` and forget it; returns its last status."""
         worker = self._workers.pop(name, None)
         if worker is None:
-            raise NotFound(f"no stream named {name!r}")
+            raise NotFound(f"no stream named {excerpt(name)}")
         status = await worker.stop(self.settings.stop_timeout_s)
         self.metrics.forget(name)
         logger.info("stream removed stream=%s state=%s", name, status.state.value)
@@ -478,7 +580,7 @@ class IngestManager:
         try:
             return self._workers[name]
         except KeyError:
-            raise NotFound(f"no stream named {name!r}") from None
+            raise NotFound(f"no stream named {excerpt(name)}") from None
 
     def names(self) -> list[str]:
         return sorted(self._workers)

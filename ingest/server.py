@@ -6,6 +6,7 @@ keeps their specs in memory so a restarted server resumes every active stream.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +25,7 @@ from memory.server import MemoryService
 from memory.store import MemoryStore
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+from vcflash.serve.errors import Invalid
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.rpc import handle_errors
 from vcflash.serve.settings import Settings
@@ -42,6 +44,7 @@ def spec_from_request(r: pb.AddStreamRequest) -> StreamSpec:
         transport=r.transport or "tcp",  # type: ignore[arg-type]  # checked by the spec
         listen=r.listen,
         keyframes_only=r.keyframes_only,
+        camera_clock=r.camera_clock,
         live=r.live if r.HasField("live") else None,
     )
 
@@ -50,13 +53,15 @@ def retention_from_request(r: pb.AddStreamRequest, default: Retention) -> Retent
     """The request's retention, each limit it leaves out taken from `default`; None if it sets neither."""
     if not (r.HasField("retention_max_age_s") or r.HasField("retention_max_bytes")):
         return None
+    if r.HasField("retention_max_age_s") and not math.isfinite(r.retention_max_age_s):  # NaN would never evict
+        raise Invalid(f"retention_max_age_s must be a finite number of seconds, got {r.retention_max_age_s}")
     return Retention(
         r.retention_max_age_s if r.HasField("retention_max_age_s") else default.max_age_s,
         r.retention_max_bytes if r.HasField("retention_max_bytes") else default.max_bytes,
     )
 
 
-def stream_status(s: StreamStatus, clips_stored: int) -> pb.StreamStatus:
+def stream_status(s: StreamStatus, clips_stored: int, memory_error: str = "") -> pb.StreamStatus:
     return pb.StreamStatus(
         stream_id=s.name,
         source=s.url,
@@ -71,6 +76,8 @@ def stream_status(s: StreamStatus, clips_stored: int) -> pb.StreamStatus:
         last_media_time=s.last_media_time or 0.0,
         last_wall_time=s.last_wall_time or 0.0,
         reconnects=s.reconnects,
+        memory_error=memory_error,
+        clock=s.clock,
     )
 
 
@@ -78,8 +85,8 @@ class IngestServicer(pb_grpc.IngestServicer):
     def __init__(self, streams: Streams) -> None:
         self.streams = streams
 
-    def _proto(self, s: StreamStatus) -> pb.StreamStatus:
-        return stream_status(s, self.streams.stored[s.name])
+    def _proto(self, s: StreamStatus, memory_error: str = "") -> pb.StreamStatus:
+        return stream_status(s, self.streams.stored[s.name], memory_error)
 
     @handle_errors
     async def AddStream(self, request: pb.AddStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamStatus:
@@ -97,11 +104,20 @@ class IngestServicer(pb_grpc.IngestServicer):
     async def ListStreams(
         self, request: pb.ListStreamsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListStreamsResponse:
-        return pb.ListStreamsResponse(streams=[self._proto(s) for s in self.streams.manager.status().values()])
+        memory_error = await self.streams.memory_error()  # shown beside the streams: listing never needs memory
+        streams = self.streams.manager.status().values()
+        return pb.ListStreamsResponse(streams=[self._proto(s, memory_error) for s in streams])
 
     @handle_errors
     async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamStatus:
-        return self._proto(self.streams.status(request.stream_id))
+        status = self.streams.status(request.stream_id)
+        return self._proto(status, await self.streams.memory_error())
+
+    @handle_errors
+    async def RestartStream(
+        self, request: pb.RestartStreamRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StreamStatus:
+        return self._proto(await self.streams.restart(request.stream_id))
 
 
 def ingest_entry(
@@ -137,6 +153,10 @@ class ServesStreams(MemoryService):
     async def ready(self) -> None:
         await self.streams.resume()
         self.http = await start_whip(self.settings, self.streams)
+
+    async def delete_stream(self, stream_id: str) -> None:
+        """Memory.DeleteStream: refused while the stream runs here; see `Streams.delete_memory`."""
+        await self.streams.delete_memory(stream_id)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.http is not None:

@@ -5,8 +5,11 @@ thread. Frames stay as decoded ``av.VideoFrame``s until someone asks for RGB, be
 conversion costs more than decoding and most frames are never sampled.
 
 A *live* source (a camera, a relay: RTSP, RTMP, SRT, ...) is read as it arrives: never paced, and
-a frame's wall time is when it arrived. A finite one (a file) can be paced to its own clock.
+a frame's wall time is when it arrived. A finite one (a file) can be paced to its own clock. An RTSP
+camera's own clock, from its RTCP sender reports, comes beside it when asked (``camera_clock``).
 Reconnecting a live source that drops is the pipeline's job; one call here is one connection.
+Setting the caller's ``stop`` event aborts a blocking open or read at once (see :class:`_StopAwareClock`),
+so a stream stopped while its camera hangs closes the connection instead of waiting out the read timeout.
 
 Sources come from API callers, so FFmpeg never sees a URL that :func:`check_source` has not passed:
 FFmpeg opens far more than cameras (``concat:``, ``subfile:``, ``data:``, ``pipe:``, ``file:``,
@@ -27,10 +30,12 @@ import math
 import os
 import re
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -38,13 +43,18 @@ from urllib.parse import unquote, unquote_to_bytes
 
 import av
 import av.container
+import av.container.core
+import av.error
 import av.stream
 import av.video.stream
 import numpy as np
 
+from vcflash.serve.errors import excerpt
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_FIRST_FRAME_TIMEOUT_S = 15.0  # VCFLASH_FIRST_FRAME_TIMEOUT_S: a connection decoding no frame by then ends
 DEFAULT_MAX_FRAME_PIXELS = 4096 * 4096  # VCFLASH_MAX_FRAME_PIXELS: larger decoded frames are scaled down
 # The URL schemes a source may have, each with the FFmpeg protocols it may use (its protocol_whitelist):
 # what pulling from a camera, an encoder or a relay needs, and nothing that reads local files or talks
@@ -105,6 +115,23 @@ _PREFIX_CHARS = 48
 
 class SourceError(Exception):
     """The source cannot be opened or read any further; the message never holds credentials."""
+
+
+class SourceRefused(SourceError):
+    """The source answered 401, 403 or 404 (RTSP or HTTP): ``reason`` is "unauthorized", "forbidden" or
+    "not found". Retrying the same URL cannot help, and a camera may lock an account after a burst of bad logins."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# FFmpeg's errors for a source that refuses us, by what they mean to an operator.
+_REFUSALS: tuple[tuple[type[av.FFmpegError], str], ...] = (
+    (av.error.HTTPUnauthorizedError, "unauthorized"),
+    (av.error.HTTPForbiddenError, "forbidden"),
+    (av.error.HTTPNotFoundError, "not found"),
+)
 
 
 class UnsafeSourceError(ValueError):
@@ -331,21 +358,30 @@ def is_live_url(url: str) -> bool:
     return _scheme_of(url) in LIVE_SCHEMES
 
 
-def check_source_options(url: str, *, transport: str, listen: bool) -> None:
+def check_source_options(url: str, *, transport: str, listen: bool, camera_clock: bool = False) -> None:
     """Raise ``ValueError`` for options that cannot work, before any thread or socket is started."""
     if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {excerpt(str(transport))}")
     if listen and _scheme_of(url) not in RTSP_SCHEMES:
-        raise ValueError(f"listen needs an rtsp:// URL, got {redact_url(url)}")
+        raise ValueError(f"listen needs an rtsp:// URL, got {excerpt(redact_url(url))}")
+    if camera_clock and _scheme_of(url) not in RTSP_SCHEMES:  # only FFmpeg's RTP demuxer reads sender reports
+        raise ValueError(
+            f"camera_clock needs an rtsp:// or rtsps:// URL (RTCP sender reports), got {excerpt(redact_url(url))}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One decoded frame: media time (PTS seconds), wall time (Unix seconds it was live), the image."""
+    """One decoded frame: media time (PTS seconds), wall time (Unix seconds it was live), the image.
+
+    ``camera_time`` is the camera's own clock (Unix seconds) for the frame, from RTCP sender reports: only
+    from :func:`open_frames` with ``camera_clock``, once a report has come; ``wall_time`` stays this server's.
+    """
 
     pts: float
     wall_time: float
     image: av.VideoFrame | np.ndarray  # decoded, not yet converted; or RGB uint8 [H, W, 3]
+    camera_time: float | None = None
 
     def to_rgb(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """uint8 ``[H, W, 3]``, scaled to ``size`` = (width, height) if given and different."""
@@ -369,7 +405,9 @@ def open_frames(
     transport: Transport = "tcp",
     listen: bool = False,
     keyframes_only: bool = False,
+    camera_clock: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    first_frame_timeout_s: float | None = DEFAULT_FIRST_FRAME_TIMEOUT_S,
     on_decode_error: Callable[[], None] | None = None,
     media_root: Path | str | None = None,
     allow_files: bool | None = True,
@@ -397,40 +435,58 @@ def open_frames(
     (ANNOUNCE/RECORD) instead of pulling, waiting for a publisher until ``stop``.
     ``keyframes_only`` has the decoder skip all but keyframes, so sampling 1 fps from a stream
     with a 1 s GOP costs a fraction of a full decode; the sampler then picks among keyframes.
+    ``camera_clock`` (RTSP only) gives each frame the camera's own clock as ``Frame.camera_time`` once its
+    first RTCP sender report has come (see :class:`_SenderReportClock`); whether to trust it is the caller's call.
     ``timeout_s`` bounds opening and each network read (a stalled stream fails after it).
+    ``first_frame_timeout_s`` (None: no limit) bounds the time from opening to the first decoded frame: a
+    stream whose packets never decode (no keyframe ever comes, an undecodable codec) fails instead of
+    connecting forever. Setting ``stop`` aborts a blocking open or read at once; the iterator then just ends.
     Undecodable packets are skipped and reported through ``on_decode_error``. A decoded frame with more than
     ``max_frame_pixels`` pixels (None: no limit) is scaled down to fit, aspect kept, in its own pixel format
     (swscale) before anyone converts it to RGB: a 16000 x 16000 PNG never becomes a 768 MB RGB array. Raises
-    :class:`SourceError` when the source cannot be opened, read, or has no video frames.
+    :class:`SourceError` when the source cannot be opened, read, or has no video frames, and its subclass
+    :class:`SourceRefused` when it answers 401, 403 or 404.
     """
 
     def check() -> CheckedSource:
         return check_source(url, media_root=media_root, allow_files=allow_files)
 
-    check_source_options(check().target, transport=transport, listen=listen)
+    check_source_options(check().target, transport=transport, listen=listen, camera_clock=camera_clock)
     safe_url = redact_url(url)
     rtsp = _scheme_of(url) in RTSP_SCHEMES
     live = listen or (is_live_url(url) if live is None else live)
     # FFmpeg 5+ names the RTSP socket I/O timeout "timeout", in microseconds ("stimeout" is gone); PyAV's own
     # timeout below also bounds every read, whatever the protocol.
     options = {"rtsp_transport": transport, "timeout": str(round(timeout_s * 1e6))} if rtsp else {}
+    if live:  # frames carry their times: no reading 20 more (0.8 s at 25 fps) at each connect to guess a frame rate
+        options["fpsprobesize"] = "0"
     origin: tuple[float, float, float] | None = None  # media, wall and monotonic time of the first file frame
     pass_start: float | None = None  # media time at which a replay starts
     while not stop.is_set():
         with contextlib.ExitStack() as resources:
-            container = (
-                _listen(check, url, safe_url, options, timeout_s, stop)
-                if listen
-                else _open(check(), url, safe_url, options, timeout_s, resources)
-            )
+            try:
+                with _interrupt_on(stop):
+                    container = (
+                        _listen(check, url, safe_url, options, timeout_s, stop)
+                        if listen
+                        else _open(check(), url, safe_url, options, timeout_s, resources)
+                    )
+            except SourceError:
+                if stop.is_set():  # the open was aborted on request
+                    return
+                raise
             if container is None:
                 return
             resources.enter_context(container)
             stream = _video_stream(container, safe_url, keyframes_only)
             interval = _frame_interval(stream)
+            reports = _SenderReportClock(stream.time_base) if camera_clock and stream.time_base else None
             shift: float | None = None  # media time = PTS + shift within this pass
             media: float | None = None
-            for frame in _decode(container, stream, url, timeout_s, on_decode_error):
+            for frame in _decode(
+                container, stream, url, timeout_s, first_frame_timeout_s, stop, on_decode_error, reports
+            ):
+                camera = None if reports is None else reports.time(frame.pts)
                 frame = fit_frame(frame, max_frame_pixels, safe_url)
                 if frame.time is None:  # no PTS: follow the previous frame
                     media = (pass_start or 0.0) if media is None else media + interval
@@ -449,9 +505,11 @@ def open_frames(
                         delay = origin[2] + offset - time.monotonic()
                         if delay > 0 and stop.wait(delay):
                             return
-                yield Frame(pts=media, wall_time=wall, image=frame)
+                yield Frame(pts=media, wall_time=wall, image=frame, camera_time=camera)
                 if stop.is_set():
                     return
+            if stop.is_set():  # a read aborted on request
+                return
             if media is None:
                 raise SourceError(f"{safe_url}: no video frames could be decoded")
             pass_start = media + interval
@@ -488,7 +546,9 @@ def _open(
             return av.open(file, mode="r", options=options, timeout=timeout_s, io_open=_refuse_nested)
         return av.open(source.target, mode="r", options=options, timeout=timeout_s)
     except (av.FFmpegError, OSError) as e:  # str(e) repeats the URL, credentials included: keep the reason
-        raise SourceError(f"cannot open {safe_url}: {_reason(e, url)}") from None
+        message = f"cannot open {safe_url}: {_reason(e, url)}"
+        refusal = next((reason for kind, reason in _REFUSALS if isinstance(e, kind)), None)
+        raise (SourceError(message) if refusal is None else SourceRefused(message, refusal)) from None
 
 
 def _open_file(path: str) -> io.FileIO:
@@ -541,8 +601,72 @@ def _listen(
         except TimeoutError:  # nobody published during this slice
             continue
         except (av.FFmpegError, OSError) as e:
+            if stop.is_set():  # aborted on request
+                return None
             raise SourceError(f"cannot listen on {safe_url}: {_reason(e, url)}") from None
     return None
+
+
+class _StopAwareClock:
+    """Stands in for the ``time`` module inside ``av.container.core``: ``monotonic()`` leaps ahead in a thread
+    whose stop event (:func:`_interrupt_on`) is set.
+
+    PyAV aborts a blocking FFmpeg call (connecting, opening, a network read) when ``time.monotonic()``, read
+    from FFmpeg's interrupt callback about every 100 ms, passes the call's start plus its timeout; it has no
+    other way to abort one from outside. Once ``stop`` is set every reading in that thread is a further 1e9 s
+    on, so a call in flight, or one starting, is aborted at its next check and the container can be closed:
+    stopping a stream whose camera hangs closes its socket within a fraction of a second, not after the read
+    timeout. Other threads, and threads without a stop event, see the real clock.
+    """
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.local = threading.local()  # .stop: the thread's event; .leap: seconds added so far
+
+    def monotonic(self) -> float:
+        now = self.real.monotonic()  # type: ignore[attr-defined]
+        stop = getattr(self.local, "stop", None)
+        if stop is None or not stop.is_set():
+            return now
+        self.local.leap = getattr(self.local, "leap", 0.0) + 1e9  # still increasing: PyAV refuses a clock going back
+        return now + self.local.leap
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def _stop_clock() -> _StopAwareClock:
+    core = av.container.core
+    clock = getattr(core, "time", None)
+    if not isinstance(clock, _StopAwareClock):
+        assert clock is not None and hasattr(clock, "monotonic"), "PyAV's interrupt callback reads time.monotonic()"
+        clock = core.time = _StopAwareClock(clock)
+    return clock
+
+
+@contextlib.contextmanager
+def _interrupt_on(stop: threading.Event) -> Iterator[None]:
+    """Abort this thread's blocking FFmpeg calls inside the block once ``stop`` is set (see :class:`_StopAwareClock`).
+
+    Only opening and reading are aborted, never closing: an RTSP TEARDOWN still goes out when a stream stops.
+    """
+    local = _stop_clock().local
+    previous = getattr(local, "stop", None)
+    local.stop = stop
+    try:
+        yield
+    finally:
+        local.stop = previous
+
+
+def _interruptible(packets: Iterator[av.Packet], stop: threading.Event) -> Iterator[av.Packet]:
+    """``packets``, each read aborted once ``stop`` is set (the consumer's time between reads is not)."""
+    while True:
+        with _interrupt_on(stop):
+            packet = next(packets, None)
+        if packet is None:
+            return
+        yield packet
 
 
 def _reason(error: av.FFmpegError | OSError, url: str) -> str:
@@ -570,17 +694,101 @@ def _frame_interval(stream: av.video.stream.VideoStream) -> float:
     return 0.0
 
 
+# ---------------------------------------------------------------- the camera's clock
+
+# FFmpeg's AVProducerReferenceTime (libavcodec/packet.h), native layout: int64_t wallclock (microseconds since
+# the Unix epoch), int flags (rtpdec.c sets 24), padded to 16 bytes.
+_PRFT = struct.Struct("@qi")
+
+
+def prft_wallclock_us(data: bytes) -> int:
+    """The wall clock (microseconds since the Unix epoch) of a packet's ``AV_PKT_DATA_PRFT`` side data."""
+    if len(data) < _PRFT.size:
+        raise ValueError(f"producer reference time needs {_PRFT.size} bytes, got {len(data)}")
+    wallclock_us, _flags = _PRFT.unpack_from(data)
+    return wallclock_us
+
+
+def camera_wall_time(wallclock_us: int, reference_pts: int, pts: int, time_base: Fraction) -> float:
+    """The camera's wall clock (Unix seconds) at presentation time ``pts``.
+
+    ``wallclock_us`` is the camera's clock (microseconds since the Unix epoch) at ``reference_pts``, as FFmpeg
+    gives it for an RTP packet from the last RTCP sender report; the camera's clock runs on with the RTP clock
+    from there, so a frame ``pts - reference_pts`` ticks of ``time_base`` later (or earlier: decode order) was
+    that much later on it. Both PTS are in ``time_base``, the stream's.
+    """
+    return wallclock_us / 1e6 + float((pts - reference_pts) * time_base)
+
+
+class _SenderReportClock:
+    """The camera's wall clock for one connection's frames, from the RTCP sender reports FFmpeg has read.
+
+    FFmpeg's RTP demuxer (libavformat/rtpdec.c) attaches to every packet after the camera's first sender report
+    the camera's clock at that packet's RTP timestamp (``AV_PKT_DATA_PRFT``; ``InputContainer.start_time_realtime``
+    stays unset for RTSP), renewed with each report. It is read from packets as they are demuxed (decoders do
+    not pass it on to frames), and a frame's time follows from the latest one by the PTS difference. The first
+    packet that carries one is skipped: FFmpeg's parser hands a report that arrives mid-frame to the frame
+    before, one frame interval early (measured against the reports on the wire, TCP and UDP).
+    """
+
+    def __init__(self, time_base: Fraction) -> None:
+        self.time_base = time_base
+        self.reference: tuple[int, int] | None = None  # (camera clock in µs, PTS) of the latest packet with a report
+        self._seen = False  # a packet with a report has come (the first is skipped)
+
+    def packet(self, packet: av.Packet) -> None:
+        if packet.pts is None or not packet.has_sidedata("prft"):
+            return
+        wallclock_us = prft_wallclock_us(bytes(packet.get_sidedata("prft")))
+        if self._seen:
+            self.reference = (wallclock_us, packet.pts)
+        self._seen = True
+
+    def time(self, pts: int | None) -> float | None:
+        """The camera's clock at ``pts`` (the stream's time base); None before a report or without a PTS."""
+        if self.reference is None or pts is None:
+            return None
+        return camera_wall_time(*self.reference, pts, self.time_base)
+
+
+def _demux(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    url: str,
+    on_decode_error: Callable[[], None] | None,
+) -> Iterator[av.Packet]:
+    """The stream's packets. A packet of a stream announced mid-file (damaged MPEG-TS, a camera adding a track)
+    makes PyAV's demuxer raise IndexError after reading it: skip it as a decode error and read on."""
+    while True:
+        try:
+            yield from container.demux(stream)
+            return
+        except IndexError:
+            logger.debug("source skipped a packet of an unannounced stream url=%s", redact_url(url))
+            if on_decode_error is not None:
+                on_decode_error()
+
+
 def _decode(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     url: str,
     timeout_s: float,
+    first_frame_timeout_s: float | None,
+    stop: threading.Event,
     on_decode_error: Callable[[], None] | None,
+    reports: _SenderReportClock | None = None,
 ) -> Iterator[av.VideoFrame]:
+    """The stream's frames; ends quietly when a read is aborted because ``stop`` was set. ``reports`` reads each
+    packet's sender-report clock before the packet is decoded."""
     safe_url = redact_url(url)
     asked = time.monotonic()  # when the next packet was asked for: the consumer's time is not silence
+    deadline = asked + (math.inf if first_frame_timeout_s is None else first_frame_timeout_s)
+    waiting = True  # for the first frame
     try:
-        for packet in container.demux(stream):
+        for packet in _interruptible(_demux(container, stream, url, on_decode_error), stop):
+            if reports is not None:
+                reports.packet(packet)
             try:
                 frames = packet.decode()
             except av.FFmpegError as e:
@@ -588,9 +796,18 @@ def _decode(
                 if on_decode_error is not None:
                     on_decode_error()
                 frames = []
+            if frames:
+                waiting = False
+            elif waiting and time.monotonic() > deadline:  # packets come, but nothing decodes from them
+                raise SourceError(
+                    f"{safe_url}: no video frame decoded within {first_frame_timeout_s:g} s of opening "
+                    "(no keyframe came, or the video cannot be decoded)"
+                )
             yield from frames
             asked = time.monotonic()
     except av.FFmpegError as e:
+        if stop.is_set():
+            return
         waited_s = time.monotonic() - asked
         if waited_s >= 0.9 * timeout_s:  # FFmpeg's socket timeout or PyAV's read timeout: both say little
             raise SourceError(f"reading {safe_url} stalled: no data for {waited_s:.1f} s") from None

@@ -27,6 +27,9 @@ class StreamSpec:
     transport: Transport = "tcp"  # RTSP: media interleaved on the connection (tcp) or RTP over udp
     listen: bool = False  # RTSP: wait for a camera to push (ANNOUNCE/RECORD) instead of pulling
     keyframes_only: bool = False  # decode keyframes only; the sampler picks among them
+    # RTSP: wall times on the camera's clock (its RTCP sender reports) instead of this server's; off by default,
+    # as camera clocks are often not synchronised and age retention and wall-clock questions trust wall time
+    camera_clock: bool = False
     live: bool | None = None  # read as frames arrive and reconnect with backoff; None: by the URL's scheme
     resume: bool = True  # restarted with the server; False for WHIP, whose sender reconnects by itself
 
@@ -36,7 +39,9 @@ class StreamSpec:
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps >= MIN_FPS):
             raise Invalid(f"fps must be >= {MIN_FPS:g}, got {self.fps!r}")
         try:
-            check_source_options(self.source, transport=self.transport, listen=self.listen)
+            check_source_options(
+                self.source, transport=self.transport, listen=self.listen, camera_clock=self.camera_clock
+            )
         except ValueError as e:  # source.py's own errors are plain ValueErrors
             raise Invalid(str(e)) from None
 

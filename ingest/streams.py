@@ -3,7 +3,9 @@
 Beside the running streams (an `IngestManager`) it keeps their durable side in memory: each stream's spec
 (so a restarted server resumes the active ones), its retention, and where it left off: a stream continues
 its clip numbering and media clock after its last stored clip, so a clip's `(stream, seq)` is never reused
-and its media time never goes back.
+and its media time never goes back. Removing a stream reaches that durable side too, whether or not the
+stream still runs here: a stream stopped earlier, a WHIP sender that left, or one known only from memory
+after a restart.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from ingest.pipeline import ENDED, FrameSource, IngestManager, StreamState, Stre
 from ingest.spec import StreamSpec
 from memory.index import ClipIndex
 from memory.records import Retention
-from memory.store import MemoryStore
-from vcflash.serve.errors import Exhausted, Invalid
+from memory.store import MemoryStore, UnknownStream
+from vcflash.serve.errors import Exhausted, FailedPrecondition, Invalid, NotFound, Unavailable, excerpt
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ class Streams:
     """Add, resume and remove streams, with their configs, retention and stored-clip counts.
 
     Errors: an unknown stream is `NotFound`, a taken name `AlreadyExists`, a full server `Exhausted`, a bad
-    spec `Invalid` (all raised by `IngestManager.add`, the one place a stream is admitted).
+    spec `Invalid` (all raised by `IngestManager.add`, the one place a stream is admitted), a memory that
+    cannot be reached `Unavailable`.
     """
 
     def __init__(
@@ -49,6 +52,18 @@ class Streams:
 
     def status(self, stream_id: str) -> StreamStatus:
         return self.manager.worker(stream_id).status()
+
+    async def memory_error(self) -> str:
+        """Why the memory cannot be reached right now, '' when it can: listing streams never depends on it, so
+        `streams ls` shows this beside the streams instead of failing while Redis is down."""
+        try:
+            await asyncio.to_thread(self.store.streams)
+        except Unavailable as e:
+            return str(e)
+        except Exception:  # noqa: BLE001 - reported beside the streams, not raised
+            log.exception("event=memory_probe_failed")
+            return "memory error (see the server log)"
+        return ""
 
     async def add(
         self,
@@ -84,20 +99,75 @@ class Streams:
             started.append(stream_id)
         return started
 
-    async def remove(self, stream_id: str, delete_memory: bool = False) -> StreamStatus:
-        """Stop a stream; its memory stays (and it is not resumed) unless `delete_memory`."""
-        spec = self.manager.worker(stream_id).spec
-        status = await self._stop(stream_id)  # from here on `accepts` refuses its queued clips
-        self.stored.pop(stream_id, None)
+    async def restart(self, stream_id: str) -> StreamStatus:
+        """Start an ended stream again with its spec and retention, continuing its clip numbering and media clock:
+        the retry an operator asks for once a camera that refused its credentials is fixed (a live source gives
+        up after `refused_tries`). `FailedPrecondition` while the stream still runs (it retries by itself) and
+        for a WHIP stream (its sender publishes again instead)."""
+        worker = self.manager.worker(stream_id)
+        state = worker.status().state
+        if state not in ENDED:
+            raise FailedPrecondition(f"stream {stream_id!r} is {state.value}: only an ended stream can be restarted")
+        if worker.hooked:
+            raise FailedPrecondition(f"stream {stream_id!r} is a WebRTC stream: its sender publishes again instead")
+        return await self._start(stream_id, worker.spec, replace=True)
+
+    async def remove(self, stream_id: str, delete_memory: bool = False) -> StreamStatus | None:
+        """Stop the stream if this server holds it (in any state), and keep it from being resumed; its memory
+        stays unless `delete_memory`, which forgets its clips, retention, config and index entries.
+
+        A stream this server does not hold (removed earlier, a WHIP sender that was deleted, one of an earlier
+        run that was not resumed) is still reached in memory: its config is marked inactive, or with
+        `delete_memory` everything memory holds of it is deleted. `NotFound` only when the stream is neither
+        held here nor in memory (without `delete_memory`: has no config). Returns the last status of the
+        stream it stopped, None when there was none.
+        """
+        status, spec = None, None
+        if stream_id in self.manager.names():
+            spec = self.manager.worker(stream_id).spec
+            status = await self._stop(stream_id)  # from here on `accepts` refuses its queued clips
+            self.stored.pop(stream_id, None)
         if delete_memory:
-            if self.drain is not None:
-                await self.drain(stream_id)
-            await asyncio.to_thread(self.store.delete_stream, stream_id)
-            if self.index is not None:
-                self.index.drop_stream(stream_id)
-        else:
+            await self._delete_memory(stream_id, held=status is not None)
+        elif spec is not None:
             await asyncio.to_thread(self.store.put_stream_config, stream_id, spec.to_config(active=False))
+        else:
+            await self._deactivate(stream_id)
         return status
+
+    async def delete_memory(self, stream_id: str) -> None:
+        """Memory.DeleteStream on a server that runs streams: refused (`FailedPrecondition`) while the stream
+        is live here, since its next clips would bring it back; an ended stream is removed and deleted."""
+        if stream_id in self.manager.names():
+            state = self.status(stream_id).state
+            if state not in ENDED:
+                raise FailedPrecondition(
+                    f"stream {stream_id!r} is {state.value}; stop it and delete its memory with "
+                    f"`vcflash streams rm --delete-memory {stream_id}` (Ingest.RemoveStream with delete_memory)"
+                )
+        await self.remove(stream_id, delete_memory=True)
+
+    async def _delete_memory(self, stream_id: str, held: bool) -> None:
+        if self.drain is not None:  # clips still at a remote encoder would write the stream again
+            await self.drain(stream_id)
+        try:
+            await asyncio.to_thread(self.store.delete_stream, stream_id)
+        except UnknownStream:
+            if not held:
+                raise NotFound(f"no stream named {excerpt(stream_id)}: not running here and not in memory") from None
+        if self.index is not None:
+            self.index.drop_stream(stream_id)
+
+    async def _deactivate(self, stream_id: str) -> None:
+        """A configured stream that does not run here is not resumed any more; its config and memory stay."""
+        config = (await asyncio.to_thread(self.store.stream_configs)).get(stream_id)
+        if config is None:
+            raise NotFound(
+                f"no stream named {excerpt(stream_id)} runs here or is configured in memory "
+                "(--delete-memory deletes any clips memory holds of it)"
+            )
+        if config.get("active"):
+            await asyncio.to_thread(self.store.put_stream_config, stream_id, config | {"active": False})
 
     async def _start(
         self, stream_id: str, spec: StreamSpec, source: FrameSource | None = None, replace: bool = False
@@ -130,7 +200,8 @@ class Streams:
         return status
 
     async def _retire_when_done(self, stream_id: str, spec: StreamSpec) -> None:
-        """A source that ended by itself (a file played out) is not restarted with the server."""
+        """A source that ended by itself (a file played out, a camera that refused us) is not restarted with the
+        server: a failed stream comes back only on request (RestartStream), so a restart never locks an account."""
         status = await self.manager.wait(stream_id)
-        if status.state is StreamState.FINISHED and spec.resume:
+        if status.state in (StreamState.FINISHED, StreamState.FAILED) and spec.resume:
             await asyncio.to_thread(self.store.put_stream_config, stream_id, spec.to_config(active=False))

@@ -7,6 +7,10 @@ a slow consumer costs frames, never aiortc's receive loop, latency or memory.
 
 Negotiation is non-trickle (WHIP style): the offer carries the sender's candidates, and the
 answer is sent once ICE gathering is complete. Only host candidates are used: no STUN, no TURN.
+
+A sender that vanishes without a DELETE (killed, cut off) sends no RTCP BYE and no DTLS close, and ICE
+consent checks would notice only after about 30 s; so the session watches for packets itself and fails
+once none (RTP, RTCP or DTLS) has come for ``peer_timeout_s``.
 """
 
 from __future__ import annotations
@@ -65,11 +69,14 @@ class WebRTCSettings:
     buffer_frames: int = 8  # decoded frames between aiortc and the pipeline thread
     negotiate_timeout_s: float = 10.0  # applying the offer and gathering our candidates
     connect_timeout_s: float = 20.0  # from the answer to the first video frame
+    # then: no packet at all from the sender for this long ends the session (failed). Senders send RTCP about
+    # every second (browsers, aiortc) even when no video frame is due, so silence means the sender is gone.
+    peer_timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
         if self.buffer_frames < 1:
             raise ValueError(f"buffer_frames must be >= 1, got {self.buffer_frames}")
-        for name in ("negotiate_timeout_s", "connect_timeout_s"):
+        for name in ("negotiate_timeout_s", "connect_timeout_s", "peer_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -257,8 +264,8 @@ class WebRTCSession:
     (``frame.pts * frame.time_base``, which aiortc starts at 0 on the first frame and unwraps);
     the stream's :class:`MediaClock` continues it after an earlier session. Wall time is the
     frame's arrival. The session ends, and with it the
-    frame iterator, when the peer closes, the connection fails, the track ends, or on :meth:`close`;
-    stopping the stream closes the session too.
+    frame iterator, when the peer closes, the connection fails, the track ends, the sender goes silent
+    (``settings.peer_timeout_s``), or on :meth:`close`; stopping the stream closes the session too.
     """
 
     def __init__(self, stream: str, settings: WebRTCSettings | None = None) -> None:
@@ -309,7 +316,7 @@ class WebRTCSession:
             await self.close()
             raise
         self._state = SessionState.CONNECTING
-        self._spawn(self._watch_connect())
+        self._spawn(self._watch())
         logger.info("webrtc session answered stream=%s", self.stream)
         return self._pc.localDescription.sdp
 
@@ -413,7 +420,9 @@ class WebRTCSession:
             return self._last[0] + (wall - self._last[1]) if self._last else 0.0
         return float(frame.pts * (frame.time_base or _RTP_TIME_BASE))
 
-    async def _watch_connect(self) -> None:
+    async def _watch(self) -> None:
+        """Fail the session if no video comes within ``connect_timeout_s`` of the answer, or, once it came, if
+        no packet comes from the sender for ``peer_timeout_s``."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
                 await self._first_frame.wait()
@@ -422,6 +431,25 @@ class WebRTCSession:
                 f"no video within {self.settings.connect_timeout_s:g} s of the answer "
                 f"(connection state {self._pc.connectionState})"
             )
+            return
+        timeout_s = self.settings.peer_timeout_s
+        seen, heard = await self._packets_received(), time.monotonic()
+        while True:
+            await asyncio.sleep(min(0.5, timeout_s / 4))
+            packets, now = await self._packets_received(), time.monotonic()
+            if packets != seen:
+                seen, heard = packets, now
+            elif now - heard >= timeout_s:
+                self._end(
+                    f"the sender went silent: no packet for {now - heard:.1f} s "
+                    "(it stopped or lost its network without a DELETE)"
+                )
+                return
+
+    async def _packets_received(self) -> int:
+        """Datagrams received on the peer connection's transports: RTP, RTCP and DTLS (ICE checks not counted)."""
+        report = await self._pc.getStats()
+        return sum(stats.packetsReceived for stats in report.values() if stats.type == "transport")
 
     def _end(self, error: str | None) -> None:
         if not self._closing:

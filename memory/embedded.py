@@ -28,7 +28,7 @@ import numpy as np
 import memory.codec as codec
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
 from memory.secrets import KEY_FILE, ConfigCipher
-from memory.store import MemoryStore, UnknownStream
+from memory.store import MemoryStore, UnknownStream, scan_from
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS streams (
     evicted INTEGER NOT NULL DEFAULT 0,
     max_age_s REAL,
     max_bytes INTEGER,
-    config TEXT
+    config TEXT,
+    media_span REAL NOT NULL DEFAULT 0,
+    wall_span REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS clips (
     stream_id TEXT NOT NULL,
@@ -63,7 +65,11 @@ CREATE INDEX IF NOT EXISTS clips_wall ON clips (stream_id, wall_start, seq);
 """
 
 META_COLUMNS = "stream_id, seq, wall_start, wall_end, media_start, media_end, frame_media_times"
-TIME_COLUMN: dict[Clock, str] = {"media": "media_start", "wall": "wall_start"}
+# Per clock: a clip's start and end columns, and the stream's column holding its longest clip on that clock.
+TIME_COLUMNS: dict[Clock, tuple[str, str, str]] = {
+    "media": ("media_start", "media_end", "media_span"),
+    "wall": ("wall_start", "wall_end", "wall_span"),
+}
 
 
 def _meta(row: tuple[Any, ...]) -> ClipMeta:
@@ -99,6 +105,8 @@ class EmbeddedStore(MemoryStore):
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA secure_delete = FAST")  # zero deleted rows where it costs no extra I/O
         self._conn.executescript(f"BEGIN; {SCHEMA} COMMIT;")
+        with self._tx() as db:
+            self._add_spans(db)
         log.info("embedded memory at %s (%s tokens)", self.path, self.token_format)
 
     @contextmanager
@@ -112,6 +120,18 @@ class EmbeddedStore(MemoryStore):
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    def _add_spans(self, db: sqlite3.Connection) -> None:
+        """Give a file written before streams kept their longest clip (media_span, wall_span) those columns."""
+        if "media_span" in {row[1] for row in db.execute("PRAGMA table_info(streams)")}:
+            return
+        for start, end, span in TIME_COLUMNS.values():
+            db.execute(f"ALTER TABLE streams ADD COLUMN {span} REAL NOT NULL DEFAULT 0")
+            db.execute(
+                f"UPDATE streams SET {span} = (SELECT COALESCE(MAX(MAX({end} - {start}, 0)), 0) FROM clips "
+                "WHERE clips.stream_id = streams.stream_id)"
+            )
+        log.info("memory at %s: added each stream's longest clip, which bounds time-range scans", self.path)
 
     @staticmethod
     def _stream(db: sqlite3.Connection, stream_id: str) -> tuple[Any, ...]:
@@ -156,8 +176,9 @@ class EmbeddedStore(MemoryStore):
             if not inserted:
                 return False
             total, max_bytes = db.execute(
-                "UPDATE streams SET shape = ?, bytes = bytes + ? WHERE stream_id = ? RETURNING bytes, max_bytes",
-                (enc.shape, enc.nbytes, m.stream_id),
+                "UPDATE streams SET shape = ?, bytes = bytes + ?, media_span = MAX(media_span, ?), "
+                "wall_span = MAX(wall_span, ?) WHERE stream_id = ? RETURNING bytes, max_bytes",
+                (enc.shape, enc.nbytes, m.media_end - m.media_start, m.wall_end - m.wall_start, m.stream_id),
             ).fetchone()
             if max_bytes is not None and total > max_bytes:
                 evicted = self._evict_oldest(db, m.stream_id, total - max_bytes)
@@ -192,13 +213,21 @@ class EmbeddedStore(MemoryStore):
     def clips(
         self, stream_id: str, start: float | None = None, end: float | None = None, *, clock: Clock = "media"
     ) -> list[ClipMeta]:
-        col = TIME_COLUMN[clock]
+        start_col, end_col, span_col = TIME_COLUMNS[clock]
         with self._tx(write=False) as db:
-            self._stream(db, stream_id)
+            row = db.execute(f"SELECT {span_col} FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
+            if row is None:
+                raise UnknownStream(stream_id)
+            # The index scans from scan_from(start, the longest clip), bounded; the test on the end is exact.
             rows = db.execute(
-                f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? AND {col} >= ? AND {col} < ? "
-                f"ORDER BY {col}, seq",
-                (stream_id, -math.inf if start is None else start, math.inf if end is None else end),
+                f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? AND {start_col} >= ? AND {start_col} < ? "
+                f"AND {end_col} > ? ORDER BY {start_col}, seq",
+                (
+                    stream_id,
+                    scan_from(start, row[0]),
+                    math.inf if end is None else end,
+                    -math.inf if start is None else start,
+                ),
             ).fetchall()
         return [_meta(r) for r in rows]
 

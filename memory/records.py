@@ -29,6 +29,10 @@ class ClipMeta:
     media_end: float
     frame_media_times: tuple[float, ...]  # one per sampled frame, 4 per clip
 
+    def span(self, clock: Clock) -> tuple[float, float]:
+        """[start, end) on `clock`."""
+        return (self.media_start, self.media_end) if clock == "media" else (self.wall_start, self.wall_end)
+
 
 @dataclass(frozen=True)
 class ClipRecord:

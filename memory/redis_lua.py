@@ -32,16 +32,38 @@ local function evict_to_cap(info, media, wall, prefix, evicted)
 end
 """
 
+# The stream's longest clip on each clock (info fields media_span, wall_span), which bounds how long before a
+# range a clip overlapping it can start (memory.store.scan_from). Spans only grow: an evicted long clip leaves
+# scans a little wider, never wrong. A stream written before spans were kept gets them from its clips, once.
+_SPANS = """
+local function spans(info, zset, prefix)
+  local kept = redis.call('HMGET', info, 'media_span', 'wall_span')
+  if kept[1] and kept[2] then return tonumber(kept[1]), tonumber(kept[2]) end
+  local media, wall = 0, 0
+  for _, member in ipairs(redis.call('ZRANGE', zset, 0, -1)) do
+    local c = cjson.decode(redis.call('HGET', prefix .. member, 'meta'))
+    media = math.max(media, c.media_end - c.media_start)
+    wall = math.max(wall, c.wall_end - c.wall_start)
+  end
+  redis.call('HSET', info, 'media_span', string.format('%.17g', media), 'wall_span', string.format('%.17g', wall))
+  return media, wall
+end
+"""
+
 # KEYS: streams, info, media, wall, clip. ARGV: stream_id, member, media_start, wall_start, wall_end, meta,
-# fmt, ntok, dim, shape, tokens, vector, nbytes, clip prefix.
+# fmt, ntok, dim, shape, tokens, vector, nbytes, clip prefix, media length, wall length.
 # Returns {0} if the clip exists, {-1, shape} on a shape mismatch, else {1, evicted members}.
 PUT = (
     _EVICT
+    + _SPANS
     + """
 if redis.call('EXISTS', KEYS[5]) == 1 then return {0} end
 local shape = redis.call('HGET', KEYS[2], 'shape')
 if shape and shape ~= ARGV[10] then return {-1, shape} end
 redis.call('SADD', KEYS[1], ARGV[1])
+local media_span, wall_span = spans(KEYS[2], KEYS[3], ARGV[14])
+redis.call('HSET', KEYS[2], 'media_span', string.format('%.17g', math.max(media_span, tonumber(ARGV[15]))),
+           'wall_span', string.format('%.17g', math.max(wall_span, tonumber(ARGV[16]))))
 redis.call('HSET', KEYS[5], 'meta', ARGV[6], 'fmt', ARGV[7], 'ntok', ARGV[8], 'dim', ARGV[9],
            'tokens', ARGV[11], 'vector', ARGV[12], 'nbytes', ARGV[13], 'wall_end', ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
@@ -76,15 +98,26 @@ return evicted
 """
 )
 
-# KEYS: streams, one time sorted set. ARGV: stream_id, min, max, clip prefix. Returns metas, nil if unknown.
-CLIPS = """
+# KEYS: streams, info, the clock's sorted set. ARGV: stream_id, start ('' for none), max score, clip prefix, clock
+# ('media' or 'wall'), scan margin. Returns the metas of clips starting from scan_from(start, that clock's span)
+# to max, nil if the stream is unknown; the caller keeps those that end after start.
+CLIPS = (
+    _SPANS
+    + """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return nil end
+local min = '-inf'
+if ARGV[2] ~= '' then
+  local media_span, wall_span = spans(KEYS[2], KEYS[3], ARGV[4])
+  local span = ARGV[5] == 'media' and media_span or wall_span
+  min = string.format('%.17g', tonumber(ARGV[2]) - span - tonumber(ARGV[6]))
+end
 local metas = {}
-for i, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], ARGV[3])) do
+for i, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], min, ARGV[3])) do
   metas[i] = redis.call('HGET', ARGV[4] .. member, 'meta')
 end
 return metas
 """
+)
 
 # KEYS: streams, info, wall. ARGV: stream_id, clip prefix.
 # Returns {info as field/value list, clip count, oldest meta, newest meta}, nil if unknown.

@@ -24,13 +24,13 @@ import memory.codec as codec
 import memory.redis_lua as redis_lua
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
 from memory.secrets import ConfigCipher
-from memory.store import MemoryStore, MemoryUnavailable, UnknownStream
+from memory.store import SCAN_MARGIN_S, MemoryStore, MemoryUnavailable, UnknownStream
 
 log = logging.getLogger(__name__)
 
 
 class _StreamKeys(NamedTuple):
-    info: str  # hash: shape, bytes, evicted, max_age_s, max_bytes
+    info: str  # hash: shape, bytes, evicted, max_age_s, max_bytes, media_span, wall_span
     media: str  # sorted set: member -> media_start
     wall: str  # sorted set: member -> wall_start
     clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end
@@ -41,8 +41,9 @@ def _member(seq: int) -> str:
     return f"{seq:020d}"
 
 
-def _score(t: float | None, default: str, exclusive: bool = False) -> str:
-    return default if t is None else f"{'(' if exclusive else ''}{float(t)!r}"
+def _below(t: float | None) -> str:
+    """ZRANGEBYSCORE's max for scores under t (None: no limit)."""
+    return "+inf" if t is None else f"({float(t)!r}"
 
 
 class RedisStore(MemoryStore):
@@ -112,6 +113,8 @@ class RedisStore(MemoryStore):
                     enc.vector,
                     enc.nbytes,
                     k.clip_prefix,
+                    repr(m.media_end - m.media_start),
+                    repr(m.wall_end - m.wall_start),
                 ],
             )
         if reply[0] == -1:
@@ -127,12 +130,20 @@ class RedisStore(MemoryStore):
         zset = {"media": k.media, "wall": k.wall}[clock]
         with self._reachable():
             metas = self._clips(
-                keys=[self._streams_key, zset],
-                args=[stream_id, _score(start, "-inf"), _score(end, "+inf", exclusive=True), k.clip_prefix],
+                keys=[self._streams_key, k.info, zset],
+                args=[
+                    stream_id,
+                    "" if start is None else repr(float(start)),
+                    _below(end),
+                    k.clip_prefix,
+                    clock,
+                    repr(SCAN_MARGIN_S),
+                ],
             )
         if metas is None:
             raise UnknownStream(stream_id)
-        return [codec.meta_from_json(m) for m in metas]
+        clips = [codec.meta_from_json(m) for m in metas]
+        return clips if start is None else [m for m in clips if m.span(clock)[1] > start]
 
     def tokens(self, stream_id: str, seqs: Sequence[int]) -> np.ndarray:
         seqs = [int(s) for s in seqs]

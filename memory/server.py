@@ -1,17 +1,20 @@
-"""The Memory gRPC service (clips by time range, per-stream statistics), and the base of every service that
-holds the memory open."""
+"""The Memory gRPC service (clips by time range, per-stream statistics, deleting a stream), and the base of every
+service that holds the memory open."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
-from memory import MemoryStore, open_store
-from memory.records import ClipMeta
+from memory import ClipIndex, MemoryStore, UnknownStream, open_store
+from memory.records import ClipMeta, Clock, StreamStats
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from vcflash.serve.errors import Invalid
+from vcflash.serve.errors import FailedPrecondition, Invalid
 from vcflash.serve.lifecycle import Service, ServiceEntry
 from vcflash.serve.rpc import handle_errors
 from vcflash.serve.settings import MemorySettings
@@ -31,18 +34,61 @@ def clip_info(m: ClipMeta) -> pb.ClipInfo:
     )
 
 
+def time_range(r: pb.TimeRange) -> tuple[float | None, float | None, Clock]:
+    """A request's (start, end, clock); a NaN bound, or a clock this version does not know, is `Invalid` (proto3
+    enums are open: an unknown number would otherwise read as the media clock)."""
+    start = r.start if r.HasField("start") else None
+    end = r.end if r.HasField("end") else None
+    if (start is not None and math.isnan(start)) or (end is not None and math.isnan(end)):
+        raise Invalid(f"a time range's start and end must be numbers, got {start} and {end}")
+    if r.clock not in (pb.CLOCK_MEDIA, pb.CLOCK_WALL):
+        raise Invalid(f"unknown clock {r.clock} (CLOCK_MEDIA is 0, CLOCK_WALL 1)")
+    return start, end, "wall" if r.clock == pb.CLOCK_WALL else "media"
+
+
+def memory_stats(s: StreamStats, config: dict[str, Any] | None) -> pb.StreamMemoryStats:
+    return pb.StreamMemoryStats(
+        stream_id=s.stream_id,
+        clips=s.clips,
+        bytes=s.bytes,
+        first=clip_info(s.first) if s.first else None,
+        last=clip_info(s.last) if s.last else None,
+        retention_max_age_s=s.retention.max_age_s,
+        retention_max_bytes=s.retention.max_bytes,
+        evicted_clips=s.evicted_clips,
+        configured=config is not None,
+        active=bool(config and config.get("active")),
+    )
+
+
+async def delete_unless_active(store: MemoryStore, index: ClipIndex | None, stream_id: str) -> None:
+    """Memory.DeleteStream on a server that runs no streams (the split deployment's reasoner): it cannot see
+    which streams ingest runs, so a stream whose stored config is active (ingest resumes it) is refused; a
+    WHIP stream is never active, so nothing stops this deleting one that is live (ingest's own Memory service
+    refuses that)."""
+    config = (await asyncio.to_thread(store.stream_configs)).get(stream_id)
+    if config is not None and config.get("active"):
+        raise FailedPrecondition(
+            f"stream {stream_id!r} is active (an ingest server runs or resumes it); stop it and delete its memory "
+            f"there with `vcflash streams rm --delete-memory {stream_id}`"
+        )
+    await asyncio.to_thread(store.delete_stream, stream_id)
+    if index is not None:
+        index.drop_stream(stream_id)
+
+
 class MemoryServicer(pb_grpc.MemoryServicer):
-    def __init__(self, store: MemoryStore, settings: MemorySettings) -> None:
-        self.store, self.max_clips = store, settings.max_list_clips
+    def __init__(self, store: MemoryStore, settings: MemorySettings, delete: Callable[[str], Awaitable[None]]) -> None:
+        """`delete(stream_id)` serves DeleteStream: the service decides whether a stream may go now."""
+        self.store, self.max_clips, self.delete = store, settings.max_list_clips, delete
 
     @handle_errors
     async def ListClips(self, request: pb.ListClipsRequest, context: grpc.aio.ServicerContext) -> pb.ListClipsResponse:
-        r = request.range
-        start = r.start if r.HasField("start") else None
-        end = r.end if r.HasField("end") else None
+        start, end, clock = time_range(request.range)
         if start is not None and end is not None and start >= end:
             raise Invalid(f"inverted time range: start {start} >= end {end}")
-        clock = "wall" if r.clock == pb.CLOCK_WALL else "media"
+        if request.limit < 0:
+            raise Invalid(f"limit must be >= 0 (0: the server's maximum), got {request.limit}")
         clips = await asyncio.to_thread(self.store.clips, request.stream_id, start, end, clock=clock)
         limit = min(request.limit or self.max_clips, self.max_clips)
         return pb.ListClipsResponse(clips=[clip_info(c) for c in clips[:limit]], truncated=len(clips) > limit)
@@ -50,28 +96,31 @@ class MemoryServicer(pb_grpc.MemoryServicer):
     @handle_errors
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         ids = [request.stream_id] if request.stream_id else await asyncio.to_thread(self.store.streams)
+        configs = await asyncio.to_thread(self.store.stream_configs)
         out = []
         for stream_id in ids:
-            s = await asyncio.to_thread(self.store.stats, stream_id)
-            out.append(
-                pb.StreamMemoryStats(
-                    stream_id=s.stream_id,
-                    clips=s.clips,
-                    bytes=s.bytes,
-                    first=clip_info(s.first) if s.first else None,
-                    last=clip_info(s.last) if s.last else None,
-                    retention_max_age_s=s.retention.max_age_s,
-                    retention_max_bytes=s.retention.max_bytes,
-                    evicted_clips=s.evicted_clips,
-                )
-            )
+            try:
+                s = await asyncio.to_thread(self.store.stats, stream_id)
+            except UnknownStream:
+                if request.stream_id:
+                    raise
+                continue  # deleted since it was listed
+            out.append(memory_stats(s, configs.get(stream_id)))
         return pb.GetStatsResponse(streams=out)
+
+    @handle_errors
+    async def DeleteStream(
+        self, request: pb.DeleteStreamRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteStreamResponse:
+        await self.delete(request.stream_id)
+        return pb.DeleteStreamResponse()
 
 
 class MemoryService(Service):
     """A service over the shared memory: opens it before `setup`, closes it after `stop`."""
 
     store: MemoryStore
+    index: ClipIndex | None = None  # a FAISS index over the memory, for services that search it
 
     async def start(self) -> int:
         s = self.settings
@@ -84,4 +133,9 @@ class MemoryService(Service):
         self.store.close()
 
     def memory_entry(self) -> ServiceEntry:
-        return (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(self.store, self.settings.memory), SERVICE_NAME)
+        servicer = MemoryServicer(self.store, self.settings.memory, self.delete_stream)
+        return (pb_grpc.add_MemoryServicer_to_server, servicer, SERVICE_NAME)
+
+    async def delete_stream(self, stream_id: str) -> None:
+        """Memory.DeleteStream here; a service that runs streams knows better which may go (`ServesStreams`)."""
+        await delete_unless_active(self.store, self.index, stream_id)

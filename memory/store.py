@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -10,7 +11,20 @@ from typing import Any, Self
 import numpy as np
 
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats
-from vcflash.serve.errors import NotFound, Unavailable
+from vcflash.serve.errors import NotFound, Unavailable, excerpt
+
+SCAN_MARGIN_S = 1e-3
+
+
+def scan_from(start: float | None, longest: float) -> float:
+    """The earliest start time a clip ending after `start` can have, for index scans by start time.
+
+    A clip starts at most `longest` (the stream's longest clip on that clock) before it ends. The scan begins a
+    millisecond earlier still, so float rounding of the subtraction never loses a clip; backends then test the
+    end exactly. Bounding by the longest clip, rather than indexing ends too, keeps one index per clock and
+    one range scan: a stream's clips last about the same (4 sampled frames), so it reads a clip or two more.
+    """
+    return -math.inf if start is None else start - longest - SCAN_MARGIN_S
 
 
 class MemoryUnavailable(Unavailable):
@@ -24,7 +38,7 @@ class UnknownStream(NotFound):
     """The stream has never been written (or was deleted)."""
 
     def __init__(self, stream_id: str) -> None:
-        super().__init__(f"unknown stream {stream_id!r}")
+        super().__init__(f"unknown stream {excerpt(stream_id)}")
         self.stream_id = stream_id
 
 
@@ -43,7 +57,11 @@ class MemoryStore(abc.ABC):
     def clips(
         self, stream_id: str, start: float | None = None, end: float | None = None, *, clock: Clock = "media"
     ) -> list[ClipMeta]:
-        """Clips whose start time on `clock` is in [start, end) (None: open end), ascending by (that time, seq)."""
+        """Clips that overlap [start, end) on `clock` (None: open end), ascending by (start time, seq).
+
+        A clip [s, e) overlaps when s < end and e > start, so a range inside one clip finds it, and a clip that
+        ends exactly at `start` (or starts at `end`) is not in the range.
+        """
 
     @abc.abstractmethod
     def tokens(self, stream_id: str, seqs: Sequence[int]) -> np.ndarray:

@@ -20,6 +20,8 @@ MIN_FPS = 1e-3  # a clip spans at most 4000 s; below this, 1 / fps overflows the
 def check_stream_name(name: str) -> str:
     if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
         raise Invalid(f"stream name must match {STREAM_NAME.pattern}, got {str(name)[:80]!r}")
+    if not name.strip("."):  # "." and ".." name directories wherever a name becomes a path
+        raise Invalid(f"stream name must not be only dots, got {name!r}")
     return name
 
 

@@ -46,7 +46,7 @@ class AskParams:
     max_frames: int = 512
     selection: Selection = "uniform"
     dropout: str | None = None  # None: the checkpoint's config; "off", "recommended" or TYPE:LAYERS:RATIOS
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: 512, or the server's limit when lower
     do_sample: bool = False
     temperature: float | None = None
     top_p: float | None = None
@@ -93,7 +93,7 @@ class AskParams:
             raise AskError(f"inverted time range: start {self.start} >= end {self.end}")
         if not 4 <= self.max_frames <= limits.max_ask_frames or self.max_frames % 4:
             raise AskError(f"max_frames must be a multiple of 4 in [4, {limits.max_ask_frames}], got {self.max_frames}")
-        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= limits.max_new_tokens:
             raise AskError(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}")
         if self.dropout is not None and len(self.dropout) > 64:  # its parse error would quote it whole
             raise AskError(f"dropout spec {excerpt(self.dropout)} is too long (expected TYPE:LAYERS:RATIOS)")
@@ -209,7 +209,7 @@ class Reasoner:
                 out,
                 seed=p.seed,
                 do_sample=p.do_sample,
-                max_new_tokens=p.max_new_tokens,
+                max_new_tokens=p.max_new_tokens or min(512, self.limits.max_new_tokens),
                 temperature=p.temperature,
                 top_p=p.top_p,
                 top_k=p.top_k,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,10 +13,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
 from hico import VideoChatFlash
 from memory import ClipIndex
-from memory.server import MemoryService, clip_info
+from memory.server import MemoryService, clip_info, time_range
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from reasoner.engine import AskParams, AskResult, Reasoner
+from vcflash.serve.errors import Invalid
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.rpc import handle_errors
 
@@ -23,18 +25,45 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reasoner"].full_name
 _DONE = object()
 
 
+MIN_TEMPERATURE = 1e-4  # below it, logits / temperature overflow float32 and sampling fails
+
+
+def check_generation(g: pb.Generation) -> None:
+    """`Invalid` for sampling settings the generator cannot use (it would fail inside the model, INTERNAL)."""
+
+    def bad(name: str, rule: str) -> Invalid:
+        return Invalid(f"generation.{name} must be {rule}, got {getattr(g, name)!r}")
+
+    floats = ("temperature", "top_p", "repetition_penalty")
+    for name in floats:
+        if g.HasField(name) and not math.isfinite(getattr(g, name)):
+            raise bad(name, "a finite number")
+    if g.do_sample and g.HasField("temperature") and g.temperature < MIN_TEMPERATURE:
+        raise bad("temperature", f">= {MIN_TEMPERATURE:g} when sampling")
+    if g.HasField("top_p") and not 0.0 <= g.top_p <= 1.0:
+        raise bad("top_p", "in [0, 1]")
+    if g.HasField("top_k") and g.top_k < 0:
+        raise bad("top_k", ">= 0 (0: off)")
+    if g.HasField("repetition_penalty") and g.repetition_penalty <= 0:
+        raise bad("repetition_penalty", "> 0")
+
+
 def ask_params(r: pb.AskRequest) -> AskParams:
     g = r.generation
+    check_generation(g)
+    start, end, clock = time_range(r.range)
+    if r.selection not in (pb.SELECTION_UNIFORM, pb.SELECTION_RETRIEVAL):
+        raise Invalid(f"unknown selection {r.selection} (SELECTION_UNIFORM is 0, SELECTION_RETRIEVAL 1)")
     return AskParams(
         stream_ids=list(r.stream_ids),
         question=r.question,
-        start=r.range.start if r.range.HasField("start") else None,
-        end=r.range.end if r.range.HasField("end") else None,
-        clock="wall" if r.range.clock == pb.CLOCK_WALL else "media",
+        start=start,
+        end=end,
+        clock=clock,
         max_frames=r.max_frames or 512,
         selection="retrieval" if r.selection == pb.SELECTION_RETRIEVAL else "uniform",
         dropout=r.dropout or None,
-        max_new_tokens=g.max_new_tokens or 512,
+        max_new_tokens=g.max_new_tokens or None,
         do_sample=g.do_sample,
         temperature=g.temperature if g.HasField("temperature") else None,
         top_p=g.top_p if g.HasField("top_p") else None,

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -30,18 +31,25 @@ class RedisServer:
         self.directory = directory
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
+        self._next_db = 0  # 0 is `url`'s
 
     @property
     def url(self) -> str:
         return self.url_for(0)
 
     def url_for(self, db: int) -> str:
-        """A URL for one of the server's numbered databases (0..15), to keep users apart."""
+        """A URL for one of the server's numbered databases (0..255)."""
         return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def fresh_url(self) -> str:
+        """A URL for a database no other caller got: tests sharing the session's server stay apart."""
+        self._next_db += 1
+        return self.url_for(self._next_db)
 
     def start(self) -> None:
         log = self.directory / "redis.log"
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
+        args += ["--databases", "256"]
         args += ["--appendonly", "yes" if self.appendonly else "no", "--logfile", str(log)]
         self.proc = subprocess.Popen(["redis-server", *args])
         client = redis.Redis(port=self.port, socket_connect_timeout=0.1, socket_timeout=0.1)
@@ -91,3 +99,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of this test alone, with an append-only file, for tests that stop and restart it."""
     yield from _server(tmp_path, appendonly=True)
+
+
+@pytest.fixture
+def memory_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Settings for a fresh memory of the backend in request.param ("embedded" or "redis"): a data dir, and for
+    Redis a database of its own on the session's server."""
+    if request.param == "redis":
+        return {"data_dir": tmp_path, "redis_url": request.getfixturevalue("redis_server").fresh_url()}
+    return {"data_dir": tmp_path, "redis_url": None}

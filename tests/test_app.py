@@ -9,7 +9,6 @@ under a second; streams that must still be running use realtime=True at 8 fps (a
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import signal
@@ -195,17 +194,6 @@ def runner() -> Iterator[LoopThread]:
     loop.close()
 
 
-_databases = itertools.count(1)
-
-
-@pytest.fixture
-def memory_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    """Settings for a fresh memory of the backend in request.param: a data dir, and maybe a Redis database."""
-    if request.param == "redis":
-        return {"data_dir": tmp_path, "redis_url": request.getfixturevalue("redis_server").url_for(next(_databases))}
-    return {"data_dir": tmp_path, "redis_url": None}
-
-
 @pytest.fixture(scope="module", params=["embedded", "redis"])
 def served(
     request: pytest.FixtureRequest,
@@ -215,7 +203,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Served]:
     """An App on one backend with two finished file streams: cam (20 s: 5 clips) and cam2 (12 s: 3 clips)."""
-    redis_url = request.getfixturevalue("redis_server").url_for(next(_databases)) if request.param == "redis" else None
+    redis_url = request.getfixturevalue("redis_server").fresh_url() if request.param == "redis" else None
     s = start_app(runner, model, data_dir=tmp_path_factory.mktemp("data"), redis_url=redis_url)
     try:
         s.client.add_stream("cam", str(videos["20s"]), fps=1, realtime=False)

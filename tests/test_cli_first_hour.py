@@ -45,6 +45,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, impo
         ["health", "--address", "127.0.0.1:1"],  # runs: the probe fails fast on a closed port
         ["health", "--help"],
         ["streams", "ls", "--help"],
+        ["memory", "ls", "--help"],
         ["ask-live", "--help"],
         ["wait", "--address", "127.0.0.1:1", "--timeout", "0.2"],
         ["--version"],

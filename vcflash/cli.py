@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy: commands that only talk gRPC never load torch or transformers
+    from protos.vcflash.v1 import vcflash_pb2 as pb
     from vcflash.client import Client
     from vcflash.serve.settings import Settings
 
@@ -25,6 +28,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from hico.checkpoint import DEFAULT_MODEL
 
     model = VideoChatFlash.from_pretrained(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
+    if args.adapter:
+        from hico.lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
     answer = model.answer(
         args.video,
         args.question,
@@ -60,15 +67,131 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from hico.checkpoint import make_tiny_checkpoint
 
+    if args.preset == "shapes":
+        from hico.checkpoint import shapes_config
+        from vcflash.shapes import corpus
+
+        made = make_tiny_checkpoint(
+            args.dir, seed=args.seed, config=shapes_config(), corpus=corpus(), greedy=True, for_training=True
+        )
+        print(made)
+        return 0
     print(make_tiny_checkpoint(args.dir, res=args.res, seed=args.seed))
     return 0
 
 
 def cmd_make_test_video(args: argparse.Namespace) -> int:
-    from vcflash.media import write_test_video
+    from vcflash.shapes import demo_scene
 
-    print(write_test_video(args.path, seconds=args.seconds, fps=args.fps))
+    print(demo_scene(seconds=args.seconds, fps=args.fps).write(args.path))
     return 0
+
+
+def csv(kind: type) -> object:
+    """argparse type: comma-separated values of `kind`."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from e
+
+    return parse
+
+
+def cmd_make_dataset(args: argparse.Namespace) -> int:
+    from vcflash.shapes import make_dataset
+
+    paths = make_dataset(
+        args.out,
+        videos=args.videos,
+        test_videos=args.test_videos,
+        seconds=args.seconds,
+        fps=args.fps,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+    )
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hico.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data,
+        model=args.model,
+        out=args.out,
+        eval_data=args.eval,
+        data_root=args.data_root,
+        train=args.train,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        merge_lora=args.merge_lora,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        vision_lr=args.vision_lr,
+        warmup=args.warmup,
+        videos_per_step=args.videos_per_step,
+        questions_per_video=args.questions_per_video,
+        max_frames=args.frames,
+        anchors=args.anchors,
+        eval_every=args.eval_every,
+        eval_samples=args.eval_samples,
+        device=args.device,
+        dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        resume=args.resume,
+        bad_videos=args.bad_videos,
+        threads=args.threads,
+    )
+    result = train(cfg, report=lambda line: print(line, file=sys.stderr, flush=True), progress=True)
+    summary = {
+        "out": str(result.out),
+        "steps": result.steps,
+        "samples": result.samples,
+        "seconds": round(result.seconds, 1),
+        "samples_per_s": round(result.samples_per_s, 3),
+        "peak_memory_gb": round(result.peak_memory_gb, 3),
+        "final_loss": round(result.final_loss, 4),
+        "last_eval": result.evals[-1] if result.evals else None,
+        "skipped_videos": result.skipped,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hico.dataset import check_videos, read_samples
+    from vcflash.evaluate import answer_live, answer_offline, grade, report
+
+    samples, bad = check_videos(read_samples(args.data, args.data_root), args.bad_videos)
+    for line in bad:
+        print(f"vcflash: skipping a bad video: {line}", file=sys.stderr)
+    if args.live:
+        with client(args, reasoner=True) as c:
+            answers = answer_live(c, samples, args.max_frames, progress=sys.stderr.isatty())
+    else:
+        model = load_for_answers(args)
+        answers = answer_offline(model, samples, args.max_frames, progress=sys.stderr.isatty())
+    print(report(grade(samples, answers), args.json, args.data))
+    return 0
+
+
+def load_for_answers(args: argparse.Namespace):
+    """`--model` (and `--adapter`, merged in) as `ask` loads it."""
+    from hico import VideoChatFlash
+    from hico.checkpoint import DEFAULT_MODEL
+
+    model = VideoChatFlash.from_pretrained(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
+    if args.adapter:
+        from hico.lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    return model
 
 
 def service_settings(args: argparse.Namespace) -> Settings:
@@ -154,31 +277,150 @@ def cmd_streams(args: argparse.Namespace) -> int:
                 transport=args.transport,
                 keyframes_only=args.keyframes_only,
                 listen=args.listen,
+                camera_clock=args.camera_clock,
             )
             print(f"{s.stream_id}: {s.state} ({s.source}, {s.fps:g} fps)")
         elif args.action == "rm":
             c.remove_stream(args.name, delete_memory=args.delete_memory)
             print(f"{args.name}: removed")
-        elif args.json:
-            from google.protobuf.json_format import MessageToDict
+        elif args.action == "restart":
+            s = c.restart_stream(args.name)
+            print(f"{s.stream_id}: {s.state} ({s.source}, {s.fps:g} fps)")
+        else:  # ls: the streams come from ingest alone, so they are listed even while the memory is down
+            listed = c.list_streams()
+            stats, stats_error = memory_or_error(c)
+            if args.json:
+                from google.protobuf.json_format import MessageToDict
 
-            stats = {m.stream_id: MessageToDict(m, preserving_proto_field_name=True) for m in c.stats()}
-            streams = []
-            for s in c.list_streams():
-                d = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-                streams.append(d | {"memory": stats.get(s.stream_id)})
-            print(json.dumps(streams, indent=2))
-        else:
-            stats = {m.stream_id: m for m in c.stats()}
-            for s in c.list_streams():
+                streams = []
+                for s in listed:
+                    d = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                    mem = stats.get(s.stream_id)
+                    d["memory"] = None if mem is None else MessageToDict(mem, preserving_proto_field_name=True)
+                    d["memory_error"] = s.memory_error or stats_error
+                    streams.append(d)
+                print(json.dumps(streams, indent=2))
+                return 0
+            for s in listed:
                 dropped = sum(s.frames_dropped.values())
-                mem = stats.get(s.stream_id)
+                mem, memory_error = stats.get(s.stream_id), s.memory_error or stats_error
                 print(
                     f"{s.stream_id}\t{s.state}\t{s.source}\t{s.fps:g} fps\tframes in {s.frames_in}, "
                     f"sampled {s.frames_sampled}, dropped {dropped}\tclips stored {s.clips_stored}"
                     + (f", in memory {mem.clips} ({mem.bytes / 1e6:.1f} MB)" if mem else "")
+                    + (f"\tclock: {s.clock}" if s.clock not in ("", "server") else "")  # with --camera-clock
                     + (f"\terror: {s.error}" if s.error else "")
+                    + (f"\tmemory error: {memory_error}" if memory_error else "")
                 )
+    return 0
+
+
+def memory_or_error(c: Client) -> tuple[dict[str, pb.StreamMemoryStats], str]:
+    """Every stream's memory statistics, or none and why when the memory is unavailable (Redis down)."""
+    import grpc
+
+    try:
+        return {m.stream_id: m for m in c.stats()}, ""
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+            raise
+        return {}, e.details()  # type: ignore[attr-defined]
+
+
+def iso(t: float, timespec: str = "auto") -> str:
+    """Unix seconds as an ISO date-time in UTC, which `--from/--to` read back."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def memory_row(m: pb.StreamMemoryStats, state: str | None) -> dict[str, object]:
+    """One stream of `memory ls`: what memory holds, its config, and its state if this server runs it."""
+    return {
+        "stream_id": m.stream_id,
+        "clips": m.clips,
+        "bytes": m.bytes,
+        "first_wall": iso(m.first.wall_start) if m.HasField("first") else None,
+        "last_wall": iso(m.last.wall_end) if m.HasField("last") else None,
+        "retention_max_age_s": m.retention_max_age_s if m.HasField("retention_max_age_s") else None,
+        "retention_max_bytes": m.retention_max_bytes if m.HasField("retention_max_bytes") else None,
+        "evicted_clips": m.evicted_clips,
+        "configured": m.configured,  # memory holds its config (source, fps, ...)
+        "active": m.active,  # that config is resumed when ingest restarts
+        "state": state,  # running, finished, ... on this server; None: it runs no such stream
+    }
+
+
+def describe_memory(m: pb.StreamMemoryStats, state: str | None) -> str:
+    """One line of `memory ls`: stream, clips, size, wall-clock span, retention, and where the stream stands."""
+    span = f"{iso(m.first.wall_start, 'seconds')} to {iso(m.last.wall_end, 'seconds')}" if m.HasField("first") else ""
+    age = f"{m.retention_max_age_s:g} s" if m.HasField("retention_max_age_s") else "any age"
+    size = f"{m.retention_max_bytes / 1e6:g} MB" if m.HasField("retention_max_bytes") else "any size"
+    config = "not running, resumed at restart" if m.active else "stopped" if m.configured else "not configured"
+    return (
+        f"{m.stream_id}\t{m.clips} clips\t{m.bytes / 1e6:.1f} MB\t{span or 'no clips'}\t"
+        f"retention {age}, {size}\t{state or config}"
+    )
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """`memory ls [STREAM]` and `memory rm STREAM`: what memory holds, whether or not a server runs the stream."""
+    import grpc
+
+    with client(args) as c:
+        if args.action == "rm":
+            return remove_memory(c, args)
+        if args.name:
+            return list_clips(c, args)
+        if args.start or args.end:
+            raise ValueError("--from/--to list one stream's clips: name the stream")
+        stats = c.stats()
+        try:  # the state of the streams this server runs; a server that runs none (a reasoner) has no Ingest
+            states = {s.stream_id: s.state for s in c.list_streams()}
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                raise
+            states = {}
+    if args.json:
+        print(json.dumps([memory_row(m, states.get(m.stream_id)) for m in stats], indent=2))
+        return 0
+    for m in stats:
+        print(describe_memory(m, states.get(m.stream_id)))
+    return 0
+
+
+def list_clips(c: Client, args: argparse.Namespace) -> int:
+    start, end, wall = parse_range(args.start, args.end, args.wall)
+    clips = c.clips(args.name, start, end, wall_clock=wall, limit=args.limit)
+    if args.json:
+        keys = ("seq", "media_start", "media_end")
+        rows = [
+            {k: getattr(m, k) for k in keys} | {"wall_start": iso(m.wall_start), "wall_end": iso(m.wall_end)}
+            for m in clips
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    for m in clips:
+        print(
+            f"#{m.seq}\tmedia {m.media_start:.1f}-{m.media_end:.1f} s\t"
+            f"wall {iso(m.wall_start, 'seconds')} to {iso(m.wall_end, 'seconds')}"
+        )
+    return 0
+
+
+def remove_memory(c: Client, args: argparse.Namespace) -> int:
+    """Delete after saying what goes: asks on a terminal, needs `--yes` otherwise."""
+    (m,) = c.stats(args.name)  # NOT_FOUND when memory holds nothing of it
+    what = f"{m.clips} clips ({m.bytes / 1e6:.1f} MB) of {args.name}"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(f"vcflash: error: this deletes {what}; pass --yes to confirm", file=sys.stderr)
+            return 2
+        if input(f"Delete {what} from memory? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    c.delete_memory(args.name)
+    print(f"{args.name}: deleted {m.clips} clips ({m.bytes / 1e6:.1f} MB) from memory")
     return 0
 
 
@@ -228,22 +470,53 @@ def cmd_wait(args: argparse.Namespace) -> int:
         time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
-def parse_time(value: str) -> tuple[float, bool]:
-    """Seconds of media time, or an ISO date-time (then on the wall clock)."""
-    from datetime import UTC, datetime
-
+def parse_when(value: str) -> float | datetime:
+    """Seconds (media time), or an ISO 8601 date-time (wall clock)."""
     try:
-        return float(value), False
+        t = float(value)
     except ValueError:
-        t = datetime.fromisoformat(value)
-        return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp(), True
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is neither seconds nor an ISO date-time (2026-11-21T14:05, 2026-11-21T14:05:00+01:00)"
+            ) from None
+    if not math.isfinite(t):
+        raise ValueError(f"a time must be finite, got {value!r}")
+    return t
+
+
+def parse_time(value: str) -> tuple[float, bool]:
+    """(seconds, on the wall clock?): media seconds, or an ISO date-time as Unix seconds (naive: UTC)."""
+    from vcflash.client import wall_seconds
+
+    t = parse_when(value)
+    return (t, False) if isinstance(t, float) else (wall_seconds(t), True)
+
+
+def parse_range(start: str | None, end: str | None, wall: bool = False) -> tuple[float | None, float | None, bool]:
+    """`--from/--to` (None: open) as (start, end, on the wall clock?); `wall` (--wall) reads numbers as Unix
+    seconds. A date-time with media seconds is a ValueError: the two clocks are unrelated."""
+    from vcflash.client import resolve_range
+
+    return resolve_range(*(None if v is None else parse_when(v) for v in (start, end)), wall_clock=wall)
+
+
+def media_seconds(value: str) -> float:
+    """`--from/--to` of `vcflash ask`: a video file has media time only."""
+    try:
+        t = parse_when(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not isinstance(t, float):
+        raise argparse.ArgumentTypeError(f"{value!r}: a video file has no wall clock; give seconds from its start")
+    return t
 
 
 def cmd_ask_live(args: argparse.Namespace) -> int:
     from hico.prompt import wall_clock
 
-    start, wall_a = parse_time(args.start) if args.start else (None, False)
-    end, wall_b = parse_time(args.end) if args.end else (None, False)
+    start, end, wall = parse_range(args.start, args.end, args.wall)
     with client(args, reasoner=True) as c:
         result = None
         for event in c.ask(
@@ -251,7 +524,7 @@ def cmd_ask_live(args: argparse.Namespace) -> int:
             args.question,
             start=start,
             end=end,
-            wall_clock=args.wall or wall_a or wall_b,
+            wall_clock=wall,
             max_frames=args.max_frames,
             retrieval=args.retrieval,
             dropout=args.compress or "",
@@ -299,13 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--model",
         help="hub id or local checkpoint dir (default: OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448); "
-        "'tiny' makes and uses a random tiny checkpoint",
+        "'tiny': the shipped tiny model, trained on synthetic shapes; 'tiny-random': random tiny weights",
     )
-    ask.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    ask.add_argument("--adapter", help="a LoRA adapter directory (vcflash train --lora-rank) to apply to --model")
+    ask.add_argument("--dtype", help="float32, bfloat16 or float16 (default bfloat16 on CUDA, float32 on CPU)")
     ask.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     ask.add_argument("--max-frames", type=int, default=512, help="frame budget, about 1 fps up to this (512)")
-    ask.add_argument("--start", type=float, help="only look at the video from this second")
-    ask.add_argument("--end", type=float, help="only look at the video up to this second")
+    ask.add_argument("--from", "--start", dest="start", type=media_seconds, help="look at the video from this second")
+    ask.add_argument("--to", "--end", dest="end", type=media_seconds, help="look at the video up to this second")
     ask.add_argument(
         "--compress",
         help="visual dropout: off, recommended (uniform0_attention:4,18:1,0.75,0.25) or TYPE:LAYERS:RATIOS; "
@@ -327,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--res", type=int, choices=(224, 448), default=224)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--preset",
+        choices=("tiny", "shapes"),
+        default="tiny",
+        help="shapes: the wider base (shapes vocabulary, greedy answers) that vcflash train makes the shipped tiny of",
+    )
     tiny.set_defaults(func=cmd_make_tiny)
 
     def service(name: str, help: str, model: bool) -> argparse.ArgumentParser:
@@ -377,21 +657,50 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--transport", choices=("tcp", "udp"), default="tcp", help="RTSP transport (default tcp)")
     add.add_argument("--keyframes-only", action="store_true", help="decode keyframes only (cheap at 1 fps)")
     add.add_argument("--listen", action="store_true", help="RTSP push: wait for a publisher on the URL's port")
+    add.add_argument(
+        "--camera-clock",
+        action="store_true",
+        help="RTSP: wall times on the camera's clock (RTCP sender reports), not the server's; trust it only if "
+        "the camera is synchronised (NTP)",
+    )
     rm = streams_sub.add_parser("rm", help="stop a stream")
     rm.add_argument("name")
     rm.add_argument("--delete-memory", action="store_true", help="also forget its clips")
+    restart = streams_sub.add_parser("restart", help="start a failed or finished stream again (e.g. fixed credentials)")
+    restart.add_argument("name")
     ls = streams_sub.add_parser("ls", help="list streams with their counters")
     ls.add_argument("--json", action="store_true", help="print the streams and their memory as JSON")
-    for p in (add, rm, ls):
+    for p in (add, rm, restart, ls):
         connection(p)
     streams.set_defaults(func=cmd_streams)
+
+    memory = sub.add_parser("memory", help="list or delete what memory holds, streams no longer configured too")
+    memory_sub = memory.add_subparsers(dest="action", required=True)
+    mls = memory_sub.add_parser("ls", help="every stream in memory (clips, bytes, time span, retention, config)")
+    mls.add_argument("name", nargs="?", help="list this stream's clips instead")
+    mls.add_argument("--from", dest="start", help="clips from: media seconds, or an ISO date-time (wall clock)")
+    mls.add_argument("--to", dest="end", help="clips up to: media seconds, or an ISO date-time (wall clock)")
+    mls.add_argument("--wall", action="store_true", help="read --from/--to as Unix seconds on the wall clock")
+    mls.add_argument("--limit", type=int, default=0, help="at most this many clips (default: the server's limit)")
+    mls.add_argument("--json", action="store_true", help="print the streams (or clips) as JSON")
+    mrm = memory_sub.add_parser("rm", help="delete a stream's clips, retention and config (not while it runs)")
+    mrm.add_argument("name")
+    mrm.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    for p in (mls, mrm):
+        connection(p)
+    memory.set_defaults(func=cmd_memory)
 
     live = sub.add_parser("ask-live", help="ask a running server about its streams' memory")
     live.add_argument("question")
     live.add_argument("--stream", action="append", required=True, help="stream name; repeat for several cameras")
-    live.add_argument("--from", dest="start", help="start: media seconds, or an ISO date-time (wall clock)")
-    live.add_argument("--to", dest="end", help="end: media seconds, or an ISO date-time (wall clock)")
-    live.add_argument("--wall", action="store_true", help="read --from/--to as Unix seconds on the wall clock")
+    live.add_argument(
+        "--from",
+        dest="start",
+        help="start: media seconds (0 when the server first saw the stream), or an ISO date-time on the wall clock "
+        "(no zone: UTC); clips overlapping [from, to) are used",
+    )
+    live.add_argument("--to", dest="end", help="end: media seconds, or an ISO date-time (wall clock; no zone: UTC)")
+    live.add_argument("--wall", action="store_true", help="read numbers in --from/--to as Unix seconds (wall clock)")
     live.add_argument("--max-frames", type=int, default=512)
     live.add_argument(
         "--retrieval", action="store_true", help="uniform backbone plus the clips closest to the question"
@@ -416,11 +725,71 @@ def build_parser() -> argparse.ArgumentParser:
     tls(wait)
     wait.set_defaults(func=cmd_wait)
 
-    video = sub.add_parser("make-test-video", help="write a synthetic H.264 test video")
+    video = sub.add_parser(
+        "make-test-video", help="write a synthetic H.264 video: a red circle and a blue square (the tiny model knows)"
+    )
     video.add_argument("path")
-    video.add_argument("--seconds", type=float, default=80.0)
+    video.add_argument("--seconds", type=float, default=16.0)
     video.add_argument("--fps", type=int, default=25)
     video.set_defaults(func=cmd_make_test_video)
+
+    dataset = sub.add_parser("make-dataset", help="write a synthetic training and held-out set (videos + JSON lines)")
+    dataset.add_argument("kind", choices=("shapes",), help="shapes: coloured shapes moving over textures")
+    dataset.add_argument("out")
+    dataset.add_argument("--videos", type=int, default=1000, help="training videos (default 1000)")
+    dataset.add_argument("--test-videos", type=int, help="held-out videos (default a fifth as many, at least 10)")
+    dataset.add_argument("--seconds", type=csv(float), default=(8.0, 16.0, 24.0), help="lengths drawn from (8,16,24)")
+    dataset.add_argument(
+        "--fps", type=csv(int), default=(1, 1, 1, 1, 1, 25), help="frame rates drawn from (1,1,1,1,1,25)"
+    )
+    dataset.add_argument("--seed", type=int, default=0)
+    dataset.set_defaults(func=cmd_make_dataset)
+
+    fit = sub.add_parser("train", help="fine-tune a checkpoint on LLaVA / VideoChat-Flash format JSON lines")
+    fit.add_argument("data", help="JSON lines: a video path and `conversations` of human/gpt turns per line")
+    fit.add_argument("--model", required=True, help="base checkpoint: hub id, local dir or tiny")
+    fit.add_argument("--out", required=True, help="where the checkpoint (or LoRA adapter) and OUT/last/ go")
+    fit.add_argument("--eval", help="held-out JSON lines: loss and exact-match accuracy every --eval-every steps")
+    fit.add_argument("--data-root", help="video paths are relative to this (default: each file's directory)")
+    fit.add_argument("--train", type=csv(str), default=("projector", "llm"), help="parts: vision,projector,llm")
+    fit.add_argument("--lora-rank", type=int, default=0, help="LoRA on the LLM with this rank (default 0: full)")
+    fit.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    fit.add_argument("--merge-lora", action="store_true", help="write merged weights, not an adapter")
+    fit.add_argument("--epochs", type=float, default=1.0)
+    fit.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    fit.add_argument("--lr", type=float, default=1e-4)
+    fit.add_argument("--vision-lr", type=float, help="learning rate of the vision tower (default --lr)")
+    fit.add_argument("--warmup", type=float, default=0.03, help="warm-up, as a fraction of the steps")
+    fit.add_argument("--videos-per-step", type=int, default=4)
+    fit.add_argument("--questions-per-video", type=int, default=16, help="conversations sharing one encoding")
+    fit.add_argument("--frames", type=int, default=512, help="frame budget per video, as ask --max-frames")
+    fit.add_argument("--anchors", type=float, default=0.0, help="share of prompts with ask-live's wall-clock span")
+    fit.add_argument("--eval-every", type=int, default=200, help="steps between evaluations and checkpoints")
+    fit.add_argument("--eval-samples", type=int, default=64)
+    fit.add_argument("--device", default="cpu")
+    fit.add_argument("--dtype", help="default bfloat16 on CUDA, float32 on CPU (trained tensors stay float32)")
+    fit.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on for CUDA")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--resume", action="store_true", help="continue from OUT/last/")
+    fit.add_argument("--bad-videos", choices=("skip", "fail"), default="skip", help="missing or corrupt videos")
+    fit.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    fit.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="measure a model")
+    evaluate_sub = evaluate.add_subparsers(dest="what", required=True)
+    qa = evaluate_sub.add_parser("qa", help="exact-match accuracy per question category, with chance")
+    qa.add_argument("data", help="JSON lines as for train (make-dataset's test.jsonl)")
+    qa.add_argument("--model", help="hub id, local dir or tiny (offline)")
+    qa.add_argument("--adapter", help="a LoRA adapter directory to apply to --model")
+    qa.add_argument("--live", action="store_true", help="stream each video into a running server and ask-live")
+    qa.add_argument("--data-root", help="video paths are relative to this (default: the file's directory)")
+    qa.add_argument("--max-frames", type=int, default=512)
+    qa.add_argument("--device", default="cpu")
+    qa.add_argument("--dtype", default="float32")
+    qa.add_argument("--bad-videos", choices=("skip", "fail"), default="skip")
+    qa.add_argument("--json", action="store_true", help="the table and every answer as JSON")
+    connection(qa)
+    qa.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -10,6 +10,7 @@ with Client("127.0.0.1:50051") as c:   # token: VCFLASH_API_TOKEN or the local s
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -19,6 +20,32 @@ import grpc
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from vcflash.serve.tls import channel
+
+
+def wall_seconds(t: datetime) -> float:
+    """Unix seconds of a date-time; a naive one is UTC (as every time vcflash prints), not this machine's zone."""
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def resolve_range(
+    start: float | datetime | None, end: float | datetime | None, wall_clock: bool = False
+) -> tuple[float | None, float | None, bool]:
+    """(start, end, on the wall clock?) in seconds. A datetime is a wall-clock time; a number is media seconds, or
+    Unix seconds with `wall_clock`. A datetime next to media seconds is a ValueError: the clocks are unrelated
+    (media time starts at 0 when the server first sees a stream)."""
+    dated = [isinstance(t, datetime) for t in (start, end) if t is not None]
+    if any(dated) and not all(dated) and not wall_clock:
+        raise ValueError(
+            f"time range mixes clocks: start {start!s} and end {end!s}; give both as wall-clock date-times, both as "
+            "media seconds, or Unix seconds with the wall clock (wall_clock=True, --wall)"
+        )
+    start, end = (wall_seconds(t) if isinstance(t, datetime) else t for t in (start, end))
+    return start, end, wall_clock or any(dated)
+
+
+def time_range(start: float | datetime | None, end: float | datetime | None, wall_clock: bool) -> pb.TimeRange:
+    start, end, wall = resolve_range(start, end, wall_clock)
+    return pb.TimeRange(start=start, end=end, clock=pb.CLOCK_WALL if wall else pb.CLOCK_MEDIA)
 
 
 class Client:
@@ -79,9 +106,12 @@ class Client:
         keyframes_only: bool = False,
         listen: bool = False,
         live: bool | None = None,
+        camera_clock: bool = False,
         retention_max_age_s: float | None = None,
         retention_max_bytes: int | None = None,
     ) -> pb.StreamStatus:
+        """Start ingesting ``source``. ``camera_clock`` (RTSP): wall times on the camera's clock (RTCP sender
+        reports) instead of the server's, where within VCFLASH_CAMERA_CLOCK_MAX_SKEW_S of it."""
         request = pb.AddStreamRequest(
             stream_id=stream_id,
             source=source,
@@ -92,6 +122,7 @@ class Client:
             keyframes_only=keyframes_only,
             listen=listen,
             live=live,
+            camera_clock=camera_clock,
             retention_max_age_s=retention_max_age_s,
             retention_max_bytes=retention_max_bytes,
         )
@@ -99,6 +130,10 @@ class Client:
 
     def remove_stream(self, stream_id: str, delete_memory: bool = False) -> None:
         self._call(self.ingest.RemoveStream, pb.RemoveStreamRequest(stream_id=stream_id, delete_memory=delete_memory))
+
+    def restart_stream(self, stream_id: str) -> pb.StreamStatus:
+        """Start an ended stream (failed: a camera refused its credentials; or finished) again with its spec."""
+        return self._call(self.ingest.RestartStream, pb.RestartStreamRequest(stream_id=stream_id))  # type: ignore[return-value]
 
     def list_streams(self) -> list[pb.StreamStatus]:
         return list(self._call(self.ingest.ListStreams, pb.ListStreamsRequest()).streams)  # type: ignore[attr-defined]
@@ -109,26 +144,32 @@ class Client:
     def clips(
         self,
         stream_id: str,
-        start: float | None = None,
-        end: float | None = None,
+        start: float | datetime | None = None,
+        end: float | datetime | None = None,
         *,
         wall_clock: bool = False,
         limit: int = 0,
     ) -> list[pb.ClipInfo]:
-        time_range = pb.TimeRange(start=start, end=end, clock=pb.CLOCK_WALL if wall_clock else pb.CLOCK_MEDIA)
-        request = pb.ListClipsRequest(stream_id=stream_id, range=time_range, limit=limit)
+        """The clips that overlap [start, end), by start time; see resolve_range for the clocks."""
+        request = pb.ListClipsRequest(stream_id=stream_id, range=time_range(start, end, wall_clock), limit=limit)
         return list(self._call(self.memory.ListClips, request).clips)  # type: ignore[attr-defined]
 
     def stats(self, stream_id: str = "") -> list[pb.StreamMemoryStats]:
+        """What memory holds of one stream, or of every stream ("") whether or not a server runs it."""
         return list(self._call(self.memory.GetStats, pb.GetStatsRequest(stream_id=stream_id)).streams)  # type: ignore[attr-defined]
+
+    def delete_memory(self, stream_id: str) -> None:
+        """Forget a stream's clips, retention and config (Memory.DeleteStream); FAILED_PRECONDITION while it
+        runs: `remove_stream(stream_id, delete_memory=True)` stops and deletes it."""
+        self._call(self.memory.DeleteStream, pb.DeleteStreamRequest(stream_id=stream_id))
 
     def ask(
         self,
         stream_ids: Sequence[str],
         question: str,
         *,
-        start: float | None = None,
-        end: float | None = None,
+        start: float | datetime | None = None,
+        end: float | datetime | None = None,
         wall_clock: bool = False,
         max_frames: int = 512,
         retrieval: bool = False,
@@ -138,11 +179,12 @@ class Client:
         anchors: bool = True,
         timeout_s: float | None = 600.0,
     ) -> Iterator[str | pb.AskResult]:
-        """Yield the answer's text pieces as they are generated, then the final AskResult."""
+        """Yield the answer's text pieces as they are generated, then the final AskResult. The question is about
+        the clips that overlap [start, end); see resolve_range for the clocks."""
         request = pb.AskRequest(
             stream_ids=list(stream_ids),
             question=question,
-            range=pb.TimeRange(start=start, end=end, clock=pb.CLOCK_WALL if wall_clock else pb.CLOCK_MEDIA),
+            range=time_range(start, end, wall_clock),
             max_frames=max_frames,
             selection=pb.SELECTION_RETRIEVAL if retrieval else pb.SELECTION_UNIFORM,
             dropout=dropout,

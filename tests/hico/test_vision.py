@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +66,18 @@ def test_clips_are_encoded_independently() -> None:
         single = torch.cat([enc(clips[i : i + 1]) for i in range(3)])
     assert batched.shape == (3, 4 * 196, 64)
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_kernels_agree_in_float32_and_unknown_names_are_refused() -> None:
+    enc = UMTEncoder(preset("tiny", 224).vision).eval()
+    init_random_(enc, seed=4)
+    clips = torch.randn(2, 4, 3, 224, 224)
+    with torch.no_grad():
+        exact = enc(clips)  # the defaults: Conv3d and the official attention formulation
+        enc.set_kernels("conv2d", "sdpa")
+        fast = enc(clips)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="patch embedding 'conv1d'"):
+        enc.set_kernels("conv1d", "sdpa")
+    with pytest.raises(ValueError, match="attention 'flash_v3'"):
+        enc.set_kernels("conv3d", "flash_v3")

@@ -6,6 +6,7 @@ Reconnects, credentials and keyframe-only decoding are checked end to end throug
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import select
@@ -24,8 +25,15 @@ from prometheus_client import CollectorRegistry
 
 from ingest.clips import Clip
 from ingest.pipeline import IngestManager, StreamState, StreamStatus
+from ingest.server import SERVICE_NAME, IngestServicer
 from ingest.source import open_frames, redact_text
 from ingest.spec import StreamSpec
+from ingest.streams import Streams
+from memory.embedded import EmbeddedStore
+from memory.records import Retention
+from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
+from vcflash.cli import main
+from vcflash.serve.rpc import create_server
 from vcflash.serve.settings import Backoff, IngestSettings
 
 # Ingest mechanics read local test videos: any file is allowed (the file policy has its own tests).
@@ -37,6 +45,7 @@ SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
 FPS = 5.0  # sampling rate in these tests: a clip every 0.8 s
 # Short timeouts and waits, so that a drop is noticed and healed within a test's budget.
 FAST = IngestSettings(media_root=ROOT, source_timeout_s=3.0, reconnect=Backoff(initial_s=0.2, max_s=1.0, jitter=0.0))
+TOKEN = "rtsp-tests-token-0123456789"
 
 
 def closed_port() -> int:
@@ -81,10 +90,13 @@ needs_ffmpeg = pytest.mark.skipif(
 
 
 class RtspServer:
-    """tests/ingest/rtsp_server.py in a subprocess: a live 320x240 25 fps H.264 camera, GOP 25."""
+    """tests/ingest/rtsp_server.py in a subprocess: a live 320x240 25 fps H.264 camera, GOP 25; with
+    ``clock_offset_s``, a camera whose clock (in its RTCP sender reports) is that far off ours."""
 
-    def __init__(self, port: int, mount: str = "/cam", auth: str | None = None) -> None:
-        self.port, self.mount, self.auth = port, mount, auth
+    def __init__(
+        self, port: int, mount: str = "/cam", auth: str | None = None, clock_offset_s: float | None = None
+    ) -> None:
+        self.port, self.mount, self.auth, self.clock_offset_s = port, mount, auth, clock_offset_s
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, userinfo: str = "") -> str:
@@ -92,6 +104,8 @@ class RtspServer:
 
     def start(self, timeout_s: float = 10.0) -> None:
         command = [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.port), self.mount]
+        if self.clock_offset_s is not None:
+            command.append(f"--clock-offset={self.clock_offset_s}")
         self.process = subprocess.Popen(
             [*command, *(["--auth", self.auth] if self.auth else [])], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
@@ -115,7 +129,7 @@ class RtspServer:
 def rtsp_server() -> Iterator[Callable[..., RtspServer]]:
     servers: list[RtspServer] = []
 
-    def start(**kwargs: str) -> RtspServer:
+    def start(**kwargs: str | float) -> RtspServer:
         server = RtspServer(closed_port(), **kwargs)
         server.start()
         servers.append(server)
@@ -187,14 +201,14 @@ async def test_credentials_never_leak(rtsp_server: Callable[..., RtspServer], ca
     manager.add("cam", StreamSpec(server.url("viewer:hunter2@"), fps=FPS))
     manager.add("intruder", StreamSpec(server.url("viewer:wrong-s3cret@"), fps=FPS))
     clip = (await take(manager, 1))[0]
-    await wait_for(lambda: manager.status()["intruder"].reconnects >= 1, 5, "retried")
-    intruder = manager.status()["intruder"]
+    intruder = await asyncio.wait_for(manager.wait("intruder"), 5)  # refused three times: no more logins
     statuses = await manager.remove("cam"), await manager.remove("intruder")
 
     assert clip.stream_id == "cam"
-    assert intruder.state is StreamState.RECONNECTING and intruder.clips_emitted == 0
-    assert (
-        intruder.error == f"cannot open {server.url('***@')}: Server returned 401 Unauthorized (authorization failed)"
+    assert intruder.state is StreamState.FAILED and intruder.clips_emitted == 0 and intruder.reconnects == 2
+    assert intruder.error == (
+        f"unauthorized: cannot open {server.url('***@')}: Server returned 401 Unauthorized (authorization failed) "
+        "(3 tries in a row); fix the source, then restart the stream (vcflash streams restart intruder)"
     )
     for text in (caplog.text, repr(statuses), repr(intruder)):
         assert "hunter2" not in text and "wrong-s3cret" not in text and "viewer" not in text
@@ -231,6 +245,129 @@ async def test_camera_dies_and_returns(rtsp_server: Callable[..., RtspServer]) -
     assert status.state is StreamState.RUNNING and status.error is None
     assert status.reconnects >= 2 and exported == [status.reconnects, status.frames_dropped["disconnect"]]
     assert_accounted(status)
+
+
+@needs_gstreamer
+@pytest.mark.asyncio
+async def test_refused_camera_fails_then_restarts_on_request(
+    rtsp_server: Callable[..., RtspServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """401 and 404 stop after three tries, and `vcflash streams restart` (RestartStream) tries again."""
+    server = rtsp_server(auth="viewer:new-pass")  # someone changed the camera's password
+    store = EmbeddedStore(tmp_path / "memory.sqlite3")
+    streams = Streams(IngestManager(FAST, registry=CollectorRegistry()), store, Retention())
+    entry = (pb_grpc.add_IngestServicer_to_server, IngestServicer(streams), SERVICE_NAME)
+    grpc_server, port, _ = create_server("127.0.0.1:0", [entry], TOKEN, 1 << 20)
+    await grpc_server.start()
+    cli = ["--address", f"127.0.0.1:{port}", "--token", TOKEN]
+    fixed = RtspServer(server.port, auth="viewer:old-pass")
+    try:
+        await streams.add("cam", StreamSpec(server.url("viewer:old-pass@"), fps=FPS))
+        await streams.add("nope", StreamSpec(f"rtsp://viewer:new-pass@127.0.0.1:{server.port}/nope", fps=FPS))
+        cam = await asyncio.wait_for(streams.manager.wait("cam"), 10)
+        nope = await asyncio.wait_for(streams.manager.wait("nope"), 10)
+        await asyncio.sleep(1.5)  # longer than any wait between tries: nobody tries again
+        assert [s.reconnects for s in streams.manager.status().values()] == [2, 2]
+        assert cam.state is StreamState.FAILED and cam.error == (
+            f"unauthorized: cannot open {server.url('***@')}: Server returned 401 Unauthorized (authorization failed) "
+            "(3 tries in a row); fix the source, then restart the stream (vcflash streams restart cam)"
+        )
+        assert nope.state is StreamState.FAILED and nope.error is not None
+        nope_url = f"rtsp://***@127.0.0.1:{server.port}/nope"
+        assert nope.error.startswith(f"not found: cannot open {nope_url}: Server returned 404 Not Found (3 tries")
+
+        with pytest.raises(ValueError, match=r"'cam' already exists \(failed: restart it, or remove it first\)"):
+            await streams.add("cam", StreamSpec(server.url("viewer:old-pass@"), fps=FPS))
+
+        server.kill()  # the camera's password is put back
+        await asyncio.to_thread(fixed.start)
+        assert await asyncio.to_thread(main, ["streams", "restart", "cam", *cli]) == 0
+        assert capsys.readouterr().out == f"cam: starting ({server.url('***@')}, 5 fps)\n"
+        clip = (await take(streams.manager, 1))[0]
+        assert (clip.stream_id, clip.seq) == ("cam", 0) and streams.status("cam").state is StreamState.RUNNING
+
+        assert await asyncio.to_thread(main, ["streams", "restart", "cam", *cli]) == 1  # it runs: nothing to do
+        assert capsys.readouterr().err == (
+            "vcflash: error: FAILED_PRECONDITION: stream 'cam' is running: only an ended stream can be restarted\n"
+        )
+    finally:
+        await grpc_server.stop(None)
+        await streams.manager.close()
+        fixed.kill()
+        store.close()
+
+
+@needs_gstreamer
+@pytest.mark.asyncio
+async def test_camera_back_after_4_s_is_read_within_2_s_of_its_return(rtsp_server: Callable[..., RtspServer]) -> None:
+    """The default reconnect waits (0.5 s, then 1 s, each +-20%): 4 s away cost at most 4 + 2 s of video.
+    Doubling on to 30 s, the waits would have tried at 0.5, 1.5, 3.5 and next at 7.5 s."""
+    server = rtsp_server()
+    manager = IngestManager(replace(FAST, reconnect=IngestSettings().reconnect), registry=CollectorRegistry())
+    manager.add("cam", StreamSpec(server.url(), fps=FPS))
+    await take(manager, 1)
+    server.kill()
+    down = time.time()
+    last_before = manager.status()["cam"].last_wall_time
+    assert last_before is not None
+    await asyncio.sleep(4.0)
+    await asyncio.to_thread(server.start)
+    up = time.time()
+    while (clip := (await take(manager, 1))[0]).wall_times[0] < down:  # clips made before the outage
+        pass
+    status = await manager.remove("cam")
+
+    back = clip.wall_times[0]  # the first frame sampled after the outage
+    assert back - up <= 2.0, (back - up, status.reconnects)
+    assert back - last_before <= (up - down) + 2.0
+    assert status.reconnects >= 4
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of a camera, keeping what the client sent (the RTSP requests)."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port, self.upstream, self.sent = self.listener.getsockname()[1], port, bytearray()
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def requests(self) -> list[str]:
+        return [line.split()[0] for line in self.sent.decode(errors="replace").splitlines() if "RTSP/1.0" in line]
+
+    def _serve(self) -> None:
+        client, _ = self.listener.accept()
+        camera = socket.create_connection(("127.0.0.1", self.upstream))
+        threading.Thread(target=self._down, args=(camera, client), daemon=True).start()
+        with client, camera:
+            try:
+                while data := client.recv(65536):
+                    self.sent += data
+                    camera.sendall(data)
+            except OSError:
+                pass
+        self.closed.set()
+
+    @staticmethod
+    def _down(camera: socket.socket, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := camera.recv(65536):
+                client.sendall(data)
+
+
+@needs_gstreamer
+@pytest.mark.asyncio
+async def test_stopping_a_stream_still_tears_the_session_down(rtsp_server: Callable[..., RtspServer]) -> None:
+    """Stopping aborts blocking reads (see the stuck-source tests), but never the goodbye: the camera hears
+    TEARDOWN and frees the session (cameras allow a handful)."""
+    relay = Relay(rtsp_server().port)
+    manager = IngestManager(FAST, registry=CollectorRegistry())
+    manager.add("cam", StreamSpec(f"rtsp://127.0.0.1:{relay.port}/cam", fps=FPS))
+    await take(manager, 1)
+    status = await manager.remove("cam")
+    assert await asyncio.to_thread(relay.closed.wait, 2.0)
+    assert status.state is StreamState.STOPPED
+    assert relay.requests() == ["OPTIONS", "DESCRIBE", "SETUP", "PLAY", "TEARDOWN"]
 
 
 @needs_gstreamer
@@ -332,7 +469,7 @@ def test_bad_options_are_refused_before_anything_starts() -> None:
     manager = IngestManager(FILES, registry=CollectorRegistry())
     with pytest.raises(ValueError, match="transport must be one of"):
         manager.add("cam", StreamSpec("rtsp://127.0.0.1:1/x", transport="http"))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"listen needs an rtsp:// URL, got http://\*\*\*@h/x"):
+    with pytest.raises(ValueError, match=r"listen needs an rtsp:// URL, got 'http://\*\*\*@h/x'"):
         manager.add("cam", StreamSpec("http://u:p@h/x", listen=True))
     assert manager.names() == []
 

@@ -36,44 +36,11 @@ from ingest.source import (
     redact_text,
     redact_url,
 )
+from tests.listener import Listener
 
 
 def read_all(url: str | Path, **kwargs: Any) -> list[Frame]:
     return list(open_frames(str(url), realtime=False, stop=threading.Event(), **kwargs))
-
-
-class Listener:
-    """A TCP service on 127.0.0.1 (think Redis) that records every connection and every byte sent to it."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.received = bytearray()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            with conn:
-                conn.settimeout(0.3)
-                try:
-                    while chunk := conn.recv(4096):
-                        self.received += chunk
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -315,7 +282,7 @@ def test_options_and_liveness_never_raise_on_garbage() -> None:
         check_source_options(url, transport="tcp", listen=False)
     assert is_live_url("RTSP://h/x") and is_live_url("udp://@239.0.0.1:1") and not is_live_url("http://h/x")
     assert not is_live_url("tcp://h:1") and not is_live_url("rtp://h:1")
-    with pytest.raises(ValueError, match=r"listen needs an rtsp:// URL, got http://\*\*\*@\[::1"):
+    with pytest.raises(ValueError, match=r"listen needs an rtsp:// URL, got 'http://\*\*\*@\[::1"):
         check_source_options("http://u:p@[::1", transport="tcp", listen=True)
 
 

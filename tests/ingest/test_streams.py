@@ -223,3 +223,21 @@ async def test_a_stored_config_that_no_longer_passes_is_left_stopped(store: Embe
     streams = registry(store, max_fps=10.0)
     assert await streams.resume() == []
     assert streams.manager.names() == []
+
+
+@pytest.mark.asyncio
+async def test_a_failed_stream_is_not_resumed_with_the_server(store: EmbeddedStore, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    streams = registry(store)
+    spec = StreamSpec(str(broken), fps=1.0, realtime=False)
+    await streams.add("cam", spec)
+    status = await streams.manager.wait("cam")
+    assert status.state is StreamState.FAILED
+    for _ in range(100):
+        if not store.stream_configs()["cam"]["active"]:
+            break
+        await asyncio.sleep(0.01)
+    assert store.stream_configs()["cam"]["active"] is False  # back only on request (RestartStream)
+    assert await registry(store).resume() == []
+    await streams.manager.close()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -293,6 +294,34 @@ async def test_sender_that_never_connects_fails_the_stream(whip: Whip) -> None:
         assert "no video within 1 s of the answer" in final.error, final.error
         assert whip.app[WHIP].sessions["ghost"].stats().state == "failed"
         assert (await whip.delete("ghost"))[0] == 200
+
+
+@pytest.mark.asyncio
+async def test_killed_sender_fails_the_stream_within_5_s(whip: Whip) -> None:
+    """A sender process killed outright (no DELETE, no BYE, no DTLS close): ICE consent alone would take 30 s."""
+    script = Path(__file__).with_name("whip_sender.py")
+    sender_process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), f"{whip.url}/whip/gone", TOKEN, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(30):
+            assert sender_process.stdout is not None
+            assert await sender_process.stdout.readline() == b"published\n"
+            await next_clip(whip.manager, 15.0)
+            assert whip.manager.status()["gone"].state is StreamState.RUNNING
+            sender_process.kill()
+            killed = time.monotonic()
+            final = await whip.manager.wait("gone")
+            detected_s = time.monotonic() - killed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            sender_process.kill()
+        await sender_process.wait()
+
+    assert detected_s < 5.0, detected_s
+    assert final.state is StreamState.FAILED
+    assert final.error is not None and "the sender went silent: no packet for 3." in final.error, final.error
+    assert whip.app[WHIP].sessions["gone"].stats().state == "failed"
 
 
 # ---------------------------------------------------------------------------- headless Chromium

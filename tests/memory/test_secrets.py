@@ -147,8 +147,9 @@ def test_the_secret_key_setting(tmp_path: Path, redis_server) -> None:
     with open_store(None, tmp_path / "a", secret_key=key) as store:
         assert store.stream_configs() == {"cam": CONFIG}
     # Redis: every service of a deployment opens the same configs with the same key
-    writer = open_store(redis_server.url_for(3), tmp_path / "ingest", secret_key=key)
-    reader = open_store(redis_server.url_for(3), tmp_path / "reasoner", secret_key=key)
+    url = redis_server.fresh_url()
+    writer = open_store(url, tmp_path / "ingest", secret_key=key)
+    reader = open_store(url, tmp_path / "reasoner", secret_key=key)
     with writer, reader:
         writer.put_stream_config("cam", CONFIG)
         assert reader.stream_configs() == {"cam": CONFIG}
@@ -159,8 +160,9 @@ def test_the_secret_key_setting(tmp_path: Path, redis_server) -> None:
 
 
 def test_redis_without_a_key_says_what_to_set(redis_server) -> None:
-    with RedisStore(redis_server.url_for(4)) as store, pytest.raises(ValueError, match="set VCFLASH_SECRET_KEY"):
+    url = redis_server.fresh_url()
+    with RedisStore(url) as store, pytest.raises(ValueError, match="set VCFLASH_SECRET_KEY"):
         store.put_stream_config("cam", CONFIG)
-    client = redis.Redis.from_url(redis_server.url_for(4))
+    client = redis.Redis.from_url(url)
     assert client.keys("*") == []
     client.close()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from memory import EmbeddedStore, MemoryStore, RedisStore, Retention, UnknownStream, open_store
 
@@ -53,21 +55,69 @@ def test_put_registers_streams(store: MemoryStore, clip) -> None:
 
 
 @pytest.mark.parametrize("clock", ["media", "wall"])
-def test_clips_by_time_range(store: MemoryStore, clip, clock: str) -> None:
+def test_clips_overlapping_a_time_range(store: MemoryStore, clip, clock: str) -> None:
     for seq in [5, 2, 9, 0, 7, 1, 8, 3, 6, 4]:
         store.put(clip(seq))
-    t0 = 0.0 if clock == "media" else clip(0).meta.wall_start  # clip s starts at t0 + 4 s
+    t0 = 0.0 if clock == "media" else clip(0).meta.wall_start  # clip s covers [t0 + 4 s, t0 + 4 s + 4)
 
     def scan(start: float | None, end: float | None) -> list[int]:
         return seqs_of(store.clips("cam", start, end, clock=clock))
 
-    assert scan(t0 + 8, t0 + 20) == [2, 3, 4]  # start inclusive, end exclusive
-    assert scan(t0 + 9, t0 + 20.5) == [3, 4, 5]
+    assert scan(t0 + 9, t0 + 12) == [2]  # 3 s inside clip 2
+    assert scan(t0 + 9.5, t0 + 9.75) == [2]
+    assert scan(t0 + 8, t0 + 20) == [2, 3, 4]  # half-open: clip 1 ends at 8 and clip 5 starts at 20, both out
+    assert scan(t0 + 7.999, t0 + 20.001) == [1, 2, 3, 4, 5]
+    assert scan(t0 + 9, t0 + 20.5) == [2, 3, 4, 5]
     assert scan(None, t0 + 8) == [0, 1]
+    assert scan(None, t0 + 0.5) == [0]
     assert scan(t0 + 36, None) == [9]
+    assert scan(t0 + 39.5, None) == [9]  # open end, starting inside the last clip
+    assert scan(t0 + 40, None) == []
     assert scan(None, None) == list(range(10))
     assert scan(t0 + 8, t0 + 8) == []
-    assert store.clips("cam", t0 + 4, t0 + 8, clock=clock) == [clip(1).meta]
+    assert scan(t0 - 100, t0) == []
+    assert store.clips("cam", t0 + 5, t0 + 6, clock=clock) == [clip(1).meta]
+
+
+@pytest.mark.parametrize("clock", ["media", "wall"])
+def test_a_long_clip_long_before_the_range_is_found(store: MemoryStore, clip, clock: str) -> None:
+    """Scans start a stream's longest clip before the range: a clip far longer than the others still counts."""
+    for seq in range(1, 10):
+        store.put(clip(seq))
+    long = clip(0).meta
+    long = dataclasses.replace(long, media_start=-100.0, wall_start=long.wall_start - 100, media_end=30.5)
+    long = dataclasses.replace(long, wall_end=long.wall_start + 130.5)  # [-100, 30.5) on both clocks, from t0
+    store.put(dataclasses.replace(clip(0), meta=long))
+    t0 = 0.0 if clock == "media" else clip(0).meta.wall_start
+    assert seqs_of(store.clips("cam", t0 + 30, t0 + 31, clock=clock)) == [0, 7]
+    assert seqs_of(store.clips("cam", t0 + 30.5, t0 + 31, clock=clock)) == [7]
+    assert seqs_of(store.clips("cam", t0 - 50, t0 + 1, clock=clock)) == [0]
+    assert seqs_of(store.clips("cam", t0 + 30, None, clock=clock)) == [0, 7, 8, 9]
+
+
+def test_spans_are_kept_for_memory_written_before_them(make_store, clip, redis_server) -> None:
+    """A memory from before streams kept their longest clip still finds every overlapping clip: read first ("cam"),
+    or after a shorter clip is written ("door")."""
+    store = make_store()
+    for seq in range(5):
+        store.put(clip(seq, "cam"))
+        store.put(clip(seq, "door"))
+    if isinstance(store, EmbeddedStore):
+        store.close()
+        with sqlite3.connect(store.path) as db:
+            db.execute("ALTER TABLE streams DROP COLUMN media_span")
+            db.execute("ALTER TABLE streams DROP COLUMN wall_span")
+        store = make_store()
+    else:
+        for name in ("cam", "door"):
+            redis.Redis.from_url(redis_server.url).hdel(f"{store.prefix}:s:{name}:info", "media_span", "wall_span")
+    wall0 = clip(0).meta.wall_start
+    assert seqs_of(store.clips("cam", 9.5, 10.0)) == [2]
+    assert seqs_of(store.clips("cam", wall0 + 9.5, wall0 + 10.0, clock="wall")) == [2]
+    short = dataclasses.replace(clip(5, "door").meta, media_end=21.0, wall_end=wall0 + 21.0)  # 1 s long
+    store.put(dataclasses.replace(clip(5, "door"), meta=short))
+    assert seqs_of(store.clips("door", 9.5, 10.0)) == [2]
+    assert seqs_of(store.clips("door", wall0 + 9.5, wall0 + 10.0, clock="wall")) == [2]
 
 
 def test_equal_start_times_are_ordered_by_seq(store: MemoryStore, clip) -> None:

@@ -117,3 +117,10 @@ def test_errors_quote_only_an_excerpt_of_client_input() -> None:
     with pytest.raises(AskError) as e3:
         AskParams([f"c{i}" * 1000 for i in range(20)], Q).validate(LIMITS)
     assert len(str(e3.value)) < 120
+
+
+def test_the_default_token_budget_fits_a_lower_server_limit() -> None:
+    low = ReasonerSettings(max_new_tokens=64)
+    AskParams(["cam"], Q).validate(low)  # a client that asks no budget gets the server's, not a refusal
+    with pytest.raises(AskError, match=r"max_new_tokens must be in \[1, 64\], got 65"):
+        AskParams(["cam"], Q, max_new_tokens=65).validate(low)

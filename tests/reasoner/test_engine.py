@@ -1,6 +1,8 @@
 """The reasoner engine: clip selection, the prompt it builds, and exactness against the offline model."""
 
 import asyncio
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from hico.checkpoint import make_tiny_checkpoint
 from hico.prompt import chat_prompt, time_message
 from ingest import IngestManager, StreamSpec
 from ingest.clips import Clip
-from memory import ClipIndex, ClipMeta, EmbeddedStore
+from memory import ClipIndex, ClipMeta, ClipRecord, Clock, EmbeddedStore, RedisStore
 from reasoner.engine import AskError, AskParams, AskResult, Reasoner, select_clips, uniform_pick
 from vcflash.media import write_test_video
 from vcflash.serve.settings import IngestSettings
@@ -159,3 +161,38 @@ def test_dropout_and_retrieval_through_the_engine(stored: tuple[Reasoner, list[C
     result = retrieved[-1]
     assert isinstance(result, AskResult) and len(result.evidence) == 2
     assert sum(e.retrieved for e in result.evidence) == 1
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def reasoner_on(request: pytest.FixtureRequest, stored: tuple[Reasoner, list[Clip]]) -> Iterator[Reasoner]:
+    """The stored clips' reasoner, on either backend: Redis gets a copy of the embedded memory."""
+    reasoner, _ = stored
+    if request.param == "embedded":
+        yield reasoner
+        return
+    store = RedisStore(request.getfixturevalue("redis_server").url, prefix=f"test-{uuid.uuid4().hex}")
+    metas = reasoner.store.clips("cam")
+    tokens = reasoner.store.tokens("cam", [m.seq for m in metas])
+    seqs, vectors = reasoner.store.vectors("cam")
+    assert seqs.tolist() == [m.seq for m in metas]
+    for meta, t, v in zip(metas, tokens, vectors, strict=True):
+        store.put(ClipRecord(meta, t, v))
+    yield Reasoner(reasoner.model, store, reasoner.index)
+    store.close()
+
+
+@pytest.mark.parametrize("clock", ["media", "wall"])
+def test_a_range_inside_one_clip_asks_about_that_clip(reasoner_on: Reasoner, clock: Clock) -> None:
+    """Issue 8: a 3 s range inside a clip answered 'no video'; the clips that overlap a range are asked about."""
+    clip = reasoner_on.store.clips("cam")[2]  # media [8, 12)
+    start, end = clip.span(clock)
+
+    def evidence(a: float, b: float | None) -> list[int]:
+        result = list(reasoner_on.ask(AskParams(["cam"], QUESTION, start=a, end=b, clock=clock, max_new_tokens=1)))
+        assert isinstance(result[-1], AskResult)
+        return [e.clip.seq for e in result[-1].evidence]
+
+    assert evidence(start + 0.5, start + 3.5) == [2]
+    assert evidence(end - 0.001, end + 0.001) == [2, 3]
+    assert evidence(end, end + 3) == [3]  # clip 2 ends where the range starts
+    assert evidence(end + 11.5, None) == [5]  # open end, inside the last clip

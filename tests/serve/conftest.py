@@ -5,6 +5,7 @@ and certificates made by the tests themselves: a CA, and a server certificate it
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from memory import EmbeddedStore
-from memory.server import SERVICE_NAME, MemoryServicer
+from memory.server import SERVICE_NAME, MemoryServicer, delete_unless_active
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from vcflash.serve.rpc import create_server, set_serving
 from vcflash.serve.settings import MemorySettings
@@ -39,7 +40,8 @@ async def serve_memory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
 
     async def start(credentials: grpc.ServerCredentials | None = None) -> Served:
         token = "serve-tests-token-0123456789"
-        entry = (pb_grpc.add_MemoryServicer_to_server, MemoryServicer(store, MemorySettings()), SERVICE_NAME)
+        servicer = MemoryServicer(store, MemorySettings(), functools.partial(delete_unless_active, store, None))
+        entry = (pb_grpc.add_MemoryServicer_to_server, servicer, SERVICE_NAME)
         server, port, health = create_server("127.0.0.1:0", [entry], token, 1 << 20, credentials)
         await server.start()
         await set_serving(health, [SERVICE_NAME], True)

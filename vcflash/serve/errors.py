@@ -22,6 +22,11 @@ class AlreadyExists(Exception):
     """ALREADY_EXISTS."""
 
 
+class FailedPrecondition(Exception):
+    """The request is fine but the system is not in a state to serve it (deleting a running stream's memory):
+    FAILED_PRECONDITION; the message says what to do instead."""
+
+
 class Exhausted(Exception):
     """A limit was reached (a full queue, too many streams): RESOURCE_EXHAUSTED."""
 

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, Unavailable
+from vcflash.serve.errors import AlreadyExists, Exhausted, FailedPrecondition, Invalid, NotFound, Unavailable
 from vcflash.serve.settings import check_token
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ STATUS = (  # the neutral errors, most specific first
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Invalid, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
@@ -36,8 +37,20 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     (INTERNAL, with no detail for the client)."""
     for kind, code in STATUS:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, _short(str(exc))
     return grpc.StatusCode.INTERNAL, "internal error"
+
+
+MAX_DETAILS_CHARS = 512
+
+
+def _short(message: str) -> str:
+    """`message` cut to MAX_DETAILS_CHARS, unprintable characters escaped: status details travel as a header (8 KiB
+    for all of them by default) and end up in clients' logs, and a message quoting client input whole (a 10 KB
+    stream name, a URL with CR/LF) must neither send it all back, nor break the call, nor forge a log line."""
+    if len(message) > MAX_DETAILS_CHARS:
+        message = f"{message[:MAX_DETAILS_CHARS]}... ({len(message)} chars)"
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -229,6 +242,19 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         return self._deny[(handler.request_streaming, handler.response_streaming)]
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's asyncio health servicer with `List`, which grpc.health.v1 has and the stock servicer lacks (the generated
+    base raises NotImplementedError: UNKNOWN for any caller, no token needed, and a traceback in the log)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        statuses = dict(self._server_status)  # the servicer's own table; grpc_health has no public accessor
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()}
+        )
+
+
 def create_server(
     address: str,
     services: Iterable[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
@@ -247,7 +273,7 @@ def create_server(
             ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of silently sharing it
         ],
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     names = []
     for add, servicer, name in services:
         add(servicer, server)

@@ -108,11 +108,13 @@ class ServerSettings(Section):
 class ModelSettings(Section):
     model: str = "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448"  # hub id, local dir, or "tiny"
     device: str = "cpu"
-    dtype: str = setting("float32", choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
+    # None: bfloat16 on CUDA (as the official model), float32 on CPU
+    dtype: str | None = setting(None, choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
+    kernels: str = setting("exact", choices=("exact", "fast"))  # exact: the official kernels (hico.kernels)
 
-    def load_args(self) -> tuple[str, str, str]:
-        """(path or hub id, dtype, device): the arguments of `VideoChatFlash.from_pretrained`."""
-        return self.model, self.dtype, self.device
+    def load_args(self) -> tuple[str, str | None, str, str]:
+        """(path or hub id, dtype, device, kernels): the arguments of `VideoChatFlash.from_pretrained`."""
+        return self.model, self.dtype, self.device, self.kernels
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,16 @@ class IngestSettings(Section):
     media_root: Path | None = None  # local files a stream may read (under this dir only); None: no local files
     frame_size: int | None = setting(None, lo=16, hi=4096)  # the encoder's S; None: the model's (448 alone)
     source_timeout_s: float = setting(10.0, lo=1e-3)  # opening and each network read
+    first_frame_timeout_s: float = setting(15.0, lo=1e-3)  # a connection with no decoded video frame by then ends
+    refused_tries: int = setting(3, lo=1)  # opens in a row a source may refuse (401, 403, 404) before it fails
     stop_timeout_s: float = setting(5.0, lo=1e-3)  # how long stopping a stream waits for its thread
     max_sdp_bytes: int = setting(64 * 1024, lo=1)  # a WHIP offer
     max_frame_pixels: int = setting(4096 * 4096, lo=256)  # decoded frames above this are scaled down at decode
-    reconnect: Backoff = field(default_factory=Backoff)  # live sources
+    # a camera clock (StreamSpec.camera_clock) further than this from ours is ignored: this server's clock is used
+    camera_clock_max_skew_s: float = setting(300.0, lo=0.0)
+    # live sources; waits capped at 1 s so a camera is read again within about a second of its return (a source
+    # refusing its credentials gives up after `refused_tries`, so fast retries cannot lock a camera account)
+    reconnect: Backoff = field(default_factory=lambda: Backoff(max_s=1.0))
 
     def __post_init__(self) -> None:
         super().__post_init__()

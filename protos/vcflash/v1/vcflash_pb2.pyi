@@ -50,7 +50,7 @@ class ClipInfo(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., wall_start: _Optional[float] = ..., wall_end: _Optional[float] = ..., media_start: _Optional[float] = ..., media_end: _Optional[float] = ..., frame_media_times: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AddStreamRequest(_message.Message):
-    __slots__ = ("stream_id", "source", "fps", "realtime", "loop", "retention_max_age_s", "retention_max_bytes", "transport", "keyframes_only", "listen", "live")
+    __slots__ = ("stream_id", "source", "fps", "realtime", "loop", "retention_max_age_s", "retention_max_bytes", "transport", "keyframes_only", "listen", "live", "camera_clock")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class AddStreamRequest(_message.Message):
     KEYFRAMES_ONLY_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_CLOCK_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     source: str
     fps: float
@@ -73,10 +74,11 @@ class AddStreamRequest(_message.Message):
     keyframes_only: bool
     listen: bool
     live: bool
-    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., realtime: _Optional[bool] = ..., loop: _Optional[bool] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., keyframes_only: _Optional[bool] = ..., listen: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
+    camera_clock: bool
+    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., realtime: _Optional[bool] = ..., loop: _Optional[bool] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., keyframes_only: _Optional[bool] = ..., listen: _Optional[bool] = ..., live: _Optional[bool] = ..., camera_clock: _Optional[bool] = ...) -> None: ...
 
 class StreamStatus(_message.Message):
-    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time", "reconnects")
+    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time", "reconnects", "memory_error", "clock")
     class FramesDroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,8 @@ class StreamStatus(_message.Message):
     LAST_MEDIA_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     source: str
     fps: float
@@ -110,7 +114,9 @@ class StreamStatus(_message.Message):
     last_media_time: float
     last_wall_time: float
     reconnects: int
-    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ..., reconnects: _Optional[int] = ...) -> None: ...
+    memory_error: str
+    clock: str
+    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ..., reconnects: _Optional[int] = ..., memory_error: _Optional[str] = ..., clock: _Optional[str] = ...) -> None: ...
 
 class RemoveStreamRequest(_message.Message):
     __slots__ = ("stream_id", "delete_memory")
@@ -135,6 +141,12 @@ class ListStreamsResponse(_message.Message):
     def __init__(self, streams: _Optional[_Iterable[_Union[StreamStatus, _Mapping]]] = ...) -> None: ...
 
 class GetStreamRequest(_message.Message):
+    __slots__ = ("stream_id",)
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+
+class RestartStreamRequest(_message.Message):
     __slots__ = ("stream_id",)
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
@@ -165,7 +177,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
 
 class StreamMemoryStats(_message.Message):
-    __slots__ = ("stream_id", "clips", "bytes", "first", "last", "retention_max_age_s", "retention_max_bytes", "evicted_clips")
+    __slots__ = ("stream_id", "clips", "bytes", "first", "last", "retention_max_age_s", "retention_max_bytes", "evicted_clips", "configured", "active")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     CLIPS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +186,8 @@ class StreamMemoryStats(_message.Message):
     RETENTION_MAX_AGE_S_FIELD_NUMBER: _ClassVar[int]
     RETENTION_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVICTED_CLIPS_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     clips: int
     bytes: int
@@ -182,13 +196,25 @@ class StreamMemoryStats(_message.Message):
     retention_max_age_s: float
     retention_max_bytes: int
     evicted_clips: int
-    def __init__(self, stream_id: _Optional[str] = ..., clips: _Optional[int] = ..., bytes: _Optional[int] = ..., first: _Optional[_Union[ClipInfo, _Mapping]] = ..., last: _Optional[_Union[ClipInfo, _Mapping]] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., evicted_clips: _Optional[int] = ...) -> None: ...
+    configured: bool
+    active: bool
+    def __init__(self, stream_id: _Optional[str] = ..., clips: _Optional[int] = ..., bytes: _Optional[int] = ..., first: _Optional[_Union[ClipInfo, _Mapping]] = ..., last: _Optional[_Union[ClipInfo, _Mapping]] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., evicted_clips: _Optional[int] = ..., configured: _Optional[bool] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("streams",)
     STREAMS_FIELD_NUMBER: _ClassVar[int]
     streams: _containers.RepeatedCompositeFieldContainer[StreamMemoryStats]
     def __init__(self, streams: _Optional[_Iterable[_Union[StreamMemoryStats, _Mapping]]] = ...) -> None: ...
+
+class DeleteStreamRequest(_message.Message):
+    __slots__ = ("stream_id",)
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+
+class DeleteStreamResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class EncodeClipRequest(_message.Message):
     __slots__ = ("stream_id", "seq", "media_times", "wall_times", "height", "width", "frames", "fps")

@@ -56,6 +56,11 @@ class IngestStub:
                 request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStreamRequest.SerializeToString,
                 response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.StreamStatus.FromString,
                 _registered_method=True)
+        self.RestartStream = channel.unary_unary(
+                '/vcflash.v1.Ingest/RestartStream',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RestartStreamRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.StreamStatus.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
@@ -87,6 +92,14 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestartStream(self, request, context):
+        """Start an ended stream again (failed, e.g. a camera that refused its credentials; or finished) with its
+        spec, continuing its clip numbering. FAILED_PRECONDITION while it runs or for a WHIP stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_IngestServicer_to_server(servicer, server):
             'GetStream': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStream,
                     request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStreamRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.StreamStatus.SerializeToString,
+            ),
+            'RestartStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartStream,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RestartStreamRequest.FromString,
                     response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.StreamStatus.SerializeToString,
             ),
     }
@@ -231,6 +249,33 @@ class Ingest:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def RestartStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcflash.v1.Ingest/RestartStream',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RestartStreamRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.StreamStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class MemoryStub:
     """---- Memory ----
@@ -253,6 +298,11 @@ class MemoryStub:
                 request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.DeleteStream = channel.unary_unary(
+                '/vcflash.v1.Memory/DeleteStream',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServicer:
@@ -272,6 +322,14 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteStream(self, request, context):
+        """Forget a stream: its clips, retention and config. NOT_FOUND if memory holds nothing of it;
+        FAILED_PRECONDITION while a stream runs (Ingest.RemoveStream with delete_memory stops and deletes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -284,6 +342,11 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStatsRequest.FromString,
                     response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'DeleteStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStream,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -342,6 +405,33 @@ class Memory:
             '/vcflash.v1.Memory/GetStats',
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStatsRequest.SerializeToString,
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcflash.v1.Memory/DeleteStream',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

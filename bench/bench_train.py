@@ -1,0 +1,201 @@
+"""Training benchmark: the tiny recipe on CPU end to end, and LoRA on real-size 2B random weights on a GPU.
+
+    python bench/bench_train.py recipe --root /tmp/tiny-recipe            # CPU: data set, base, train, eval
+    python bench/bench_train.py lora --size 2b --res 448 --frames 64,256  # CUDA, bf16, gradient checkpointing
+
+`recipe` runs the exact commands that made the shipped `tiny` model (RECIPE below, the same as README's
+"Training" section), timing `vcflash train` alone, and prints the held-out accuracy table with chance.
+`lora` times LoRA steps (rank 16 on every LLM linear layer, the projector trained in full, the vision tower
+frozen) on one video of F frames with `--questions` conversations per video, through the training code's own
+forward (`hico.train`): samples (conversations) per second and peak GPU memory. Weights are random: speed and
+memory do not depend on their values, so no download is needed.
+
+Prints one JSON record per measurement and a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# The shipped tiny model: `vcflash make-dataset` + `make-tiny-checkpoint --preset shapes` + `vcflash train` with
+# these arguments (seed 0 throughout). hico/weights/tiny/training.json holds the config that produced it.
+DATASET = ["--videos", "1000", "--test-videos", "200", "--seed", "0"]
+RECIPE = [
+    "--train", "vision,projector,llm",
+    "--lr", "1e-3",
+    "--epochs", "6",
+    "--videos-per-step", "4",
+    "--anchors", "0.5",
+    "--eval-every", "250",
+    "--eval-samples", "150",
+    "--seed", "0",
+]  # fmt: skip
+
+
+def recipe(root: Path, threads: int | None) -> dict:
+    from hico.dataset import read_samples
+    from vcflash.cli import main
+    from vcflash.evaluate import answer_offline, grade, table
+
+    data, base, out = root / "shapes", root / "base", root / "tiny"
+    if not (data / "test.jsonl").is_file():
+        main(["make-dataset", "shapes", str(data), *DATASET])
+    if not (base / "generation_config.json").is_file():
+        main(["make-tiny-checkpoint", str(base), "--preset", "shapes", "--seed", "0"])
+    args = [
+        "train",
+        str(data / "train.jsonl"),
+        "--model",
+        str(base),
+        "--out",
+        str(out),
+        "--eval",
+        str(data / "test.jsonl"),
+    ]
+    if threads:
+        args += ["--threads", str(threads)]
+    t0 = time.perf_counter()
+    assert main([*args, *RECIPE]) == 0
+    seconds = time.perf_counter() - t0
+    summary = json.loads((out / "training.json").read_text())
+    from hico import VideoChatFlash
+
+    samples = read_samples(data / "test.jsonl")
+    rows = table(grade(samples, answer_offline(VideoChatFlash.from_pretrained(out), samples, 512, False)))
+    return {"what": "recipe", "train_s": seconds, "evals": summary["evals"], "accuracy": rows}
+
+
+def lora(size: str, res: int, frames: int, questions: int, rank: int, steps: int, device: torch.device) -> dict:
+    from hico.chat import VideoChatFlash
+    from hico.checkpoint import has_flash_attn
+    from hico.config import preset
+    from hico.kernels import choose_kernels
+    from hico.lora import add_lora
+    from hico.train import VideoBatch, answer_loss, enable_gradient_checkpointing, visual_tokens
+
+    dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = VideoChatFlash(preset(size, image_size=res)).to(dtype)
+    model.to_empty(device=device)
+    model.llm.tie_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if p.ndim == 1 else p.normal_(0.0, 0.02)
+    model.init_buffers()
+    model.set_kernels(choose_kernels(device, dtype, has_flash_attn(), "exact"))
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)
+    model.llm.requires_grad_(True)
+    add_lora(model, rank, full_parts=("projector",))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    enable_gradient_checkpointing(model.vision_tower.blocks)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
+    d, vocab = model.config.text.hidden_size, model.config.text.vocab_size
+    gen = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        pixels = torch.randn(frames, 3, res, res, device=device, generator=gen)
+        with torch.autocast(device.type, dtype=dtype):
+            tokens = visual_tokens(model, pixels, ("projector", "llm"))  # vision frozen: no graph through it
+            prefix = torch.cat([model.embed_text(list(range(1, 15)))[None], tokens.reshape(1, -1, d).to(dtype)], 1)
+            ids = torch.randint(1, vocab - 3, (questions, 60), device=device, generator=gen)
+            suffix = model.embed_text(ids)
+            rows = torch.tensor([(k, t) for k in range(questions) for t in range(44, 59)], device=device)
+            batch = VideoBatch(prefix, suffix, rows, ids[rows[:, 0], rows[:, 1] + 1])
+            loss = answer_loss(model, [batch], checkpoint=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    cuda = device.type == "cuda"
+    step()  # warm-up (allocator, kernels)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    return {
+        "what": "lora",
+        "size": size,
+        "res": res,
+        "frames": frames,
+        "questions": questions,
+        "rank": rank,
+        "step_s": sec,
+        "samples_per_s": questions / sec,
+        "videos_per_s": 1 / sec,
+        "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else peak_rss_gb(),
+        "trained_m": sum(p.numel() for p in trained) / 1e6,
+    }
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    r = sub.add_parser("recipe")
+    r.add_argument("--root", default="/tmp/vcflash-tiny-recipe")
+    r.add_argument("--threads", type=int)
+    g = sub.add_parser("lora")
+    g.add_argument("--size", default="2b", choices=["tiny", "2b", "7b"])
+    g.add_argument("--res", type=int, default=448, choices=[224, 448])
+    g.add_argument("--frames", default="64,256")
+    g.add_argument("--questions", type=int, default=4, help="conversations per video (one encoding)")
+    g.add_argument("--rank", type=int, default=16)
+    g.add_argument("--steps", type=int, default=5)
+    g.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --size tiny")
+    args = ap.parse_args()
+    header = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.processor()}
+    print(json.dumps(header), file=sys.stderr)
+    if args.mode == "recipe":
+        rec = recipe(Path(args.root), args.threads)
+        print(json.dumps(rec))
+        last = rec["evals"][-1] if rec["evals"] else {}
+        print(f"\ntrain: {rec['train_s'] / 60:.1f} min; last in-training eval: {json.dumps(last)}\n")
+        print("| category | questions | accuracy | chance |\n|---|---|---|---|")
+        for row in rec["accuracy"]:
+            chance = "-" if row["chance"] is None else f"{row['chance']:.0%}"
+            print(f"| {row['category']} | {row['questions']} | {row['accuracy']:.1%} | {chance} |")
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("lora needs a CUDA device (--device cpu smoke-tests it with --size tiny)")
+    rows = []
+    for f in (int(x) for x in args.frames.split(",")):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rec = lora(args.size, args.res, f, args.questions, args.rank, args.steps, device)
+        print(json.dumps(rec), flush=True)
+        rows.append(rec)
+    print("\n| model | res | frames | questions/video | step s | samples/s | peak GB |\n|---|---|---|---|---|---|---|")
+    for rec in rows:
+        print(
+            f"| {rec['size']} LoRA r{rec['rank']} | {rec['res']} | {rec['frames']} | {rec['questions']} | "
+            f"{rec['step_s']:.2f} | {rec['samples_per_s']:.2f} | {rec['peak_gb']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Training data: LLaVA / VideoChat-Flash JSON lines in, conversations and videos checked, frames sampled as at
+inference.
+
+A line is one sample, as in the official training annotations:
+
+    {"id": "...", "video": "clips/a.mp4", "conversations": [
+        {"from": "human", "value": "<image>\\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]}
+
+`video` is relative to the data root (default: the file's directory), optional `start`/`end` (seconds) sample a
+sub-range, `conversations` alternate human and gpt turns (or `role`/`content` with user/assistant), and the one
+`<image>` placeholder sits in the first human turn, as in the official data (where it is moved to the front, so
+its place in the turn does not matter). Other keys are kept in `extra` (the shapes data set keeps `category`
+and `choices` there). A JSON array of such objects is read too. Every problem names the file and line.
+
+Frames are sampled exactly as `VideoChatFlash.answer` samples a video file (`sample_video`), so training and
+inference see the same frames and the same time message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hico.pixels import squash_resize
+from hico.prompt import IMAGE_PLACEHOLDER, find_marker
+from hico.video import SampledVideo, VideoError, load_video
+
+ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+class DataError(ValueError):
+    """A training file or line that cannot be used; the message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One conversation about one video."""
+
+    where: str  # "file:line", for every message about it
+    video: Path
+    turns: tuple[tuple[str, str], ...]  # (question, answer); the first question without its <image>
+    start_s: float | None = None
+    end_s: float | None = None
+    id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def video_key(self) -> tuple[str, float | None, float | None]:
+        """Samples with the same key share their frames (and, in a training step, their visual tokens)."""
+        return (str(self.video), self.start_s, self.end_s)
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+
+
+def _turns(conversations: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("`conversations` must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i + 1} is not an object")
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if role == "system" and i == 0:
+            continue  # the template has its own system prompt, as in the official data pipeline
+        if role not in ROLES or not isinstance(text, str):
+            raise ValueError(f"turn {i + 1} needs `from` human/gpt (or `role` user/assistant) and a text `value`")
+        messages.append((ROLES[role], text))
+    if len(messages) % 2 or any(r != ("human" if i % 2 == 0 else "gpt") for i, (r, _) in enumerate(messages)):
+        raise ValueError(f"turns must alternate human, gpt, ... and end with gpt; got {[r for r, _ in messages]}")
+    first = messages[0][1]
+    if first.count(IMAGE_PLACEHOLDER) != 1:
+        raise ValueError(f"the first human turn must hold the {IMAGE_PLACEHOLDER} placeholder exactly once")
+    pairs = []
+    for i in range(0, len(messages), 2):
+        question, answer = messages[i][1], messages[i + 1][1]
+        if i == 0:
+            question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+        for text, who in ((question, "human"), (answer, "gpt")):
+            if (marker := find_marker(text)) is not None:
+                raise ValueError(f"a {who} turn holds the reserved marker {marker} (only one {IMAGE_PLACEHOLDER})")
+        if not question.strip() or not answer.strip():
+            raise ValueError(f"turn {i + 1} or {i + 2} is empty")
+        pairs.append((question, answer.strip()))
+    return tuple(pairs)
+
+
+def _optional_seconds(d: dict[str, Any], key: str) -> float | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"`{key}` must be seconds (a number >= 0), got {value!r}")
+    return float(value)
+
+
+def parse_sample(d: Any, where: str, root: Path) -> Sample:
+    """One annotation object -> Sample; DataError naming `where` and what is wrong."""
+    try:
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        video = d.get("video")
+        if video is None:
+            other = [k for k in ("image", "images", "audio") if k in d]
+            raise ValueError(f"no `video` key{f' (has {other[0]!r}: only videos are trained on)' if other else ''}")
+        if not isinstance(video, str) or not video:
+            raise ValueError(f"`video` must be one path, got {video!r}")
+        start, end = _optional_seconds(d, "start"), _optional_seconds(d, "end")
+        if start is not None and end is not None and end <= start:
+            raise ValueError(f"`end` {end} must be after `start` {start}")
+        turns = _turns(d.get("conversations"))
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    extra = {k: v for k, v in d.items() if k not in ("id", "video", "conversations", "start", "end")}
+    ident = d.get("id")
+    return Sample(where, root / video, turns, start, end, None if ident is None else str(ident), extra)
+
+
+def read_samples(path: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> list[Sample]:
+    """Every sample of a JSON-lines file (or a JSON array); blank lines are skipped. Video paths are relative to
+    `data_root`, default the file's directory. Raises DataError at the first malformed line, naming it."""
+    path = Path(path)
+    root = Path(data_root) if data_root is not None else path.parent
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such training file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not a JSON array ({e.msg})") from None
+        return [parse_sample(d, f"{path}[{i}]", root) for i, d in enumerate(items)]
+    samples = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not a JSON object ({e.msg} at column {e.colno})") from None
+        samples.append(parse_sample(d, f"{path}:{n}", root))
+    if not samples:
+        raise DataError(f"{path}: no samples")
+    return samples
+
+
+# -- videos -----------------------------------------------------------------------------------------------------
+
+
+def sample_video(sample: Sample, max_frames: int) -> SampledVideo:
+    """The frames `VideoChatFlash.answer` would use for this video and range (same sampler, same floor)."""
+    return load_video(
+        sample.video,
+        max_num_frames=max_frames,
+        min_num_frames=min(64, max_frames),
+        start_s=sample.start_s,
+        end_s=sample.end_s,
+    )
+
+
+def probe_video(path: Path) -> str | None:
+    """None when `path` opens as a video with frames, else why not (cheap: no decoding)."""
+    import av
+
+    if not path.exists():
+        return "missing"
+    if not path.is_file() or path.stat().st_size == 0:
+        return "empty or not a file"
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream"
+    except (av.FFmpegError, OSError) as e:
+        return f"unreadable ({e})"
+    return None
+
+
+def check_videos(samples: Iterable[Sample], on_bad: str = "skip") -> tuple[list[Sample], list[str]]:
+    """Probe every distinct video; returns the usable samples and one report line per bad video naming the lines
+    that use it. `on_bad`: 'skip' drops those samples, 'fail' raises DataError with the report."""
+    if on_bad not in ("skip", "fail"):
+        raise ValueError(f"on_bad must be 'skip' or 'fail', got {on_bad!r}")
+    samples = list(samples)
+    problems: dict[Path, str | None] = {}
+    users: dict[Path, list[str]] = {}
+    for s in samples:
+        if s.video not in problems:
+            problems[s.video] = probe_video(s.video)
+        users.setdefault(s.video, []).append(s.where)
+    report = [bad_video_line(v, why, users[v]) for v, why in problems.items() if why is not None]
+    if report and on_bad == "fail":
+        raise DataError("bad videos (--bad-videos fail):\n" + "\n".join(report))
+    return [s for s in samples if problems[s.video] is None], report
+
+
+def bad_video_line(video: Path, why: str, wheres: list[str]) -> str:
+    shown = ", ".join(wheres[:5]) + (f" and {len(wheres) - 5} more" if len(wheres) > 5 else "")
+    return f"{video}: {why}; used by {shown}"
+
+
+@dataclass
+class Frames:
+    """A video's sampled frames, squashed to the model's input size (the first, uint8 step of preprocessing)."""
+
+    pixels: np.ndarray  # uint8 [T, S, S, 3]
+    duration_s: float
+
+
+class FrameCache:
+    """Sampled, squashed frames per (video, range), least recently used dropped past `max_bytes`.
+
+    Squashing in uint8 first is exactly `hico.video.preprocess_frames`' first step, so normalising the cached
+    frames later gives the same pixels as preprocessing the decoded ones."""
+
+    def __init__(self, image_size: int, max_frames: int, max_bytes: int = 1 << 30) -> None:
+        self.image_size, self.max_frames, self.max_bytes = image_size, max_frames, max_bytes
+        self._items: OrderedDict[tuple, Frames] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, sample: Sample) -> Frames:
+        """Raises FileNotFoundError or VideoError (hico.video) for a video that cannot be used."""
+        key = sample.video_key
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        video = sample_video(sample, self.max_frames)
+        pixels = np.stack([squash_resize(f, self.image_size) for f in video.frames])
+        item = Frames(pixels, video.duration_s)
+        self._items[key] = item
+        self._bytes += pixels.nbytes
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.pixels.nbytes
+        return item
+
+
+VIDEO_ERRORS = (FileNotFoundError, VideoError, OSError, ValueError)

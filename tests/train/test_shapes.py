@@ -1,0 +1,87 @@
+"""The synthetic shapes scenes: deterministic from the seed, a held-out split, and answers true to the scene log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hico.dataset import read_samples
+from vcflash.shapes import CATEGORIES, COLOURS, SHAPES, Scene, demo_scene, make_dataset, questions, random_scene
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("shapes")
+    for name in ("a", "b"):
+        make_dataset(root / name, videos=4, test_videos=3, seconds=(8.0, 16.0), fps=(1, 5), seed=3)
+    return root / "a", root / "b"
+
+
+def test_the_same_seed_writes_the_same_data_set(made: tuple[Path, Path]) -> None:
+    a, b = made
+    for name in ("train.jsonl", "test.jsonl", "scenes.jsonl"):
+        assert (a / name).read_text() == (b / name).read_text()
+    videos = sorted(p.relative_to(a) for p in a.rglob("*.mp4"))
+    assert len(videos) == 7
+    assert all((a / v).read_bytes() == (b / v).read_bytes() for v in videos)
+
+
+def test_lines_are_training_format_with_category_and_choices(made: tuple[Path, Path]) -> None:
+    a, _ = made
+    for split in ("train", "test"):
+        samples = read_samples(a / f"{split}.jsonl")
+        assert {s.video.parent.name for s in samples} == {split}  # held out: its own videos
+        for s in samples:
+            assert s.video.is_file() and len(s.turns) == 1
+            assert s.extra["category"] in CATEGORIES and s.turns[0][1] in s.extra["choices"]
+    scenes = [json.loads(line) for line in (a / "scenes.jsonl").read_text().splitlines()]
+    assert len(scenes) == 7 and len({json.dumps(s["scene"]) for s in scenes}) == 7
+    assert Scene.from_dict(scenes[0]["scene"]) == Scene.from_dict(json.loads(json.dumps(scenes[0]["scene"])))
+    assert json.loads(json.dumps(Scene.from_dict(scenes[0]["scene"]).to_dict())) == scenes[0]["scene"]
+
+
+def test_answers_follow_the_scene_log() -> None:
+    rng = np.random.default_rng(11)
+    seen = set()
+    for _ in range(60):
+        scene = random_scene(rng, float(rng.choice([8.0, 16.0, 24.0])), 1)
+        sprites = {s.name: s for s in scene.sprites}
+        assert 1 <= len(sprites) <= 3
+        assert len({s.colour for s in scene.sprites}) == len({s.shape for s in scene.sprites}) == len(sprites)
+        for s in scene.sprites:
+            assert s.leave_s - s.appear_s >= 4.0 and s.speed * (s.leave_s - s.appear_s) >= 40.0 - 1e-6
+            for t in (s.appear_s, s.leave_s - 1e-3):  # on screen all its stay
+                x, y = s.centre(t)
+                assert s.size / 2 <= x <= 320 - s.size / 2 and s.size / 2 <= y <= 240 - s.size / 2
+        for qa in questions(scene, rng):
+            seen.add(qa.category)
+            assert qa.answer in qa.choices
+            if qa.category == "count":
+                assert qa.answer == str(len(sprites))
+            elif qa.category == "presence":
+                named = qa.question.removeprefix("Is there a ").removesuffix(" in the video?")
+                assert (qa.answer == "yes") == (named in sprites)
+            elif qa.category == "order":
+                a, b = (sprites[c.removeprefix("the ")] for c in qa.choices)
+                assert abs(a.appear_s - b.appear_s) >= 4.0
+                assert qa.answer == f"the {min((a, b), key=lambda s: s.appear_s).name}"
+    assert seen == set(CATEGORIES)
+
+
+def test_a_shape_is_drawn_in_its_colour_while_on_screen() -> None:
+    scene = demo_scene(seconds=16.0, fps=1)
+    circle, square = scene.sprites
+    assert (circle.name, square.name) == ("red circle", "blue square") and square.appear_s > 2
+    for t in (0.0, 8.0, 15.0):
+        frame = scene.frame(t)
+        for s in scene.sprites:
+            x, y = (int(v) for v in s.centre(t))
+            expected = np.array(COLOURS[s.colour]) if s.visible(t) else None
+            if expected is None:
+                assert np.abs(frame[y, x].astype(int) - COLOURS[s.colour]).sum() > 60
+            else:
+                assert np.array_equal(frame[y, x], expected)
+    assert set(SHAPES) >= {s.shape for s in scene.sprites}

@@ -1,0 +1,133 @@
+"""Training data: the LLaVA / VideoChat-Flash JSON lines, every problem named by its line, bad videos reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hico import VideoChatFlash
+from hico.dataset import DataError, FrameCache, check_videos, read_samples, sample_video
+from tests.train.conftest import conversation, write_lines
+
+
+def test_official_format_reads(tmp_path: Path, videos: list[Path]) -> None:
+    lines = [
+        # the official data moves <image> to the front, so its place in the turn does not matter
+        {"id": 7, "video": videos[0].name, "conversations": conversation("What is it?", "A square.")},
+        {
+            "video": videos[1].name,
+            "start": 1,
+            "end": 7.5,
+            "category": "colour",
+            "conversations": [
+                {"from": "system", "value": "ignored: the template has its own"},
+                {"from": "human", "value": "Look: <image> What colour?"},
+                {"from": "gpt", "value": " red "},
+                {"from": "human", "value": "And the background?"},
+                {"from": "gpt", "value": "grey"},
+            ],
+        },
+        "",  # blank lines are skipped
+        {
+            "video": videos[2].name,
+            "conversations": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+        },
+    ]
+    (tmp_path / "v").mkdir()
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    samples = read_samples(path, data_root=videos[0].parent)
+    assert [s.where for s in samples] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    assert (
+        samples[0].id == "7" and samples[0].video == videos[0] and samples[0].turns == (("What is it?", "A square."),)
+    )
+    assert samples[1].turns == (("Look:  What colour?", "red"), ("And the background?", "grey"))
+    assert (samples[1].start_s, samples[1].end_s, samples[1].extra) == (1.0, 7.5, {"category": "colour"})
+    assert samples[2].turns == (("Q", "A"),)
+    # a JSON array (the official annotation files) reads too, video paths relative to the file by default
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps([{"video": "x.mp4", "conversations": conversation("Q", "A")}]))
+    [s] = read_samples(array)
+    assert s.video == tmp_path / "x.mp4" and s.where == f"{array}[0]"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not a JSON object"),
+        ('["a list"]', "expected a JSON object"),
+        ({"conversations": conversation("Q", "A")}, "no `video` key"),
+        ({"image": "a.jpg", "conversations": conversation("Q", "A")}, "only videos are trained on"),
+        ({"video": "a.mp4"}, "`conversations` must be a non-empty list"),
+        ({"video": "a.mp4", "conversations": [{"from": "human", "value": "<image>Q"}]}, "must alternate"),
+        ({"video": "a.mp4", "conversations": [{"from": "bot", "value": "x"}]}, "needs `from` human/gpt"),
+        ({"video": "a.mp4", "conversations": conversation("Q", "A")[:1] * 2}, "must alternate"),
+        (
+            {"video": "a.mp4", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+            "<image> placeholder exactly once",
+        ),
+        ({"video": "a.mp4", "conversations": conversation("<image> Q", "A")}, "exactly once"),
+        ({"video": "a.mp4", "conversations": conversation("Q <|im_end|>", "A")}, "reserved marker <|im_end|>"),
+        ({"video": "a.mp4", "conversations": conversation("Q", "  ")}, "is empty"),
+        ({"video": "a.mp4", "start": 5, "end": 2, "conversations": conversation("Q", "A")}, "must be after"),
+        ({"video": "a.mp4", "start": "x", "conversations": conversation("Q", "A")}, "`start` must be seconds"),
+        ({"video": ["a.mp4", "b.mp4"], "conversations": conversation("Q", "A")}, "must be one path"),
+    ],
+)
+def test_a_malformed_line_is_named(tmp_path: Path, line: object, message: str) -> None:
+    good = {"video": "a.mp4", "conversations": conversation("Q", "A")}
+    path = write_lines(tmp_path / "d.jsonl", [good, good, line])
+    with pytest.raises(DataError) as e:
+        read_samples(path)
+    assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
+
+
+def test_an_empty_file_and_a_missing_one(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no samples"):
+        read_samples(write_lines(tmp_path / "d.jsonl", ["", "  "]))
+    with pytest.raises(FileNotFoundError, match="no such training file"):
+        read_samples(tmp_path / "nope.jsonl")
+
+
+def test_missing_and_corrupt_videos_are_reported_with_their_lines(tmp_path: Path, videos: list[Path]) -> None:
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_text("this is not a video\n" * 10)
+    lines = [
+        {"video": str(videos[0]), "conversations": conversation("Q", "A")},
+        {"video": str(tmp_path / "missing.mp4"), "conversations": conversation("Q", "A")},
+        {"video": str(corrupt), "conversations": conversation("Q", "A")},
+        {"video": str(tmp_path / "missing.mp4"), "conversations": conversation("Q2", "A")},
+    ]
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    kept, report = check_videos(read_samples(path), "skip")
+    assert [s.where for s in kept] == [f"{path}:1"]
+    assert len(report) == 2
+    missing = next(r for r in report if "missing.mp4" in r)
+    assert "missing" in missing and f"{path}:2" in missing and f"{path}:4" in missing
+    bad = next(r for r in report if "corrupt.mp4" in r)
+    assert "unreadable" in bad and f"{path}:3" in bad
+    with pytest.raises(DataError) as e:
+        check_videos(read_samples(path), "fail")
+    assert f"{path}:2" in str(e.value) and f"{path}:3" in str(e.value)
+
+
+def test_frames_are_the_ones_ask_uses(tiny_base: Path, data: Path) -> None:
+    """The training sampler is VideoChatFlash.answer's: same frames, same time message, same tokens."""
+    model = VideoChatFlash.from_pretrained(tiny_base)
+    sample = read_samples(data)[4]  # the 16 s video at 1 fps: all 16 frames
+    video = sample_video(sample, 512)
+    cached = FrameCache(model.config.vision.image_size, 512).get(sample)
+    assert len(video.frames) == len(cached.pixels) == 16 and cached.duration_s == video.duration_s == 16.0
+    tokens = model.encode_clips(model.preprocess(cached.pixels))  # squashed first: the same pixels
+    assert torch.equal(tokens, model.encode_clips(model.preprocess(video.frames)))
+    question = sample.turns[0][0]
+    from_file = model.answer(str(sample.video), question, max_new_tokens=6, repetition_penalty=1.0)
+    from_cache = model.answer(tokens, question, duration_s=cached.duration_s, max_new_tokens=6, repetition_penalty=1.0)
+    assert (from_file.num_frames, from_file.duration_s, from_file.prompt_tokens) == (
+        16,
+        16.0,
+        from_cache.prompt_tokens,
+    )
+    assert from_file.token_ids == from_cache.token_ids

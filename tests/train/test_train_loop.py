@@ -1,0 +1,212 @@
+"""Training is real: the inference prompt, a loss that falls, only the asked-for weights change, LoRA merges to the
+same logits, the saved layout is the official one, and an interrupted run resumes where it was."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hico.train
+from hico import VideoChatFlash
+from hico.checkpoint import read_config
+from hico.dataset import DataError, FrameCache, read_samples
+from hico.lora import load_adapter
+from hico.prompt import PromptVideo, build_prompt
+from hico.train import (
+    Batcher,
+    TrainConfig,
+    answer_loss,
+    chunk_by_video,
+    encode_conversation,
+    normalize_answer,
+    shared_prefix_forward,
+    train,
+)
+from tests.train.conftest import conversation, write_lines
+
+QUICK = {"max_steps": 4, "eval_every": 2, "videos_per_step": 2, "lr": 3e-3, "threads": 2}
+
+
+def config(data: Path, model: Path, out: Path, **kw: object) -> TrainConfig:
+    return TrainConfig(data=str(data), model=str(model), out=str(out), **(QUICK | kw))  # type: ignore[arg-type]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def data_loss(model: VideoChatFlash, data: Path) -> float:
+    cfg = TrainConfig(data=str(data), model="-", out="-")
+    batcher = Batcher(model, cfg, FrameCache(model.config.vision.image_size, 512))
+    with torch.no_grad():
+        batches = batcher.build(chunk_by_video(read_samples(data), 16), np.random.default_rng(0))
+        return float(answer_loss(model, batches))
+
+
+# -- the sequence ---------------------------------------------------------------------------------------------
+
+
+def test_the_prompt_is_the_inference_prompt_and_only_answers_are_targets(tiny_base: Path) -> None:
+    model = VideoChatFlash.from_pretrained(tiny_base)
+    eos = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    video = PromptVideo(16, 16.0)
+    turns = [("What colour is the square?", "red"), ("And where does it go?", "To the right.")]
+    enc = encode_conversation(model.tokenize, eos, turns, video)
+    before, _, after = build_prompt(turns[-1][0], [video], turns[:1])  # what `answer` embeds for the last turn
+    assert enc.before == model.tokenize(before)
+    prompt = model.tokenize(after)
+    assert enc.after[: len(prompt)] == prompt
+    assert enc.after[len(prompt) :] == model.tokenize("To the right.") + [eos]
+    targets = [enc.after[t] for t in enc.targets]
+    # the earlier answer and its <|im_end|>, then the last answer and its <|im_end|>: nothing else
+    assert targets == model.tokenize("red") + [eos] + model.tokenize("To the right.") + [eos]
+
+
+def test_the_training_forward_is_the_inference_forward(tiny_base: Path, data: Path) -> None:
+    """Shared-prefix batching gives the logits `VideoChatFlash.logits` gives for each prompt."""
+    model = VideoChatFlash.from_pretrained(tiny_base)
+    samples = read_samples(data)[:2]  # one video, two questions
+    cfg = TrainConfig(data=str(data), model="-", out="-")
+    batcher = Batcher(model, cfg, FrameCache(model.config.vision.image_size, 512))
+    [batch] = batcher.build([samples], np.random.default_rng(0))
+    frames = batcher.cache.get(samples[0])
+    tokens = model.encode_clips(model.preprocess(frames.pixels))
+    with torch.no_grad():
+        hidden = shared_prefix_forward(model, batch.prefix, batch.suffix)
+        for k, sample in enumerate(samples):
+            reference = model.logits(tokens, sample.turns[0][0], duration_s=frames.duration_s)  # [S, V]
+            n = reference.shape[0] - batch.prefix.shape[1]  # the prompt's positions after the video
+            ours = model.llm.lm_head(hidden[k, :n]).float()
+            torch.testing.assert_close(ours, reference[-n:], rtol=1e-4, atol=1e-5)
+
+
+# -- what trains ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parts", "changed"),
+    [(("projector",), {"model.mm_projector."}), (("vision", "projector", "llm"), {"model.", "lm_head."})],
+)
+def test_loss_falls_and_only_the_asked_parts_change(
+    tiny_base: Path, data: Path, tmp_path: Path, parts: tuple[str, ...], changed: set[str]
+) -> None:
+    before = data_loss(VideoChatFlash.from_pretrained(tiny_base), data)
+    result = train(config(data, tiny_base, tmp_path / "out", train=parts, max_steps=6))
+    after = data_loss(VideoChatFlash.from_pretrained(tmp_path / "out"), data)
+    assert after < before - 0.05, (before, after)
+    assert result.steps == 6 and result.samples == 3 * 6 and result.final_loss < before  # 3 epochs of 6 samples
+    base, trained = weights(tiny_base), weights(tmp_path / "out")
+    assert base.keys() == trained.keys()  # the official names, nothing added
+    vision = "model.vision_tower."
+    for key, value in base.items():
+        should_change = "vision" in parts if key.startswith(vision) else any(key.startswith(c) for c in changed)
+        if key.startswith("model.mm_projector."):
+            should_change = "projector" in parts
+        if should_change:
+            assert not torch.equal(value, trained[key]), f"{key} did not train"
+        else:
+            assert torch.equal(value, trained[key]), f"{key} changed although frozen"
+
+
+def test_lora_merged_equals_base_plus_adapter_and_layout_is_official(
+    tiny_base: Path, data: Path, tmp_path: Path
+) -> None:
+    kw = {"train": ("projector", "llm"), "lora_rank": 4, "lr": 1e-2}
+    train(config(data, tiny_base, tmp_path / "adapter", **kw))
+    train(config(data, tiny_base, tmp_path / "merged", merge_lora=True, **kw))
+    adapter = tmp_path / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved) and any("mm_projector" in k for k in saved)  # projector rides along
+    assert not any("vision_tower" in k for k in saved)
+
+    merged = tmp_path / "merged"
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"):
+        assert (merged / name).is_file(), name
+    assert weights(merged).keys() == weights(tiny_base).keys()
+    assert read_config(merged) == read_config(tiny_base)
+    for key, value in weights(tiny_base).items():
+        if key.startswith("model.vision_tower.") or "norm" in key or "embed_tokens" in key or "lm_head" in key:
+            assert torch.equal(value, weights(merged)[key]), key  # LoRA and the projector only
+
+    frames = np.random.default_rng(1).integers(0, 256, (8, 48, 64, 3), dtype=np.uint8)
+    base_plus_adapter = load_adapter(VideoChatFlash.from_pretrained(tiny_base), adapter, merge=False)
+    model = base_plus_adapter.base_model.model  # the VideoChatFlash inside, adapters unmerged and active
+    with torch.no_grad():
+        tokens = model.encode_clips(model.preprocess(frames))
+        unmerged = model.logits(tokens, "What colour is it?", duration_s=8.0)
+    loaded = VideoChatFlash.from_pretrained(merged)
+    reference = loaded.logits(loaded.encode_clips(loaded.preprocess(frames)), "What colour is it?", duration_s=8.0)
+    torch.testing.assert_close(unmerged, reference, rtol=1e-4, atol=1e-4)
+    # --adapter at load time merges it: the same model again
+    applied = load_adapter(VideoChatFlash.from_pretrained(tiny_base), adapter)
+    again = applied.logits(applied.encode_clips(applied.preprocess(frames)), "What colour is it?", duration_s=8.0)
+    torch.testing.assert_close(again, reference, rtol=1e-4, atol=1e-4)
+    assert not any("lora" in k for k in applied.state_dict())
+
+
+# -- bad input and interruptions ------------------------------------------------------------------------------
+
+
+def test_bad_videos_are_skipped_or_fail_never_silently(tiny_base: Path, videos: list[Path], tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(videos[0].read_bytes()[:600])  # a truncated file
+    lines = [{"video": str(v), "conversations": conversation("Q?", "red")} for v in videos]
+    lines.insert(1, {"video": str(tmp_path / "gone.mp4"), "conversations": conversation("Q?", "red")})
+    lines.append({"video": str(corrupt), "conversations": conversation("Q?", "red")})
+    data = write_lines(tmp_path / "d.jsonl", lines)
+    said: list[str] = []
+    result = train(config(data, tiny_base, tmp_path / "out", max_steps=2), report=said.append)
+    assert result.steps == 2
+    skipped = "\n".join(result.skipped)
+    assert f"{data}:2" in skipped and "gone.mp4" in skipped and f"{data}:5" in skipped, skipped
+    assert any("skipping a bad video" in line and f"{data}:2" in line for line in said)
+    recorded = json.loads((tmp_path / "out" / "training.json").read_text())["skipped"]
+    assert len(recorded) == 2
+    with pytest.raises(DataError, match=f"{data}:2"):
+        train(config(data, tiny_base, tmp_path / "out2", bad_videos="fail"))
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(
+    tiny_base: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kw = {"max_steps": 5, "eval_every": 2, "anchors": 0.5}
+    whole = train(config(data, tiny_base, tmp_path / "whole", **kw))
+
+    calls = {"n": 0}
+    real = hico.train.answer_loss
+
+    def dies_in_step_four(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # a kill in the middle of step 4: step 2's checkpoint is the last
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hico.train, "answer_loss", dies_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data, tiny_base, tmp_path / "cut", **kw))
+    monkeypatch.setattr(hico.train, "answer_loss", real)
+    state = torch.load(tmp_path / "cut" / "last" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2  # lost at most one eval interval
+
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(config(data, tiny_base, tmp_path / "cut", **kw))
+    with pytest.raises(ValueError, match="different run.*lora_rank"):
+        train(config(data, tiny_base, tmp_path / "cut", resume=True, lora_rank=2, **kw))
+    said: list[str] = []
+    resumed = train(config(data, tiny_base, tmp_path / "cut", resume=True, **kw), report=said.append)
+    assert any("resuming" in line and "step 2" in line for line in said)
+    assert resumed.steps == whole.steps == 5
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_normalize_answer() -> None:
+    assert normalize_answer("  The Red circle. ") == normalize_answer("red circle") == "red circle"
+    assert normalize_answer("Yes!") == "yes" and normalize_answer("3") == "3"

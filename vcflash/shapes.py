@@ -1,0 +1,360 @@
+"""Synthetic shapes scenes: coloured shapes moving over textured backgrounds, with templated questions.
+
+A `Scene` is a logged plan (which shape appears when, where it goes, when it leaves), rendered frame by frame
+and written as H.264 with `vcflash.media.write_video`. `make_dataset` writes videos and question/answer lines
+in the LLaVA / VideoChat-Flash training format (one JSON object a line: `video` plus `conversations`, the
+`<image>` placeholder opening the first human turn), with a `category` and the answer `choices` kept beside them
+for `vcflash eval qa`. Everything is a pure function of the seed.
+
+The scenes are built to be answerable from about one frame a second in 4-frame clips: every shape stays at
+least 4 s, moves at least 40 px, and two shapes asked about in an order question first show up at least 4 s
+apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vcflash.media import write_video
+
+COLOURS = {"red": (215, 35, 35), "green": (35, 175, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+CATEGORIES = ("colour", "shape", "count", "direction", "presence", "order", "describe")
+SIZE = (320, 240)  # width, height: the test video's size
+MIN_STAY_S = 4.0  # every shape is on screen at least this long
+MIN_TRAVEL_PX = 40.0
+ORDER_GAP_S = 4.0  # first appearances this far apart (a 4-frame clip at 1 fps) make an order question
+
+
+@dataclass(frozen=True)
+class Sprite:
+    """One shape: where it is at `appear_s`, where it heads and how fast, and when it leaves."""
+
+    colour: str
+    shape: str
+    size: int  # bounding-box side, px
+    x: float  # centre at appear_s, px
+    y: float
+    direction: str
+    speed: float  # px/s
+    appear_s: float
+    leave_s: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    def visible(self, t: float) -> bool:
+        return self.appear_s <= t < self.leave_s
+
+    def centre(self, t: float) -> tuple[float, float]:
+        dx, dy = DIRECTIONS[self.direction]
+        travelled = self.speed * (t - self.appear_s)
+        return self.x + dx * travelled, self.y + dy * travelled
+
+
+@dataclass(frozen=True)
+class Background:
+    """A static low-saturation texture: stripes, a checkerboard, smooth noise or a plain gradient."""
+
+    kind: str
+    base: tuple[int, int, int]
+    contrast: float
+    period: float  # stripes and checkers: px; noise: cells across
+    angle: float  # stripes: radians
+    seed: int  # noise
+
+    def render(self, width: int, height: int) -> np.ndarray:
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        if self.kind == "stripes":
+            wave = np.sin(2 * math.pi * (x * math.cos(self.angle) + y * math.sin(self.angle)) / self.period)
+        elif self.kind == "checker":
+            wave = ((x // self.period + y // self.period) % 2) * 2 - 1
+        elif self.kind == "noise":
+            cells = int(self.period)
+            grid = np.random.default_rng(self.seed).uniform(-1, 1, (cells * height // width + 2, cells + 2))
+            image = Image.fromarray(((grid + 1) * 127.5).astype(np.uint8))
+            wave = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.float32) / 127.5 - 1
+        else:  # plain: a gentle diagonal gradient
+            wave = (x / width + y / height) - 1
+        out = np.asarray(self.base, dtype=np.float32) + self.contrast * wave[..., None]
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Scene:
+    seconds: float
+    fps: int
+    background: Background
+    sprites: tuple[Sprite, ...]
+    size: tuple[int, int] = SIZE
+
+    def frame(self, t: float, background: np.ndarray | None = None) -> np.ndarray:
+        """The picture at time t, uint8 [H, W, 3]."""
+        width, height = self.size
+        image = Image.fromarray(self.background.render(width, height) if background is None else background)
+        draw = ImageDraw.Draw(image)
+        for s in self.sprites:
+            if not s.visible(t):
+                continue
+            cx, cy = s.centre(t)
+            h = s.size / 2
+            box = (cx - h, cy - h, cx + h, cy + h)
+            colour = COLOURS[s.colour]
+            if s.shape == "circle":
+                draw.ellipse(box, fill=colour)
+            elif s.shape == "square":
+                draw.rectangle(box, fill=colour)
+            else:  # an upright triangle
+                draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=colour)
+        return np.asarray(image)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        background = self.background.render(*self.size)
+        for i in range(round(self.seconds * self.fps)):
+            yield self.frame(i / self.fps, background)
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        return write_video(path, self.frames(), self.fps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scene:
+        return cls(
+            seconds=d["seconds"],
+            fps=d["fps"],
+            background=Background(**{**d["background"], "base": tuple(d["background"]["base"])}),
+            sprites=tuple(Sprite(**s) for s in d["sprites"]),
+            size=tuple(d["size"]),
+        )
+
+
+# -- random scenes ----------------------------------------------------------------------------------------------
+
+
+def random_background(rng: np.random.Generator) -> Background:
+    grey = rng.uniform(70, 165)
+    base = tuple(int(np.clip(grey + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
+    kind = str(rng.choice(["stripes", "checker", "noise", "plain"]))
+    period = float(rng.uniform(6, 14)) if kind == "noise" else float(rng.uniform(14, 48))
+    return Background(
+        kind=kind,
+        base=base,  # type: ignore[arg-type]
+        contrast=float(rng.uniform(8, 22)),
+        period=period,
+        angle=float(rng.uniform(0, math.pi)),
+        seed=int(rng.integers(2**31)),
+    )
+
+
+def _overlap(a: Sprite, b: Sprite, seconds: float) -> bool:
+    for t in np.arange(0, seconds, 0.25):
+        if a.visible(t) and b.visible(t):
+            (ax, ay), (bx, by) = a.centre(t), b.centre(t)
+            if abs(ax - bx) < (a.size + b.size) / 2 + 6 and abs(ay - by) < (a.size + b.size) / 2 + 6:
+                return True
+    return False
+
+
+def _random_sprite(
+    rng: np.random.Generator, colour: str, shape: str, appear_s: float, seconds: float, size: tuple[int, int]
+) -> Sprite:
+    width, height = size
+    leave_s = seconds if rng.random() < 0.6 else float(rng.uniform(appear_s + MIN_STAY_S, seconds))
+    if leave_s - appear_s < MIN_STAY_S:
+        leave_s = seconds
+    side = int(rng.integers(44, 62))
+    direction = str(rng.choice(list(DIRECTIONS)))
+    dx, dy = DIRECTIONS[direction]
+    extent = width if dx else height
+    stay = leave_s - appear_s
+    travel = float(rng.uniform(MIN_TRAVEL_PX, min(150.0, extent - side - 24)))
+    margin = side / 2 + 6
+    # the whole path stays inside the frame
+    lo_x, hi_x = margin + max(0.0, -dx * travel), width - margin - max(0.0, dx * travel)
+    lo_y, hi_y = margin + max(0.0, -dy * travel), height - margin - max(0.0, dy * travel)
+    return Sprite(
+        colour=colour,
+        shape=shape,
+        size=side,
+        x=float(rng.uniform(lo_x, hi_x)),
+        y=float(rng.uniform(lo_y, hi_y)),
+        direction=direction,
+        speed=travel / stay,
+        appear_s=appear_s,
+        leave_s=leave_s,
+    )
+
+
+def random_scene(rng: np.random.Generator, seconds: float, fps: int, size: tuple[int, int] = SIZE) -> Scene:
+    """One to three shapes of distinct colours and distinct kinds; the first is there from the start, the others
+    pop in later (half a second past a whole second) and may leave before the end."""
+    count = int(rng.integers(1, 4))
+    colours = rng.permutation(list(COLOURS))[:count]
+    shapes = rng.permutation(list(SHAPES))[:count]
+    sprites: list[Sprite] = []
+    for i, (colour, shape) in enumerate(zip(colours, shapes, strict=True)):
+        for _ in range(200):
+            appear = 0.0 if i == 0 else float(rng.integers(0, int(seconds - MIN_STAY_S) + 1)) + 0.5
+            appear = min(appear, seconds - MIN_STAY_S)
+            sprite = _random_sprite(rng, str(colour), str(shape), appear, seconds, size)
+            if not any(_overlap(sprite, other, seconds) for other in sprites):
+                sprites.append(sprite)
+                break
+    return Scene(seconds=float(seconds), fps=int(fps), background=random_background(rng), sprites=tuple(sprites))
+
+
+def demo_scene(seconds: float = 16.0, fps: int = 25) -> Scene:
+    """`vcflash make-test-video`: a red circle drifting right over stripes the whole time, and a blue square that
+    rises from a quarter of the way in."""
+    background = Background("stripes", (120, 124, 118), 14.0, 32.0, 0.6, 0)
+    width, height = SIZE
+    circle = Sprite("red", "circle", 56, 60.0, 80.0, "right", 120.0 / seconds, 0.0, seconds)
+    appear = round(seconds / 4) + 0.5 if seconds >= 8 else 0.0
+    square = Sprite("blue", "square", 52, 240.0, 190.0, "up", 90.0 / max(seconds - appear, 1.0), appear, seconds)
+    return Scene(float(seconds), int(fps), background, (circle, square), (width, height))
+
+
+# -- questions --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QA:
+    category: str
+    question: str
+    answer: str
+    choices: tuple[str, ...]  # the answers a guess picks from: 1 / len(choices) is chance
+
+
+def first_seen(sprite: Sprite) -> float:
+    return sprite.appear_s
+
+
+def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
+    """Every templated question the scene answers: per shape its colour, its kind and its direction; the count; one
+    present and one absent shape; the order of first appearance of shapes that show up 4 s or more apart; and a
+    description of the whole scene."""
+    sprites = scene.sprites
+    qas: list[QA] = []
+    colours, shapes, directions = tuple(COLOURS), SHAPES, tuple(DIRECTIONS)
+    for s in sprites:
+        qas.append(QA("colour", f"What colour is the {s.shape}?", s.colour, colours))
+        qas.append(QA("shape", f"What shape is the {s.colour} object?", s.shape, shapes))
+        qas.append(QA("direction", f"Which way does the {s.name} move?", s.direction, directions))
+    qas.append(QA("count", "How many shapes appear in the video?", str(len(sprites)), ("1", "2", "3")))
+    present = sprites[int(rng.integers(len(sprites)))]
+    qas.append(QA("presence", f"Is there a {present.name} in the video?", "yes", ("yes", "no")))
+    names = {s.name for s in sprites}
+    absent = [f"{c} {k}" for c in colours for k in shapes if f"{c} {k}" not in names]
+    qas.append(
+        QA("presence", f"Is there a {absent[int(rng.integers(len(absent)))]} in the video?", "no", ("yes", "no"))
+    )
+    for i, a in enumerate(sprites):
+        for b in sprites[i + 1 :]:
+            if abs(first_seen(a) - first_seen(b)) < ORDER_GAP_S:
+                continue
+            first = a if first_seen(a) < first_seen(b) else b
+            x, y = (a, b) if rng.random() < 0.5 else (b, a)
+            qas.append(
+                QA(
+                    "order",
+                    f"Which appears first, the {x.name} or the {y.name}?",
+                    f"the {first.name}",
+                    (f"the {x.name}", f"the {y.name}"),
+                )
+            )
+    qas.append(QA("describe", "Describe the video.", describe(scene), ()))
+    return qas
+
+
+def describe(scene: Scene) -> str:
+    """Every shape with its colour and where it moves, in a fixed colour order: 'red circle moving right, blue
+    square moving up'. One answer that supervises every shape at once."""
+    order = list(COLOURS)
+    return ", ".join(
+        f"{s.name} moving {s.direction}" for s in sorted(scene.sprites, key=lambda s: order.index(s.colour))
+    )
+
+
+def corpus(repeat: int = 20) -> Iterator[str]:
+    """Every question form and answer, for a tokenizer that keeps their words whole. Answers come alone on a line
+    too, as the model writes them (a word at the start, with no space before it); `repeat` weighs the lines
+    against the tokenizer's built-in corpus."""
+    answers = [*COLOURS, *SHAPES, *DIRECTIONS, "yes", "no", "1", "2", "3", "Describe the video."]
+    answers += [f"the {c} {s}" for c in COLOURS for s in SHAPES]
+    for _ in range(repeat):
+        yield from answers
+        yield from _question_lines()
+
+
+def _question_lines() -> Iterator[str]:
+    for colour in COLOURS:
+        for shape in SHAPES:
+            yield f"What colour is the {shape}? {colour}"
+            yield f"What shape is the {colour} object? {shape}"
+            for direction in DIRECTIONS:
+                yield f"Which way does the {colour} {shape} move? {direction}"
+            yield f"Is there a {colour} {shape} in the video? yes no"
+            yield f"Which appears first, the {colour} {shape} or the {colour} {shape}? the {colour} {shape}"
+    yield "How many shapes appear in the video? 1 2 3"
+    yield ", ".join(f"{c} {s} moving {d}" for c, s, d in zip(COLOURS, SHAPES * 2, DIRECTIONS, strict=False))
+
+
+# -- the dataset ------------------------------------------------------------------------------------------------
+
+
+def record(video: str, qa: QA, ident: str) -> dict:
+    """One JSON line in the LLaVA / VideoChat-Flash format, plus `category` and `choices` for `eval qa`."""
+    return {
+        "id": ident,
+        "video": video,
+        "conversations": [{"from": "human", "value": f"<image>\n{qa.question}"}, {"from": "gpt", "value": qa.answer}],
+        "category": qa.category,
+        "choices": list(qa.choices),
+    }
+
+
+def make_dataset(
+    out: str | os.PathLike[str],
+    videos: int = 1000,
+    test_videos: int | None = None,
+    seconds: tuple[float, ...] = (8.0, 16.0, 24.0),
+    fps: tuple[int, ...] = (1, 1, 1, 1, 1, 25),
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Path]:
+    """Write `videos` training scenes and `test_videos` (default a fifth as many, at least 10) held-out ones under
+    OUT/videos/{train,test}/, their questions in OUT/train.jsonl and OUT/test.jsonl (video paths relative to OUT)
+    and each scene's log in OUT/scenes.jsonl. Each scene's length and frame rate are drawn from `seconds` and `fps`.
+    The two splits draw from independent streams of the seed."""
+    out = Path(out)
+    test_videos = max(10, videos // 5) if test_videos is None else test_videos
+    train_seq, test_seq = np.random.SeedSequence(seed).spawn(2)
+    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scenes.jsonl", "w") as scenes:
+        for split, count, seq in (("train", videos, train_seq), ("test", test_videos, test_seq)):
+            (out / "videos" / split).mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(seq)
+            with open(paths[split], "w") as lines:
+                for i in tqdm(range(count), desc=f"{split} videos", disable=not progress):
+                    scene = random_scene(rng, float(rng.choice(seconds)), int(rng.choice(fps)))
+                    video = f"videos/{split}/{i:05d}.mp4"
+                    scene.write(out / video)
+                    scenes.write(json.dumps({"video": video, "scene": scene.to_dict()}) + "\n")
+                    for j, qa in enumerate(questions(scene, rng)):
+                        lines.write(json.dumps(record(video, qa, f"{split}-{i:05d}-{j:02d}")) + "\n")
+    return paths
