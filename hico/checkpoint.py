@@ -47,10 +47,6 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 TINY = "tiny"  # the model name of the shipped tiny model, trained on synthetic shapes scenes
 TINY_RANDOM = "tiny-random"  # the model name of a random tiny checkpoint, generated on first use
 TINY_WEIGHTS = Path(__file__).parent / "weights" / "tiny"
-AUTO_MAP = {
-    "AutoConfig": "modeling_videochat_flash.VideoChatFlashQwenConfig",
-    "AutoModel": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM",
-}
 M = TypeVar("M", bound=VideoChatFlashModel)
 
 
@@ -155,9 +151,11 @@ def check_weights(model: VideoChatFlashModel, weights: dict[str, torch.Tensor]) 
     expected = {official_key(k): (k, v.shape) for k, v in model.state_dict().items()}
     optional = set()
     if model.config.text.tie_word_embeddings:
-        # The released 2B stores lm_head.weight although it is tied to embed_tokens; we ignore it.
+        # The released 2B stores lm_head.weight although it is tied to embed_tokens (the two are equal there).
         expected.pop("lm_head.weight")
         optional.add("lm_head.weight")
+        if (embedding := tied_embedding(weights)) is not None:
+            weights = {**weights, "model.embed_tokens.weight": embedding}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected) - optional)
     wrong = sorted(
@@ -173,6 +171,37 @@ def check_weights(model: VideoChatFlashModel, weights: dict[str, torch.Tensor]) 
         ]
         raise CheckpointError("weights do not fit the config: " + "; ".join(parts))
     return {ours: weights[k] for k, (ours, _) in expected.items()}
+
+
+def tied_embedding(weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The one tensor a tied model uses as embed_tokens and lm_head. The official loading (transformers 4.40.1
+    `from_pretrained`, run by us on a doctored checkpoint) copies each stored tensor into the shared parameter
+    in module order, lm_head last: a stored lm_head.weight wins for both. Silent when the two are equal (the
+    released 2B); a warning naming the largest difference when they are not; a misshapen one is ignored."""
+    lm_head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    if lm_head is None or embed is None:
+        return embed if lm_head is None else lm_head
+    if lm_head.shape != embed.shape:
+        log.warning(
+            "tie_word_embeddings is set and the stored lm_head.weight %s has another shape than "
+            "model.embed_tokens.weight %s; it is ignored",
+            list(lm_head.shape),
+            list(embed.shape),
+        )
+        return embed
+    if torch.equal(lm_head, embed):
+        return embed
+    diff = max(  # in row blocks, so a 150k-row bf16 table is never copied whole to float32
+        (lm_head[i : i + 4096].float() - embed[i : i + 4096].float()).abs().max().item()
+        for i in range(0, embed.shape[0], 4096)
+    )
+    log.warning(
+        "tie_word_embeddings is set but the stored lm_head.weight differs from model.embed_tokens.weight "
+        "(max abs difference %.6g); as the official loading does, lm_head.weight is used for both the input "
+        "embedding and the output projection. Set tie_word_embeddings false to keep them apart",
+        diff,
+    )
+    return lm_head
 
 
 def load_model(
@@ -262,8 +291,9 @@ def init_for_training_(model: VideoChatFlashModel, seed: int) -> None:
 
 
 def shapes_config() -> VideoChatFlashConfig:
-    """The shape of the shipped `tiny` model: the tiny preset with a wider LLM (128) and a 1,024-token
-    vocabulary that holds the shapes questions' words whole. Still 4 decoder layers at 224 px, a few MB."""
+    """The shape of the shipped `tiny` model: 4 decoder layers 128 wide with a 1,024-token vocabulary that holds
+    the shapes questions' words whole, and a 3-block UMT tower 96 wide at 112 px (7 x 7 patches a frame, merged
+    to the usual 16), which costs a ninth of 224 px to train on CPU. A few MB."""
     text = TextConfig(
         vocab_size=1024,
         hidden_size=128,
@@ -273,10 +303,10 @@ def shapes_config() -> VideoChatFlashConfig:
         num_key_value_heads=2,
     )
     vision = VisionConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=224
+        hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192, image_size=112
     )
     return VideoChatFlashConfig(
-        text=text, vision=vision, mm_hidden_size=64, bos_token_id=1021, eos_token_id=1023, extra={"auto_map": AUTO_MAP}
+        text=text, vision=vision, mm_hidden_size=96, bos_token_id=1021, eos_token_id=1023
     )
 
 

@@ -13,6 +13,29 @@ from typing import Any, Self
 SUPPORTED_ARCHITECTURES = ("VideoChatFlashQwenForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("videochat_flash_qwen", "qwen2")  # the 1M checkpoint still says "qwen2"
 DROP_TYPES = ("uniform", "attention", "uniform0_attention", "uniform1_attention")
+# Every released config.json names the remote code here; ours carry it too, so tools see the real layout.
+AUTO_MAP = {
+    "AutoConfig": "modeling_videochat_flash.VideoChatFlashQwenConfig",
+    "AutoModel": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM",
+}
+# Keys the official code (or its evaluation code) acts on that we implement at the released value only:
+# key -> (accepted values, what we do). A config with another value is refused, never silently run as
+# if it had the released one. An absent key means the released value.
+FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "rope_scaling": ((None,), "plain RoPE, as the released configs (null); the NIAH eval's yarn is not implemented"),
+    "mm_local_num_frames": ((4,), "4-frame clips, the UMT tower's position table"),
+    "vision_encode_type": (("video_image",), "the video_image encoding"),
+    "mm_patch_merge_type": (("spatial_nopad",), "spatial_nopad (visual tokens flattened, no newline tokens)"),
+    "mm_newline_position": (("nothing",), "no newline or frame-separator tokens"),
+    "mm_vision_select_feature": (("patch",), "patch features"),
+    "frame_aspect_ratio": (("square",), "frames squashed to a square"),
+    "frame_grid_pinpoints": ((None,), "no frame grid"),
+    "use_sliding_window": ((False,), "full attention"),
+    "use_pos_skipping": ((False,), "contiguous positions"),
+    "mm_use_im_start_end": ((False,), "no image start/end tokens"),
+    "mm_use_im_patch_token": ((False,), "no image patch tokens"),
+    "hidden_act": (("silu",), "SiLU"),
+}
 
 
 @dataclass(frozen=True)
@@ -200,6 +223,11 @@ class VideoChatFlashConfig:
             raise ValueError(f"unsupported mm_vision_tower {tower!r}: only the UMT towers are implemented")
         if d.get("mm_vision_select_layer", -2) != -2 and "mm_vision_config" not in d:
             raise ValueError("only mm_vision_select_layer -2 is supported for the default UMT-L tower")
+        for key, (accepted, meaning) in FIXED_KEYS.items():
+            if key in d and not any(d[key] == a and type(d[key]) is type(a) for a in accepted):
+                raise ValueError(
+                    f"unsupported {key} {d[key]!r}: only {' or '.join(map(repr, accepted))} is implemented ({meaning})"
+                )
 
         vision = VisionConfig(
             **{"image_size": 448 if "umt-hd" in tower else 224, "num_frames": int(d.get("mm_local_num_frames", 4))}
@@ -232,6 +260,7 @@ class VideoChatFlashConfig:
             **self.extra,
             "architectures": [SUPPORTED_ARCHITECTURES[0]],
             "model_type": "videochat_flash_qwen",
+            "auto_map": self.extra.get("auto_map", AUTO_MAP),
             **asdict(self.text),
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,

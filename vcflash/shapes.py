@@ -174,7 +174,7 @@ def _random_sprite(
     leave_s = seconds if rng.random() < 0.6 else float(rng.uniform(appear_s + MIN_STAY_S, seconds))
     if leave_s - appear_s < MIN_STAY_S:
         leave_s = seconds
-    side = int(rng.integers(44, 62))
+    side = int(rng.integers(64, 88))
     direction = str(rng.choice(list(DIRECTIONS)))
     dx, dy = DIRECTIONS[direction]
     extent = width if dx else height
@@ -220,9 +220,9 @@ def demo_scene(seconds: float = 16.0, fps: int = 25) -> Scene:
     rises from a quarter of the way in."""
     background = Background("stripes", (120, 124, 118), 14.0, 32.0, 0.6, 0)
     width, height = SIZE
-    circle = Sprite("red", "circle", 56, 60.0, 80.0, "right", 120.0 / seconds, 0.0, seconds)
+    circle = Sprite("red", "circle", 72, 60.0, 70.0, "right", 120.0 / seconds, 0.0, seconds)
     appear = round(seconds / 4) + 0.5 if seconds >= 8 else 0.0
-    square = Sprite("blue", "square", 52, 240.0, 190.0, "up", 90.0 / max(seconds - appear, 1.0), appear, seconds)
+    square = Sprite("blue", "square", 68, 262.0, 190.0, "up", 90.0 / max(seconds - appear, 1.0), appear, seconds)
     return Scene(float(seconds), int(fps), background, (circle, square), (width, height))
 
 

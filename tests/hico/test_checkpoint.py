@@ -4,6 +4,7 @@ loading can fail (each error must name what is wrong)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,11 @@ OFFICIAL_PREFIXES = (
 VT = "model.vision_tower.vision_tower.encoder."
 TOKENIZER_FILES = {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
 QUESTION = "What happens in the video?"
+# auto_map of every released config.json (checkpoint_configs.md), written out so a change to ours shows.
+RELEASED_AUTO_MAP = {
+    "AutoConfig": "modeling_videochat_flash.VideoChatFlashQwenConfig",
+    "AutoModel": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM",
+}
 
 
 def frames(n: int = 4, seed: int = 0) -> np.ndarray:
@@ -180,6 +186,13 @@ def test_config_json(res: int, tower: str, ckpt224: Path, ckpt448: Path) -> None
     assert VideoChatFlashConfig.from_dict(config) == preset("tiny", image_size=res)
 
 
+@pytest.mark.parametrize("res", [224, 448])
+def test_config_json_carries_the_released_auto_map(res: int, ckpt224: Path, ckpt448: Path) -> None:
+    """Tools that read auto_map (AutoConfig, the hub) see the layout of the released files, no remote-code prompt."""
+    config = json.loads(((ckpt224 if res == 224 else ckpt448) / "config.json").read_text())
+    assert config["auto_map"] == RELEASED_AUTO_MAP
+
+
 def test_generation_config_json(ckpt224: Path) -> None:
     generation = json.loads((ckpt224 / "generation_config.json").read_text())
     assert generation["repetition_penalty"] == 1.1
@@ -286,6 +299,46 @@ def test_loads_without_stored_lm_head(ckpt_copy: Path, file_weights) -> None:
     model = VideoChatFlash.from_pretrained(ckpt_copy)
     assert_matches_file(model, file_weights)  # lm_head follows embed_tokens
     assert model.llm.lm_head.weight.data_ptr() == model.llm.model.embed_tokens.weight.data_ptr()
+
+
+def logits_of(model: VideoChatFlash) -> torch.Tensor:
+    return model.logits(model.encode_clips(model.preprocess(frames())), QUESTION, duration_s=4.0)
+
+
+def test_equal_stored_lm_head_loads_silently(ckpt224: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="hico.checkpoint")
+    VideoChatFlash.from_pretrained(ckpt224)
+    assert not [r for r in caplog.records if r.name == "hico.checkpoint"]
+
+
+def test_a_differing_stored_lm_head_wins_for_both_with_a_warning(
+    ckpt_copy: Path, file_weights, model224: VideoChatFlash, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As transformers 4.40.1 loads the official model (checked on a doctored Qwen2 checkpoint): the tied
+    parameter receives embed_tokens, then lm_head, so the stored lm_head is both input and output."""
+    tensors = dict(file_weights)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()
+    tensors["lm_head.weight"][7, 3] += 0.5
+    write_weights(ckpt_copy, tensors)
+    caplog.set_level(logging.WARNING, logger="hico.checkpoint")
+    model = VideoChatFlash.from_pretrained(ckpt_copy)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hico.checkpoint"]
+    assert len(lines) == 1
+    assert "lm_head.weight differs from model.embed_tokens.weight" in lines[0]
+    assert "max abs difference 0.5" in lines[0]
+    assert model.llm.lm_head.weight.data_ptr() == model.llm.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.llm.model.embed_tokens.weight, tensors["lm_head.weight"])
+    assert not torch.equal(logits_of(model), logits_of(model224))
+
+
+def test_stored_lm_head_of_another_shape_is_ignored_with_a_warning(
+    ckpt_copy: Path, file_weights, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_weights(ckpt_copy, dict(file_weights) | {"lm_head.weight": torch.zeros(500, 64)})
+    caplog.set_level(logging.WARNING, logger="hico.checkpoint")
+    model = VideoChatFlash.from_pretrained(ckpt_copy)
+    assert any("[500, 64]" in r.getMessage() for r in caplog.records if r.name == "hico.checkpoint")
+    assert torch.equal(model.llm.lm_head.weight, file_weights["model.embed_tokens.weight"])
 
 
 def test_loads_sharded_checkpoint(ckpt_copy: Path, file_weights) -> None:
@@ -475,6 +528,7 @@ def released_2b_config() -> dict:
     """The shape of VideoChat-Flash-Qwen2_5-2B_res448's config.json (values from the release)."""
     return {
         "architectures": ["VideoChatFlashQwenForCausalLM"],
+        "auto_map": RELEASED_AUTO_MAP,
         "model_type": "videochat_flash_qwen",
         "attention_dropout": 0.0,
         "bos_token_id": 151643,
@@ -513,6 +567,38 @@ def released_2b_config() -> dict:
         "tokenizer_model_max_length": 32768,
         "tokenizer_padding_side": "right",
         "vision_encode_type": "video_image",
+        "frame_aspect_ratio": "square",
+        "frame_grid_pinpoints": None,
+        "mm_pos_num_frames": 8,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "use_pos_skipping": False,
+        "pos_skipping_range": 4096,
+    }
+
+
+def released_1m_config() -> dict:
+    """VideoChat-Flash-Qwen2_5-7B-1M_res224's config.json: the 2B's keys with these values."""
+    return released_2b_config() | {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000000.0,
+        "max_position_embeddings": 1010000,
+        "dual_chunk_attention_config": {
+            "chunk_size": 262144,
+            "local_size": 8192,
+            "original_max_position_embeddings": 262144,
+        },
+        "max_window_layers": 28,
+        "tie_word_embeddings": False,
+        "mm_vision_tower": "umt-large",
+        "llm_compress_layer_list": [8, 16, 24],
+        "llm_image_token_ratio_list": [1.0, 0.5, 0.25, 0.125],
     }
 
 
@@ -532,6 +618,15 @@ def test_released_2b_config() -> None:
     assert "mm_vision_config" not in out  # the default UMT-L tower is implied by mm_vision_tower
     assert out["image_aspect_ratio"] == "anyres_nopad"  # keys we do not use are kept
     assert VideoChatFlashConfig.from_dict(out) == config
+
+
+def test_released_1m_config() -> None:
+    config = VideoChatFlashConfig.from_dict(released_1m_config())
+    assert (config.text.hidden_size, config.text.rope_theta, config.text.rms_norm_eps) == (3584, 1e7, 1e-5)
+    assert config.text.max_position_embeddings == 1010000
+    assert config.text.tie_word_embeddings is False
+    assert config.vision.image_size == 224
+    assert config.to_dict()["auto_map"] == RELEASED_AUTO_MAP
 
 
 def test_released_config_with_compression_on() -> None:
@@ -573,6 +668,39 @@ def test_unsupported_configs(change: dict, words: list[str]) -> None:
         VideoChatFlashConfig.from_dict(released_2b_config() | change)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "supported"),
+    [
+        ("rope_scaling", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, "None"),
+        ("mm_local_num_frames", 8, "4"),
+        ("mm_local_num_frames", 4.0, "4"),
+        ("vision_encode_type", "image", "'video_image'"),
+        ("mm_patch_merge_type", "unpad", "'spatial_nopad'"),
+        ("mm_newline_position", "grid", "'nothing'"),
+        ("mm_vision_select_feature", "cls_patch", "'patch'"),
+        ("frame_aspect_ratio", "anyres", "'square'"),
+        ("frame_grid_pinpoints", [[448, 448]], "None"),
+        ("use_sliding_window", True, "False"),
+        ("use_pos_skipping", True, "False"),
+        ("mm_use_im_start_end", True, "False"),
+        ("mm_use_im_patch_token", True, "False"),
+        ("hidden_act", "gelu", "'silu'"),
+    ],
+)
+def test_settings_we_do_not_implement_are_refused(key: str, value: object, supported: str) -> None:
+    """Config keys the official code acts on are run at the released value or refused, never ignored."""
+    with pytest.raises(ValueError) as info:
+        VideoChatFlashConfig.from_dict(released_2b_config() | {key: value})
+    assert f"unsupported {key} {value!r}: only {supported} is implemented" in str(info.value)
+
+
+def test_checkpoint_with_rope_scaling_is_refused_at_load(ckpt_copy: Path) -> None:
+    path = ckpt_copy / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"rope_scaling": {"type": "yarn", "factor": 4.0}}))
+    with pytest.raises(CheckpointError, match=r"config\.json: unsupported rope_scaling .*yarn.*plain RoPE"):
+        VideoChatFlash.from_pretrained(ckpt_copy)
 
 
 def test_missing_architectures_is_refused() -> None:
