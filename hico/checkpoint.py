@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -135,33 +136,86 @@ def weight_files(directory: Path) -> list[Path]:
 
 def read_weights(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """All tensors under their official names, on `device`, in the stored dtype."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in weight_files(directory):
+    with StoredWeights(directory, device) as stored:
+        return {key: stored[key] for key in stored}
+
+
+class StoredWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a checkpoint's safetensors files under their official names, each read from the file
+    (mmap'd by safetensors) when it is looked up, on `device` in the stored dtype, and not kept: loading
+    copies them into the parameters one at a time, so the whole checkpoint is never held twice."""
+
+    def __init__(self, directory: Path, device: torch.device | str = "cpu") -> None:
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[Path, Any]] = {}
+        self._device = str(device)
         try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensors[key] = f.get_tensor(key)
+            for file in weight_files(directory):
+                try:
+                    f = self._stack.enter_context(safe_open(file, framework="pt", device=self._device))
+                    self._where |= {key: (file, f) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from e
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        file, _ = self._where[key]
+        try:
+            # A handle of its own: the tensor is a view of the file's mapping, which a long-lived handle would keep
+            # whole in the resident set as the tensors are read; this one is unmapped when the tensor is dropped.
+            with safe_open(file, framework="pt", device=self._device) as f:
+                return f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from e
-    return tensors
+
+    def shape(self, key: str) -> torch.Size:
+        file, f = self._where[key]
+        try:
+            return torch.Size(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from e
+
+    def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __enter__(self) -> StoredWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
 
-def check_weights(model: VideoChatFlashModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map official names to ours; raise naming every missing, unexpected or misshapen tensor."""
+def check_weights(model: VideoChatFlashModel, weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Map our state_dict names to the official names to fill them from; raise naming every missing,
+    unexpected or misshapen tensor. Of `weights` (a dict or `StoredWeights`) only the tied embedding
+    pair is read; the other shapes come from the file headers."""
     expected = {official_key(k): (k, v.shape) for k, v in model.state_dict().items()}
     optional = set()
+    source = {key: key for key in weights}
     if model.config.text.tie_word_embeddings:
         # The released 2B stores lm_head.weight although it is tied to embed_tokens (the two are equal there).
         expected.pop("lm_head.weight")
         optional.add("lm_head.weight")
-        if (embedding := tied_embedding(weights)) is not None:
-            weights = {**weights, "model.embed_tokens.weight": embedding}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected) - optional)
+        pair = {k: weights[k] for k in ("lm_head.weight", "model.embed_tokens.weight") if k in weights}
+        if (embedding := tied_embedding(pair)) is not None:
+            winner = next(k for k, v in pair.items() if v is embedding)
+            source["model.embed_tokens.weight"] = winner
+        del pair, embedding
+    shape_of = weights.shape if isinstance(weights, StoredWeights) else (lambda k: weights[k].shape)
+    missing = sorted(set(expected) - set(source))
+    unexpected = sorted(set(source) - set(expected) - optional)
     wrong = sorted(
-        f"{k}: checkpoint {list(weights[k].shape)} vs model {list(shape)}"
+        f"{k}: checkpoint {list(found)} vs model {list(shape)}"
         for k, (_, shape) in expected.items()
-        if k in weights and weights[k].shape != shape
+        if k in source and (found := shape_of(source[k])) != shape
     )
     if missing or unexpected or wrong:
         parts = [
@@ -170,7 +224,7 @@ def check_weights(model: VideoChatFlashModel, weights: dict[str, torch.Tensor]) 
             if items
         ]
         raise CheckpointError("weights do not fit the config: " + "; ".join(parts))
-    return {ours: weights[k] for k, (ours, _) in expected.items()}
+    return {ours: source[k] for k, (ours, _) in expected.items()}
 
 
 def tied_embedding(weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -229,10 +283,15 @@ def load_model(
         generation = generation.override(eos_token_ids=(tokenizer.eos_token_id,))
     with torch.device("meta"):
         model = cls(config, tokenizer, generation).to(dtype)
-    weights = check_weights(model, read_weights(directory, device))
-    model.to_empty(device=device)
-    model.llm.tie_weights()  # to_empty gives every module its own fresh tensors
-    model.load_state_dict(weights, strict=False)  # strictness checked above; tied lm_head follows embed
+    with StoredWeights(directory, device) as stored:
+        sources = check_weights(model, stored)
+        model.to_empty(device=device)
+        model.llm.tie_weights()  # to_empty gives every module its own fresh tensors
+        targets = model.state_dict()  # views of the parameters and buffers; tied lm_head follows embed
+        with torch.no_grad():
+            for ours, key in sources.items():  # one tensor at a time: peak ~ model + largest tensor
+                targets[ours].copy_(stored[key])
+        del targets
     model.init_buffers()
     model.set_kernels(choice)
     log.info("loaded %s (%s, %s)", directory, dtype, device)

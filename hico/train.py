@@ -221,6 +221,8 @@ def visual_tokens(model: VideoChatFlash, pixels: torch.Tensor, parts: Sequence[s
     """pixels [T, 3, S, S] -> [T // 4, 64, D], with grad through the parts being trained (as encode_clips does
     at inference, clip by clip)."""
     f, s = model.config.vision.num_frames, model.config.vision.image_size
+    if pixels.ndim != 4 or pixels.shape[0] % f or pixels.shape[1:] != (3, s, s):
+        raise ValueError(f"expected pixels [T, 3, {s}, {s}] with T a multiple of {f}, got {list(pixels.shape)}")
     clips = pixels.reshape(-1, f, 3, s, s).to(model.device, model.dtype)  # [C, 4, 3, S, S]
     out = []
     for i in range(0, len(clips), batch):
