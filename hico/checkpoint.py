@@ -364,9 +364,7 @@ def shapes_config() -> VideoChatFlashConfig:
     vision = VisionConfig(
         hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192, image_size=112
     )
-    return VideoChatFlashConfig(
-        text=text, vision=vision, mm_hidden_size=96, bos_token_id=1021, eos_token_id=1023
-    )
+    return VideoChatFlashConfig(text=text, vision=vision, mm_hidden_size=96, bos_token_id=1021, eos_token_id=1023)
 
 
 def make_tiny_checkpoint(
