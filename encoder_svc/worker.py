@@ -198,7 +198,8 @@ class EncoderWorker:
                 continue  # rejected for good, or its stream was removed while it waited
             if added and self.index is not None:  # a resent clip is already indexed
                 try:
-                    self.index.add(r.meta.stream_id, np.array([r.meta.seq]), r.vector[None])
+                    # off the event loop: the index's lock may wait behind a search or a batched removal
+                    await asyncio.to_thread(self.index.add, r.meta.stream_id, np.array([r.meta.seq]), r.vector[None])
                 except Exception as e:  # stored all the same; the index is rebuilt from memory on restart
                     log.warning("event=index_add_failed stream=%s seq=%d error=%s", *r.key, describe(e))
             self.metrics.clips.labels(r.meta.stream_id).inc()

@@ -44,6 +44,11 @@ KEY_PREFIXES = (
     ("llm.model.", "model."),
     ("llm.lm_head.", "lm_head."),
 )
+# The official InternVideo2 tower holds its ViT one level higher than UMT's (no `.encoder.`).
+TOWER_PREFIXES = {
+    "umt": KEY_PREFIXES,
+    "internvideo2": (("vision_tower.", "model.vision_tower.vision_tower."),) + KEY_PREFIXES[1:],
+}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 TINY = "tiny"  # the model name of the shipped tiny model, trained on synthetic shapes scenes
 TINY_RANDOM = "tiny-random"  # the model name of a random tiny checkpoint, generated on first use
@@ -55,15 +60,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path and what is wrong."""
 
 
-def official_key(key: str) -> str:
-    for ours, theirs in KEY_PREFIXES:
+def official_key(key: str, tower: str = "umt") -> str:
+    for ours, theirs in TOWER_PREFIXES[tower]:
         if key.startswith(ours):
             return theirs + key[len(ours) :]
     raise KeyError(key)
 
 
-def our_key(key: str) -> str | None:
-    for ours, theirs in KEY_PREFIXES:
+def our_key(key: str, tower: str = "umt") -> str | None:
+    for ours, theirs in TOWER_PREFIXES[tower]:
         if key.startswith(theirs):
             return ours + key[len(theirs) :]
     return None
@@ -197,7 +202,8 @@ def check_weights(model: VideoChatFlashModel, weights: Mapping[str, torch.Tensor
     """Map our state_dict names to the official names to fill them from; raise naming every missing,
     unexpected or misshapen tensor. Of `weights` (a dict or `StoredWeights`) only the tied embedding
     pair is read; the other shapes come from the file headers."""
-    expected = {official_key(k): (k, v.shape) for k, v in model.state_dict().items()}
+    tower = model.config.vision.tower
+    expected = {official_key(k, tower): (k, v.shape) for k, v in model.state_dict().items()}
     optional = set()
     source = {key: key for key in weights}
     if model.config.text.tie_word_embeddings:
@@ -311,7 +317,8 @@ def save_checkpoint(model: VideoChatFlashModel, directory: str | os.PathLike[str
     """Write weights (official names, one file) and config.json; tokenizer files are written separately."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {official_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tower = model.config.vision.tower
+    tensors = {official_key(k, tower): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.text.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # stored untied, like the released 2B
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
@@ -334,24 +341,42 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(0.02 * noise)
 
 
+def dct_patch_basis(channels: int, patch: int, gain: float = 0.5) -> torch.Tensor:
+    """[channels, 3, patch, patch] filters: the 2-D DCT-II basis of a patch (unit norm, times `gain`), lowest
+    frequencies first, each frequency once per colour channel. The first three read a patch's mean red, green and
+    blue; the next ones where inside it the light and dark lie, as a JPEG block does."""
+    n = torch.arange(patch, dtype=torch.float64)
+    cos = torch.stack([torch.cos(torch.pi * (n + 0.5) * k / patch) for k in range(patch)])  # [k, n]
+    freqs = sorted(((u, v) for u in range(patch) for v in range(patch)), key=lambda f: (f[0] + f[1], f))
+    out = torch.zeros(channels, 3, patch, patch, dtype=torch.float64)
+    for i in range(channels):
+        u, v = freqs[(i // 3) % len(freqs)]
+        basis = torch.outer(cos[u], cos[v])
+        out[i, i % 3] = gain * basis / basis.norm()
+    return out.float()
+
+
 @torch.no_grad()
 def init_for_training_(model: VideoChatFlashModel, seed: int) -> None:
-    """Weights to train from scratch: norms 1, biases 0, matrices N(0, 0.02) (Qwen's initializer_range), and a
-    patch embedding four times that, so what a patch shows outweighs the fixed position table in the tower's
-    tokens and token merging groups patches by content from the first step. (`init_random_`'s noisy norms and
-    biases exercise every parameter for parity tests; trained from, they leave the visual tokens nearly alike.)"""
+    """Weights to train from scratch: norms 1, biases 0, matrices N(0, 0.02) (Qwen's initializer_range), and the
+    patch embedding a DCT basis (`dct_patch_basis`), so from the first step a visual token says what colour its
+    patch is and where its edges are, outweighs the fixed position table, and token merging groups patches by
+    content (a shape classifier trained through the tower on 16 one-shape clips a step: 68% at 150 steps from
+    it, 62% from noise; 95% at 350). (`init_random_`'s noisy norms and biases exercise every parameter for
+    parity tests; trained from, they leave the visual tokens nearly alike.)"""
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         if p.ndim == 1:
             p.fill_(1.0 if re.search(r"norm\d?\.weight$|layernorm\.weight$", name) else 0.0)
         else:
             p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    model.vision_tower.patch_embed.proj.weight.mul_(4.0)
+    proj = model.vision_tower.patch_embed.proj.weight  # [C, 3, 1, P, P]
+    proj.copy_(dct_patch_basis(proj.shape[0], proj.shape[-1]).view_as(proj))
 
 
 def shapes_config() -> VideoChatFlashConfig:
     """The shape of the shipped `tiny` model: 4 decoder layers 128 wide with a 1,024-token vocabulary that holds
-    the shapes questions' words whole, and a 3-block UMT tower 96 wide at 112 px (7 x 7 patches a frame, merged
+    the shapes questions' words whole, and a 4-block UMT tower 128 wide at 112 px (7 x 7 patches a frame, merged
     to the usual 16), which costs a ninth of 224 px to train on CPU. A few MB."""
     text = TextConfig(
         vocab_size=1024,
@@ -362,9 +387,9 @@ def shapes_config() -> VideoChatFlashConfig:
         num_key_value_heads=2,
     )
     vision = VisionConfig(
-        hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192, image_size=112
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, image_size=112
     )
-    return VideoChatFlashConfig(text=text, vision=vision, mm_hidden_size=96, bos_token_id=1021, eos_token_id=1023)
+    return VideoChatFlashConfig(text=text, vision=vision, mm_hidden_size=128, bos_token_id=1021, eos_token_id=1023)
 
 
 def make_tiny_checkpoint(
@@ -375,16 +400,25 @@ def make_tiny_checkpoint(
     corpus: Iterable[str] = (),
     greedy: bool = False,
     for_training: bool = False,
+    tower: str = "umt",
 ) -> Path:
     """A random tiny model in the exact official layout, with a trained byte-level BPE tokenizer.
 
-    Everything runs offline in seconds on it; its answers are noise. `config` replaces the tiny preset (then
-    `res` is its own), `corpus` adds lines to the tokenizer's training text, `greedy` writes a
+    Everything runs offline in seconds on it; its answers are noise. `tower` "internvideo2" gives the tiny
+    model with a 2-block InternVideo2 tower (224 px only) in that variant's layout (`preset("tiny-internvideo2")`).
+    `config` replaces the tiny preset (then `res` and `tower` are its own), `corpus` adds lines to the
+    tokenizer's training text, `greedy` writes a
     generation_config.json for greedy answers without a repetition penalty, and `for_training` initialises
     the weights to train from (`init_for_training_`). All three make the base `vcflash train` turns into
     the shipped `tiny`: `vcflash make-tiny-checkpoint DIR --preset shapes`.
     """
-    if config is None:
+    if config is None and tower == "internvideo2":
+        if res != 224:
+            raise ValueError(f"the InternVideo2 tower runs at 224 px only, got res {res}")
+        config = preset("tiny-internvideo2")
+    elif config is None:
+        if tower != "umt":
+            raise ValueError(f"unknown tower {tower!r}; choose umt or internvideo2")
         if res not in (224, 448):
             raise ValueError(f"res must be 224 or 448, got {res}")
         config = preset("tiny", image_size=res)

@@ -38,10 +38,16 @@ FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+# mm_vision_tower names -> our tower kinds, matched in the official builder's order (internvideo2 before umt).
+TOWER_KINDS = ("internvideo2", "umt")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
-    """UMT video encoder. Defaults are UMT-L as built by the official code (23 of 24 blocks)."""
+    """The video encoder. Defaults are UMT-L as built by the official code (23 of 24 blocks);
+    `internvideo2_1b()` gives the InternVideo2-1B tower of the other released variant."""
 
+    tower: str = "umt"  # "umt" (hico.vision) or "internvideo2" (hico.internvideo2), from mm_vision_tower
     hidden_size: int = 1024
     num_hidden_layers: int = 23  # blocks actually built: depth 24 with select_layer -2
     num_attention_heads: int = 16
@@ -51,9 +57,11 @@ class VisionConfig:
     num_frames: int = 4  # frames per clip, attended jointly (mm_local_num_frames)
     layer_norm_eps: float = 1e-6
     final_layer_norm_eps: float = 1e-12
-    pretrain_image_size: int = 224  # the sinusoid table is built for this grid, then interpolated
+    pretrain_image_size: int = 224  # UMT: the sinusoid table is built for this grid, then interpolated
 
     def __post_init__(self) -> None:
+        if self.tower not in TOWER_KINDS:
+            raise ValueError(f"unknown vision tower {self.tower!r}; choose from {TOWER_KINDS}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"vision hidden_size {self.hidden_size} is not divisible by "
@@ -64,6 +72,42 @@ class VisionConfig:
                 f"image_size {self.image_size} and pretrain_image_size {self.pretrain_image_size} "
                 f"must be multiples of patch_size {self.patch_size}"
             )
+
+    @classmethod
+    def internvideo2_1b(cls, **changes: Any) -> Self:
+        """InternVideo2-1B as the official code builds it: 39 of 40 blocks (select layer -2), width 1408, 16 heads,
+        MLP int(1408·48/11) = 6144, patch 14 at 224 px (16x16 per frame), RMSNorm eps 1e-6; no final norm."""
+        return cls(
+            **{
+                "tower": "internvideo2",
+                "hidden_size": 1408,
+                "num_hidden_layers": 39,
+                "num_attention_heads": 16,
+                "intermediate_size": 6144,
+                "patch_size": 14,
+                "image_size": 224,
+            }
+            | changes
+        )
+
+    @classmethod
+    def for_tower(cls, mm_vision_tower: str, **changes: Any) -> Self:
+        """The tower a config.json's `mm_vision_tower` names, as the official builder picks it: "internvideo2"
+        (224 px), else "umt-hd" (448 px), else "umt" (224 px)."""
+        if "internvideo2" in mm_vision_tower:
+            return cls.internvideo2_1b(**changes)
+        if "umt" in mm_vision_tower:
+            return cls(**{"image_size": 448 if "umt-hd" in mm_vision_tower else 224} | changes)
+        raise ValueError(
+            f"unsupported mm_vision_tower {mm_vision_tower!r}: only the UMT and InternVideo2 towers are implemented"
+        )
+
+    @property
+    def mm_vision_tower(self) -> str:
+        """The config.json name of this tower."""
+        if self.tower == "internvideo2":
+            return "internvideo2"
+        return "umt-hd-large" if self.image_size == 448 else "umt-large"
 
     @property
     def grid(self) -> int:
@@ -219,19 +263,17 @@ class VideoChatFlashConfig:
         if d.get("mm_projector_type", "tome16_mlp_hd64") != "tome16_mlp_hd64":
             raise ValueError(f"unsupported mm_projector_type {d['mm_projector_type']!r}")
         tower = str(d.get("mm_vision_tower", ""))
-        if "umt" not in tower:
-            raise ValueError(f"unsupported mm_vision_tower {tower!r}: only the UMT towers are implemented")
+        VisionConfig.for_tower(tower)  # refuses an unknown tower first, naming it
         if d.get("mm_vision_select_layer", -2) != -2 and "mm_vision_config" not in d:
-            raise ValueError("only mm_vision_select_layer -2 is supported for the default UMT-L tower")
+            raise ValueError("only mm_vision_select_layer -2 is supported for the released towers")
         for key, (accepted, meaning) in FIXED_KEYS.items():
             if key in d and not any(d[key] == a and type(d[key]) is type(a) for a in accepted):
                 raise ValueError(
                     f"unsupported {key} {d[key]!r}: only {' or '.join(map(repr, accepted))} is implemented ({meaning})"
                 )
 
-        vision = VisionConfig(
-            **{"image_size": 448 if "umt-hd" in tower else 224, "num_frames": int(d.get("mm_local_num_frames", 4))}
-            | d.get("mm_vision_config", {})
+        vision = VisionConfig.for_tower(
+            tower, **{"num_frames": int(d.get("mm_local_num_frames", 4))} | d.get("mm_vision_config", {})
         )
         text_keys = TextConfig.__dataclass_fields__.keys()
         text = TextConfig(**{k: d[k] for k in text_keys if k in d})
@@ -255,7 +297,7 @@ class VideoChatFlashConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """config.json in the official layout (plus `mm_vision_config` when the tower is not UMT-L)."""
+        """config.json in the official layout (plus `mm_vision_config` when the tower is not a released one)."""
         d: dict[str, Any] = {
             **self.extra,
             "architectures": [SUPPORTED_ARCHITECTURES[0]],
@@ -265,11 +307,14 @@ class VideoChatFlashConfig:
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "mm_vision_tower": "umt-hd-large" if self.vision.image_size == 448 else "umt-large",
+            "mm_vision_tower": self.vision.mm_vision_tower,
             "mm_hidden_size": self.mm_hidden_size,
             "mm_vision_select_layer": -2,
             "mm_projector_type": "tome16_mlp_hd64",
             "mm_local_num_frames": self.vision.num_frames,
+            # In every released config.json, and read by the official code (ToMe; a version check at encoding):
+            "mm_pos_num_frames": self.extra.get("mm_pos_num_frames", 8),
+            "transformers_version": self.extra.get("transformers_version", "4.40.1"),
             "mm_patch_merge_type": "spatial_nopad",
             "mm_newline_position": "nothing",
             "vision_encode_type": "video_image",
@@ -280,7 +325,7 @@ class VideoChatFlashConfig:
             "tokenizer_model_max_length": self.max_length,
             "tokenizer_padding_side": "right",
         }
-        default = VisionConfig(image_size=self.vision.image_size, num_frames=self.vision.num_frames)
+        default = VisionConfig.for_tower(self.vision.mm_vision_tower, num_frames=self.vision.num_frames)
         if self.vision != default:
             d["mm_vision_config"] = {
                 k: getattr(self.vision, k)
@@ -314,6 +359,12 @@ def preset(name: str, image_size: int = 448) -> VideoChatFlashConfig:
             tie_word_embeddings=False,
         )
         return VideoChatFlashConfig(text=text, vision=vision)
+    if name == "tiny-internvideo2":  # the tiny model with a 2-block InternVideo2 tower (patch 14, 1024 tokens a clip)
+        tiny = preset("tiny")
+        vision = VisionConfig.internvideo2_1b(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        )
+        return replace(tiny, vision=vision)
     if name == "tiny":  # seconds on a laptop CPU; answers are noise
         text = TextConfig(
             vocab_size=512,
@@ -333,4 +384,4 @@ def preset(name: str, image_size: int = 448) -> VideoChatFlashConfig:
         return VideoChatFlashConfig(
             text=text, vision=tiny_vision, mm_hidden_size=64, bos_token_id=509, eos_token_id=511
         )
-    raise ValueError(f"unknown preset {name!r}; choose 2b, 7b or tiny")
+    raise ValueError(f"unknown preset {name!r}; choose 2b, 7b, tiny or tiny-internvideo2")

@@ -24,7 +24,7 @@ LLM_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 @dataclass(frozen=True)
 class Kernels:
-    """Kernel names, looked up in `hico.vision` and `hico.qwen2` registries."""
+    """Kernel names, looked up in the `hico.vision` (or `hico.internvideo2`) and `hico.qwen2` registries."""
 
     patch_embed: str  # "conv3d" (official) or "conv2d"
     vision_attention: str  # "flash_v2", "origin" (both official) or "sdpa"

@@ -1,9 +1,9 @@
 """VideoChatFlashModel: frames -> 4-frame clips -> 64 tokens each -> Qwen2 with visual dropout -> tokens.
 
 The pipeline, top to bottom: `preprocess` (squash-resize, ImageNet normalisation), `encode_clips`
-(UMT over each clip, ToMe merge to 64 tokens, MLP projector), `embed_prompt` (a `hico.prompt` prompt
-tokenized piece by piece, visual tokens spliced in with no separators), and `generate` (prefill with
-progressive visual dropout, then cached decoding).
+(the vision tower over each clip: UMT, or InternVideo2 as `mm_vision_tower` says; ToMe merge to 64 tokens,
+MLP projector), `embed_prompt` (a `hico.prompt` prompt tokenized piece by piece, visual tokens spliced in
+with no separators), and `generate` (prefill with progressive visual dropout, then cached decoding).
 
 Clips are encoded independently, so tokens computed as a stream arrives can be asked about later. The
 offline application (video files, `answer`, `chat`) is `hico.chat.VideoChatFlash`.
@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hico.config import DROP_PRESETS, DropConfig, VideoChatFlashConfig
 from hico.generation import GenerationSettings, next_token
+from hico.internvideo2 import InternVideo2Encoder
 from hico.kernels import Kernels
 from hico.prompt import PromptVideo, build_prompt
 from hico.qwen2 import KVCache, Qwen2ForCausalLM
@@ -28,6 +29,10 @@ from hico.video import preprocess_frames
 from hico.vision import Projector, UMTEncoder
 
 Compress = DropConfig | str | bool | None
+VISION_TOWERS: dict[str, type[UMTEncoder | InternVideo2Encoder]] = {
+    "umt": UMTEncoder,
+    "internvideo2": InternVideo2Encoder,
+}
 
 
 class VideoChatFlashModel(nn.Module):
@@ -43,7 +48,7 @@ class VideoChatFlashModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.generation = generation or GenerationSettings(eos_token_ids=(config.eos_token_id or 0,))
-        self.vision_tower = UMTEncoder(config.vision)
+        self.vision_tower = VISION_TOWERS[config.vision.tower](config.vision)  # by mm_vision_tower
         self.mm_projector = Projector(config)
         self.llm = Qwen2ForCausalLM(config.text)
         self.kernels = Kernels("conv3d", "origin", "sdpa")  # the modules' defaults; `set_kernels` changes them

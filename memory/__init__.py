@@ -10,7 +10,7 @@ from memory.index import ClipIndex
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat, clip_vector
 from memory.redis_store import RedisStore
 from memory.secrets import KEY_FILE, ConfigCipher
-from memory.store import MemoryStore, MemoryUnavailable, UnknownStream
+from memory.store import MemoryStore, MemoryUnavailable, Picked, UnknownStream
 from vcflash.serve.settings import private_dir
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "EmbeddedStore",
     "MemoryStore",
     "MemoryUnavailable",
+    "Picked",
     "RedisStore",
     "Retention",
     "StreamStats",
@@ -33,14 +34,25 @@ __all__ = [
 
 
 def open_store(
-    redis_url: str | None, data_dir: Path, token_format: TokenFormat | str = "fp16", secret_key: str | None = None
+    redis_url: str | None,
+    data_dir: Path,
+    token_format: TokenFormat | str = "fp16",
+    secret_key: str | None = None,
+    redis_timeout_s: float = 0.5,
 ) -> MemoryStore:
     """Redis when a URL is given, so processes share one memory; else a file in data_dir for a single process.
 
     Stream configs are sealed with `secret_key` (VCFLASH_SECRET_KEY), else with DATA_DIR/secret.key, made when
-    first needed (so a Redis service that never writes configs makes no file)."""
+    first needed (so a Redis service that never writes configs makes no file). `redis_timeout_s` bounds each Redis
+    call and connection (VCFLASH_REDIS_TIMEOUT_S)."""
     token_format = check_format(token_format)
     cipher = ConfigCipher(secret_key, Path(data_dir) / KEY_FILE)
     if redis_url:
-        return RedisStore(redis_url, token_format=token_format, cipher=cipher)
+        return RedisStore(
+            redis_url,
+            token_format=token_format,
+            socket_timeout_s=redis_timeout_s,
+            connect_timeout_s=redis_timeout_s,
+            cipher=cipher,
+        )
     return EmbeddedStore(private_dir(Path(data_dir)) / "memory.sqlite3", token_format=token_format, cipher=cipher)

@@ -4,6 +4,11 @@ WAL with synchronous=NORMAL survives a process crash and costs no fsync per clip
 last few commits, never corrupt the file). One connection behind a lock serialises writers of this process;
 blobs come last in each row so range scans never read their overflow pages.
 
+Picks (an Ask's clips) never scan a stream: each stream's clip times sit in RAM (memory.timeline, loaded from the
+file on first use, then kept in step by every write and eviction of this process), so a pick finds its positions
+in O(log n) and reads only the picked rows by primary key. A write by another process on the same file (`PRAGMA
+data_version` changes) makes this one reload the times on its next read. Counts come from the streams table.
+
 The file and its -wal/-shm are the owner's alone (0600); stream configs are sealed (memory.secrets), and a
 replaced or deleted config leaves no copy in the file or the WAL (secure_delete, then a truncating checkpoint).
 """
@@ -28,7 +33,8 @@ import numpy as np
 import memory.codec as codec
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
 from memory.secrets import KEY_FILE, ConfigCipher
-from memory.store import MemoryStore, UnknownStream, scan_from
+from memory.store import MemoryStore, Picked, Positions, UnknownStream, check_positions, scan_from
+from memory.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,9 @@ CREATE TABLE IF NOT EXISTS streams (
     max_bytes INTEGER,
     config TEXT,
     media_span REAL NOT NULL DEFAULT 0,
-    wall_span REAL NOT NULL DEFAULT 0
+    wall_span REAL NOT NULL DEFAULT 0,
+    clips INTEGER NOT NULL DEFAULT 0,
+    generation TEXT
 );
 CREATE TABLE IF NOT EXISTS clips (
     stream_id TEXT NOT NULL,
@@ -70,6 +78,7 @@ TIME_COLUMNS: dict[Clock, tuple[str, str, str]] = {
     "media": ("media_start", "media_end", "media_span"),
     "wall": ("wall_start", "wall_end", "wall_span"),
 }
+NEW_GENERATION = "lower(hex(randomblob(16)))"  # SQL: a stream's generation, made when it is registered
 
 
 def _meta(row: tuple[Any, ...]) -> ClipMeta:
@@ -97,7 +106,8 @@ class EmbeddedStore(MemoryStore):
         self.path = Path(path)
         self.token_format = codec.check_format(token_format)
         self.cipher = cipher or ConfigCipher(key_file=self.path.parent / KEY_FILE)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held around each transaction and the timelines it keeps in step
+        self._timelines: dict[str, dict[Clock, Timeline]] = {}  # per stream, loaded on first use
         _owner_only(self.path)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -107,19 +117,48 @@ class EmbeddedStore(MemoryStore):
         self._conn.executescript(f"BEGIN; {SCHEMA} COMMIT;")
         with self._tx() as db:
             self._add_spans(db)
+            self._add_counters(db)
+        self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         log.info("embedded memory at %s (%s tokens)", self.path, self.token_format)
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction under the lock: IMMEDIATE for writes (no upgrade deadlocks), DEFERRED for reads."""
+        """One transaction under the lock: IMMEDIATE for writes (no upgrade deadlocks), DEFERRED for reads.
+
+        Timelines are updated inside write transactions; one that fails forgets them all (reloaded when next used).
+        """
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                self._timelines.clear()
                 raise
-            self._conn.execute("COMMIT")
+
+    def _timeline(self, db: sqlite3.Connection, stream_id: str) -> dict[Clock, Timeline]:
+        """The stream's timelines (UnknownStream if it is not registered), loaded on first use: one scan of the
+        time columns, by index, without the blobs. Under the lock."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:  # another connection wrote the file: what is in RAM may be stale
+            self._timelines.clear()
+            self._data_version = version
+        if stream_id in self._timelines:
+            return self._timelines[stream_id]
+        self._stream(db, stream_id)
+        rows = db.execute(
+            "SELECT seq, media_start, media_end, wall_start, wall_end FROM clips WHERE stream_id = ?", (stream_id,)
+        ).fetchall()
+        a = np.array(rows, dtype=np.float64).reshape(-1, 5)
+        seqs = a[:, 0].astype(np.int64)
+        timelines: dict[Clock, Timeline] = {
+            "media": Timeline(a[:, 1], a[:, 2], seqs),
+            "wall": Timeline(a[:, 3], a[:, 4], seqs),
+        }
+        self._timelines[stream_id] = timelines
+        return timelines
 
     def _add_spans(self, db: sqlite3.Connection) -> None:
         """Give a file written before streams kept their longest clip (media_span, wall_span) those columns."""
@@ -133,10 +172,21 @@ class EmbeddedStore(MemoryStore):
             )
         log.info("memory at %s: added each stream's longest clip, which bounds time-range scans", self.path)
 
+    def _add_counters(self, db: sqlite3.Connection) -> None:
+        """Give a file written before streams counted their clips (clips, generation) those columns, once."""
+        if "clips" in {row[1] for row in db.execute("PRAGMA table_info(streams)")}:
+            return
+        db.execute("ALTER TABLE streams ADD COLUMN clips INTEGER NOT NULL DEFAULT 0")
+        db.execute("ALTER TABLE streams ADD COLUMN generation TEXT")
+        db.execute("UPDATE streams SET clips = (SELECT COUNT(*) FROM clips WHERE clips.stream_id = streams.stream_id)")
+        db.execute(f"UPDATE streams SET generation = {NEW_GENERATION}")
+        log.info("memory at %s: added each stream's clip counter", self.path)
+
     @staticmethod
     def _stream(db: sqlite3.Connection, stream_id: str) -> tuple[Any, ...]:
         row = db.execute(
-            "SELECT shape, bytes, evicted, max_age_s, max_bytes FROM streams WHERE stream_id = ?", (stream_id,)
+            "SELECT shape, bytes, evicted, max_age_s, max_bytes, clips, generation FROM streams WHERE stream_id = ?",
+            (stream_id,),
         ).fetchone()
         if row is None:
             raise UnknownStream(stream_id)
@@ -145,7 +195,7 @@ class EmbeddedStore(MemoryStore):
     @staticmethod
     def _register(db: sqlite3.Connection, stream_id: str) -> None:
         codec.check_stream_id(stream_id)
-        db.execute("INSERT OR IGNORE INTO streams (stream_id) VALUES (?)", (stream_id,))
+        db.execute(f"INSERT OR IGNORE INTO streams (stream_id, generation) VALUES (?, {NEW_GENERATION})", (stream_id,))
 
     def put(self, record: ClipRecord) -> bool:
         enc = codec.encode(record, self.token_format)
@@ -176,17 +226,19 @@ class EmbeddedStore(MemoryStore):
             if not inserted:
                 return False
             total, max_bytes = db.execute(
-                "UPDATE streams SET shape = ?, bytes = bytes + ?, media_span = MAX(media_span, ?), "
+                "UPDATE streams SET shape = ?, bytes = bytes + ?, clips = clips + 1, media_span = MAX(media_span, ?), "
                 "wall_span = MAX(wall_span, ?) WHERE stream_id = ? RETURNING bytes, max_bytes",
                 (enc.shape, enc.nbytes, m.media_end - m.media_start, m.wall_end - m.wall_start, m.stream_id),
             ).fetchone()
+            if (timelines := self._timelines.get(m.stream_id)) is not None:
+                timelines["media"].add(m.seq, m.media_start, m.media_end)
+                timelines["wall"].add(m.seq, m.wall_start, m.wall_end)
             if max_bytes is not None and total > max_bytes:
                 evicted = self._evict_oldest(db, m.stream_id, total - max_bytes)
                 log.debug("stream %r over %d bytes: evicted seqs %s on put", m.stream_id, max_bytes, evicted)
         return True
 
-    @staticmethod
-    def _evict_oldest(db: sqlite3.Connection, stream_id: str, excess: int) -> list[int]:
+    def _evict_oldest(self, db: sqlite3.Connection, stream_id: str, excess: int) -> list[int]:
         """Evict clips oldest-first (by wall_start, seq) until at least `excess` bytes are freed."""
         seqs, freed = [], 0
         rows = db.execute("SELECT seq, nbytes FROM clips WHERE stream_id = ? ORDER BY wall_start, seq", (stream_id,))
@@ -196,23 +248,56 @@ class EmbeddedStore(MemoryStore):
             seqs.append(seq)
             freed += nbytes
         rows.close()
-        EmbeddedStore._delete(db, stream_id, seqs)
+        self._delete(db, stream_id, seqs)
         return seqs
 
-    @staticmethod
-    def _delete(db: sqlite3.Connection, stream_id: str, seqs: list[int]) -> None:
+    def _delete(self, db: sqlite3.Connection, stream_id: str, seqs: list[int]) -> None:
+        if not seqs:
+            return
         freed = db.execute(
             "DELETE FROM clips WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?)) RETURNING nbytes",
             (stream_id, json.dumps(seqs)),
         ).fetchall()
         db.execute(
-            "UPDATE streams SET bytes = bytes - ?, evicted = evicted + ? WHERE stream_id = ?",
-            (sum(n for (n,) in freed), len(freed), stream_id),
+            "UPDATE streams SET bytes = bytes - ?, evicted = evicted + ?, clips = clips - ? WHERE stream_id = ?",
+            (sum(n for (n,) in freed), len(freed), len(freed), stream_id),
         )
+        for timeline in self._timelines.get(stream_id, {}).values():
+            timeline.remove(seqs)
+
+    def pick(
+        self,
+        stream_id: str,
+        start: float | None,
+        end: float | None,
+        positions: Positions,
+        *,
+        clock: Clock = "media",
+        with_seqs: bool = False,
+    ) -> Picked:
+        with self._tx(write=False) as db:
+            timeline = self._timeline(db, stream_id)[clock]
+            run = timeline.overlapping(start, end)
+            n = len(run)
+            wanted = check_positions(positions(n), n)
+            if not n:
+                return Picked(0, [], None, None, np.empty(0, dtype=np.int64) if with_seqs else None)
+            seqs = timeline.seqs_at(run, wanted).tolist()
+            first, last = timeline.seqs_at(run, [0, n - 1]).tolist()
+            metas = self._metas(db, stream_id, [*seqs, first, last])
+            every = timeline.all_seqs(run) if with_seqs else None
+        return Picked(n, [metas[s] for s in seqs if s in metas], metas.get(first), metas.get(last), every)
 
     def clips(
-        self, stream_id: str, start: float | None = None, end: float | None = None, *, clock: Clock = "media"
+        self,
+        stream_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        clock: Clock = "media",
+        limit: int | None = None,
     ) -> list[ClipMeta]:
+        """A listing reads the range in index order (one range scan), faster than a pick of every position."""
         start_col, end_col, span_col = TIME_COLUMNS[clock]
         with self._tx(write=False) as db:
             row = db.execute(f"SELECT {span_col} FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
@@ -221,15 +306,29 @@ class EmbeddedStore(MemoryStore):
             # The index scans from scan_from(start, the longest clip), bounded; the test on the end is exact.
             rows = db.execute(
                 f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? AND {start_col} >= ? AND {start_col} < ? "
-                f"AND {end_col} > ? ORDER BY {start_col}, seq",
+                f"AND {end_col} > ? ORDER BY {start_col}, seq LIMIT ?",
                 (
                     stream_id,
                     scan_from(start, row[0]),
                     math.inf if end is None else end,
                     -math.inf if start is None else start,
+                    -1 if limit is None else limit,
                 ),
             ).fetchall()
         return [_meta(r) for r in rows]
+
+    @staticmethod
+    def _metas(db: sqlite3.Connection, stream_id: str, seqs: Sequence[int]) -> dict[int, ClipMeta]:
+        rows = db.execute(
+            f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?))",
+            (stream_id, json.dumps(sorted({int(s) for s in seqs}))),
+        ).fetchall()
+        return {r[1]: _meta(r) for r in rows}
+
+    def metas(self, stream_id: str, seqs: Sequence[int]) -> dict[int, ClipMeta]:
+        with self._tx(write=False) as db:
+            self._stream(db, stream_id)
+            return self._metas(db, stream_id, seqs)
 
     def tokens(self, stream_id: str, seqs: Sequence[int]) -> np.ndarray:
         seqs = [int(s) for s in seqs]
@@ -242,11 +341,12 @@ class EmbeddedStore(MemoryStore):
             ).fetchall()
         return codec.stack_tokens(stream_id, seqs, shape, {r[0]: r[1:] for r in rows})
 
-    def vectors(self, stream_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, stream_id: str, after: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         with self._tx(write=False) as db:
             shape = self._stream(db, stream_id)[0]
             rows = db.execute(
-                "SELECT seq, vector, token_format, dim FROM clips WHERE stream_id = ? ORDER BY seq", (stream_id,)
+                "SELECT seq, vector, token_format, dim FROM clips WHERE stream_id = ? AND seq > ? ORDER BY seq",
+                (stream_id, -1 if after is None else int(after)),
             ).fetchall()
         dim = int(shape.split("x")[1]) if shape else 0
         vectors = np.empty((len(rows), dim), dtype=np.float32)
@@ -254,14 +354,17 @@ class EmbeddedStore(MemoryStore):
             vectors[i] = codec.decode_vector(blob, fmt, d)
         return np.array([r[0] for r in rows], dtype=np.int64), vectors
 
+    def held_seqs(self, stream_id: str) -> np.ndarray:
+        with self._tx(write=False) as db:
+            return np.sort(self._timeline(db, stream_id)["media"].seqs)
+
     def streams(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._conn.execute("SELECT stream_id FROM streams ORDER BY stream_id")]
 
     def stats(self, stream_id: str) -> StreamStats:
         with self._tx(write=False) as db:
-            _, nbytes, evicted, max_age_s, max_bytes = self._stream(db, stream_id)
-            (count,) = db.execute("SELECT COUNT(*) FROM clips WHERE stream_id = ?", (stream_id,)).fetchone()
+            _, nbytes, evicted, max_age_s, max_bytes, count, generation = self._stream(db, stream_id)
             ends = [
                 db.execute(
                     f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? ORDER BY wall_start {o}, seq {o} LIMIT 1",
@@ -270,13 +373,15 @@ class EmbeddedStore(MemoryStore):
                 for o in ("ASC", "DESC")
             ]
         first, last = (None if r is None else _meta(r) for r in ends)
-        return StreamStats(stream_id, count, nbytes, first, last, Retention(max_age_s, max_bytes), evicted)
+        retention = Retention(max_age_s, max_bytes)
+        return StreamStats(stream_id, count, nbytes, first, last, retention, evicted, generation or "")
 
     def delete_stream(self, stream_id: str) -> None:
         with self._tx() as db:
             self._stream(db, stream_id)
             db.execute("DELETE FROM clips WHERE stream_id = ?", (stream_id,))
             db.execute("DELETE FROM streams WHERE stream_id = ?", (stream_id,))
+            self._timelines.pop(stream_id, None)
         self._purge()
         log.info("deleted stream %r", stream_id)
 
@@ -305,7 +410,7 @@ class EmbeddedStore(MemoryStore):
 
     def _enforce(self, db: sqlite3.Connection, stream_id: str, now: float) -> list[int]:
         try:
-            _, _, _, max_age_s, max_bytes = self._stream(db, stream_id)
+            _, _, _, max_age_s, max_bytes, _, _ = self._stream(db, stream_id)
         except UnknownStream:  # deleted since it was listed
             return []
         seqs: list[int] = []

@@ -68,6 +68,8 @@ class StreamStats:
     last: ClipMeta | None
     retention: Retention = field(default_factory=Retention)
     evicted_clips: int = 0  # removed by retention since the stream was created
+    # made when the stream is registered: an index kept elsewhere sees that a stream was deleted and made again
+    generation: str = ""
 
 
 def clip_vector(tokens: np.ndarray) -> np.ndarray:

@@ -1,58 +1,66 @@
 """Lua scripts of the Redis store: each runs atomically on the server, so a clip, its indexes and the byte counter
 never disagree and a read sees one consistent state in one round trip.
 
+No script loops over a stream: each does O(log n) work per clip it touches and touches a bounded number (a pick's
+positions, a chunk of an eviction or a delete, which the client repeats), so none holds Redis for more than a
+millisecond or so at any memory size. A stream written before streams kept their longest clip is measured once
+by the client, in chunks (RedisStore._measure_spans), when a script says its spans are missing.
+
 Key layout (see RedisStore): a clip's hash is its stream's clip prefix plus its member, the seq zero-padded to 20
 digits so that Redis' tie order between equal times is the seq order. Clip keys are derived inside the scripts,
 which standalone Redis allows (Redis Cluster would not).
 """
 
-# Shared by PUT and ENFORCE. Arguments: the stream's info hash, media and wall sorted sets, and clip key prefix.
+# Shared by PUT and ENFORCE. Arguments: the stream's info hash, media, wall and seq sorted sets, and clip key prefix.
 _EVICT = """
-local function evict(info, media, wall, prefix, member)
+local function evict(info, media, wall, seqs, prefix, member)
   local clip = prefix .. member
   local nbytes = tonumber(redis.call('HGET', clip, 'nbytes') or '0')
   redis.call('UNLINK', clip)
   redis.call('ZREM', media, member)
   redis.call('ZREM', wall, member)
+  redis.call('ZREM', seqs, member)
   redis.call('HINCRBY', info, 'evicted', 1)
   return redis.call('HINCRBY', info, 'bytes', -nbytes)
 end
 
-local function evict_to_cap(info, media, wall, prefix, evicted)
+-- Evicts the oldest (by wall start) while over max_bytes, at most `limit`; true if still over after that.
+local function evict_to_cap(info, media, wall, seqs, prefix, evicted, limit)
   local cap = redis.call('HGET', info, 'max_bytes')
-  if not cap then return end
+  if not cap then return false end
   cap = tonumber(cap)
   local bytes = tonumber(redis.call('HGET', info, 'bytes') or '0')
+  local n = 0
   while bytes > cap do
+    if n >= limit then return true end
     local oldest = redis.call('ZRANGE', wall, 0, 0)[1]
-    if not oldest then return end
-    bytes = evict(info, media, wall, prefix, oldest)
+    if not oldest then return false end
+    bytes = evict(info, media, wall, seqs, prefix, oldest)
     evicted[#evicted + 1] = oldest
+    n = n + 1
   end
+  return false
 end
 """
 
 # The stream's longest clip on each clock (info fields media_span, wall_span), which bounds how long before a
 # range a clip overlapping it can start (memory.store.scan_from). Spans only grow: an evicted long clip leaves
-# scans a little wider, never wrong. A stream written before spans were kept gets them from its clips, once.
+# scans a little wider, never wrong. nil when a stream that holds clips has none: written before spans were kept
+# (the scripts then return SPANS_MISSING and the client measures them).
 _SPANS = """
-local function spans(info, zset, prefix)
+local function spans(info, zset)
   local kept = redis.call('HMGET', info, 'media_span', 'wall_span')
   if kept[1] and kept[2] then return tonumber(kept[1]), tonumber(kept[2]) end
-  local media, wall = 0, 0
-  for _, member in ipairs(redis.call('ZRANGE', zset, 0, -1)) do
-    local c = cjson.decode(redis.call('HGET', prefix .. member, 'meta'))
-    media = math.max(media, c.media_end - c.media_start)
-    wall = math.max(wall, c.wall_end - c.wall_start)
-  end
-  redis.call('HSET', info, 'media_span', string.format('%.17g', media), 'wall_span', string.format('%.17g', wall))
-  return media, wall
+  if redis.call('ZCARD', zset) == 0 then return 0, 0 end
+  return nil
 end
 """
+SPANS_MISSING = -2
 
-# KEYS: streams, info, media, wall, clip. ARGV: stream_id, member, media_start, wall_start, wall_end, meta,
-# fmt, ntok, dim, shape, tokens, vector, nbytes, clip prefix, media length, wall length.
-# Returns {0} if the clip exists, {-1, shape} on a shape mismatch, else {1, evicted members}.
+# KEYS: streams, info, media, wall, clip, seqs. ARGV: stream_id, member, media_start, wall_start, wall_end, meta,
+# fmt, ntok, dim, shape, tokens, vector, nbytes, clip prefix, media length, wall length, seq, generation,
+# eviction limit. Returns {0} if the clip exists, {-1, shape} on a shape mismatch, {-2} if the stream's spans are
+# missing (nothing written), else {1, evicted members}.
 PUT = (
     _EVICT
     + _SPANS
@@ -60,67 +68,111 @@ PUT = (
 if redis.call('EXISTS', KEYS[5]) == 1 then return {0} end
 local shape = redis.call('HGET', KEYS[2], 'shape')
 if shape and shape ~= ARGV[10] then return {-1, shape} end
+local media_span, wall_span = spans(KEYS[2], KEYS[3])
+if not media_span then return {-2} end
 redis.call('SADD', KEYS[1], ARGV[1])
-local media_span, wall_span = spans(KEYS[2], KEYS[3], ARGV[14])
+redis.call('HSETNX', KEYS[2], 'gen', ARGV[18])
 redis.call('HSET', KEYS[2], 'media_span', string.format('%.17g', math.max(media_span, tonumber(ARGV[15]))),
            'wall_span', string.format('%.17g', math.max(wall_span, tonumber(ARGV[16]))))
 redis.call('HSET', KEYS[5], 'meta', ARGV[6], 'fmt', ARGV[7], 'ntok', ARGV[8], 'dim', ARGV[9],
            'tokens', ARGV[11], 'vector', ARGV[12], 'nbytes', ARGV[13], 'wall_end', ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2])
+redis.call('ZADD', KEYS[6], ARGV[17], ARGV[2])
 redis.call('HSET', KEYS[2], 'shape', ARGV[10])
 redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[13])
 local evicted = {}
-evict_to_cap(KEYS[2], KEYS[3], KEYS[4], ARGV[14], evicted)
+evict_to_cap(KEYS[2], KEYS[3], KEYS[4], KEYS[6], ARGV[14], evicted, tonumber(ARGV[19]))
 return {1, evicted}
 """
 )
 
-# KEYS: streams, info, media, wall. ARGV: stream_id, now, clip prefix. Returns the evicted members.
+# KEYS: streams, info, media, wall, seqs. ARGV: stream_id, now, clip prefix, limit, offset (clips past the age
+# cutoff by start but not by end, skipped by earlier calls). One chunk of retention: evicts at most `limit` clips
+# by age, then (if the age pass is done) at most `limit` more by bytes. Returns {evicted members, clips skipped,
+# 1 if there may be more to evict else 0}; the client calls again while more.
 # %.17g keeps the cutoff exact; Lua's default number formatting would round it to 14 digits.
 ENFORCE = (
     _EVICT
     + """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return {} end
-local evicted = {}
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return {{}, 0, 0} end
+local limit = tonumber(ARGV[4])
+local evicted, skipped, more = {}, 0, 0
 local max_age = redis.call('HGET', KEYS[2], 'max_age_s')
 if max_age then
   local cutoff = tonumber(ARGV[2]) - tonumber(max_age)
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('(%.17g', cutoff))) do
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('(%.17g', cutoff), 'LIMIT', ARGV[5], limit)
+  for _, member in ipairs(old) do
     if tonumber(redis.call('HGET', ARGV[3] .. member, 'wall_end')) < cutoff then
-      evict(KEYS[2], KEYS[3], KEYS[4], ARGV[3], member)
+      evict(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], member)
       evicted[#evicted + 1] = member
+    else
+      skipped = skipped + 1
     end
   end
+  if #old == limit then more = 1 end
 end
-evict_to_cap(KEYS[2], KEYS[3], KEYS[4], ARGV[3], evicted)
-return evicted
+if more == 0 and evict_to_cap(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], evicted, limit) then more = 1 end
+return {evicted, skipped, more}
 """
 )
 
-# KEYS: streams, info, the clock's sorted set. ARGV: stream_id, start ('' for none), max score, clip prefix, clock
-# ('media' or 'wall'), scan margin. Returns the metas of clips starting from scan_from(start, that clock's span)
-# to max, nil if the stream is unknown; the caller keeps those that end after start.
-CLIPS = (
+# KEYS: streams, info, the clock's sorted set. ARGV: stream_id, start ('' for none), end ('' for none), clip prefix,
+# clock ('media' or 'wall'), scan margin. Where a range's clips sit in the sorted set, without reading them:
+# {hi, j, head} where ranks [j, hi) start after `start` and before `end` (so overlap it), and head holds the metas
+# of the few clips starting at or before `start` (from scan_from(start, longest clip)) that end after it.
+# nil if the stream is unknown, {-2} if its spans are missing. O(log n + head).
+LOCATE = (
     _SPANS
     + """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return nil end
-local min = '-inf'
-if ARGV[2] ~= '' then
-  local media_span, wall_span = spans(KEYS[2], KEYS[3], ARGV[4])
-  local span = ARGV[5] == 'media' and media_span or wall_span
-  min = string.format('%.17g', tonumber(ARGV[2]) - span - tonumber(ARGV[6]))
+local hi
+if ARGV[3] == '' then hi = redis.call('ZCARD', KEYS[3])
+else hi = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. ARGV[3]) end
+if ARGV[2] == '' then return {hi, 0, {}} end
+local start = tonumber(ARGV[2])
+local media_span, wall_span = spans(KEYS[2], KEYS[3])
+if not media_span then return {-2} end
+local span = ARGV[5] == 'media' and media_span or wall_span
+local first = redis.call('ZCOUNT', KEYS[3], '-inf', string.format('(%.17g', start - span - tonumber(ARGV[6])))
+local j = math.min(redis.call('ZCOUNT', KEYS[3], '-inf', ARGV[2]), hi)
+local head = {}
+if j > first then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[3], first, j - 1)) do
+    local meta = redis.call('HGET', ARGV[4] .. member, 'meta')
+    local c = cjson.decode(meta)
+    local e = ARGV[5] == 'media' and c.media_end or c.wall_end
+    if e > start then head[#head + 1] = meta end
+  end
 end
-local metas = {}
-for i, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], min, ARGV[3])) do
-  metas[i] = redis.call('HGET', ARGV[4] .. member, 'meta')
-end
-return metas
+return {hi, j, head}
 """
 )
 
+# KEYS: the clock's sorted set. ARGV: clip prefix, then runs of ranks as (first, last) pairs. Per run, the metas
+# of the clips at those ranks (fewer where the run goes past the end). O(log n) per run plus O(1) per clip; the
+# client sends a bounded number of clips per call.
+FETCH = """
+local runs = {}
+for i = 2, #ARGV, 2 do
+  local metas = {}
+  for j, member in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[i], ARGV[i + 1])) do
+    metas[j] = redis.call('HGET', ARGV[1] .. member, 'meta')
+  end
+  runs[#runs + 1] = metas
+end
+return runs
+"""
+
+# KEYS: wall, seqs. ARGV: first rank, count. Adds a chunk of a stream written before the seq index to it.
+BACKFILL_SEQS = """
+local members = redis.call('ZRANGE', KEYS[1], ARGV[1], tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1)
+for _, member in ipairs(members) do redis.call('ZADD', KEYS[2], tonumber(member), member) end
+return #members
+"""
+
 # KEYS: streams, info, wall. ARGV: stream_id, clip prefix.
-# Returns {info as field/value list, clip count, oldest meta, newest meta}, nil if unknown.
+# Returns {info as field/value list, clip count, oldest meta, newest meta}, nil if unknown. O(log n).
 STATS = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return nil end
 local first = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
@@ -133,13 +185,26 @@ return {
 }
 """
 
-# KEYS: streams, info, media, wall, configs. ARGV: stream_id, clip prefix. Returns 0 if unknown, else 1.
-DELETE = """
-if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-for _, member in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+# KEYS: streams, media, wall, seqs. ARGV: stream_id, clip prefix, limit. Deletes up to `limit` of the stream's clips
+# (not its counters: the stream is going). Returns the clips left, -1 if the stream is unknown.
+DELETE_CHUNK = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return -1 end
+for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, tonumber(ARGV[3]) - 1)) do
   redis.call('UNLINK', ARGV[2] .. member)
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('ZREM', KEYS[4], member)
 end
-redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
-redis.call('HDEL', KEYS[5], ARGV[1])
+return redis.call('ZCARD', KEYS[3])
+"""
+
+# KEYS: streams, info, media, wall, seqs, configs. ARGV: stream_id. After DELETE_CHUNK has emptied the stream.
+# Returns 0 if unknown, -1 if a clip was written since (the client deletes chunks again), else 1.
+DELETE = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('ZCARD', KEYS[4]) > 0 then return -1 end
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('HDEL', KEYS[6], ARGV[1])
 return 1
 """

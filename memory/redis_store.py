@@ -1,16 +1,22 @@
 """The memory in Redis, shared by every process of a deployment.
 
 Writes and multi-key reads are Lua scripts (memory.redis_lua), so each is atomic and one round trip; token
-fetches are one pipeline. The client never retries and uses short socket timeouts: a dead Redis must surface as
-MemoryUnavailable within a second rather than stall a question, and the connection pool reconnects by itself on
-the next call once Redis is back. `rediss://` URLs connect over TLS (redis-py; `?ssl_ca_certs=/path/ca.pem` for a
-private CA). Stream configs are sealed (memory.secrets) with a key every service of the deployment must share.
+fetches are one pipeline. No call does work in proportion to a stream's size: a pick locates its range by rank in
+the clock's sorted set (ZCOUNT) and reads the picked ranks' metadata (one script, O(log n) each), and whatever
+must walk a stream (deletes, retention, a full vector load) goes in bounded chunks, each its own call, so Redis
+answers other clients in between. The client never retries and uses short socket timeouts (`socket_timeout_s`,
+VCFLASH_REDIS_TIMEOUT_S): a dead Redis must surface as MemoryUnavailable within a second rather than stall a
+question, and the connection pool reconnects by itself on the next call once Redis is back. `rediss://` URLs
+connect over TLS (redis-py; `?ssl_ca_certs=/path/ca.pem` for a private CA). Stream configs are sealed
+(memory.secrets) with a key every service of the deployment must share.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -24,15 +30,29 @@ import memory.codec as codec
 import memory.redis_lua as redis_lua
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
 from memory.secrets import ConfigCipher
-from memory.store import SCAN_MARGIN_S, MemoryStore, MemoryUnavailable, UnknownStream
+from memory.store import (
+    SCAN_MARGIN_S,
+    MemoryStore,
+    MemoryUnavailable,
+    Picked,
+    Positions,
+    UnknownStream,
+    check_positions,
+)
 
 log = logging.getLogger(__name__)
 
 
+CHUNK = 256  # clips per bounded call: a pick's ranks, an eviction or a delete step (about a millisecond of Redis)
+SCAN_CHUNK = 4096  # members per ZRANGE when listing a stream's seqs or vectors
+PUT_EVICT_LIMIT = 64  # evictions one write may make; a lowered max_bytes is met over the next writes or sweeps
+
+
 class _StreamKeys(NamedTuple):
-    info: str  # hash: shape, bytes, evicted, max_age_s, max_bytes, media_span, wall_span
+    info: str  # hash: shape, bytes, evicted, max_age_s, max_bytes, media_span, wall_span, gen
     media: str  # sorted set: member -> media_start
     wall: str  # sorted set: member -> wall_start
+    seqs: str  # sorted set: member -> seq (for an index to fetch only the clips after its last)
     clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end
 
 
@@ -41,9 +61,25 @@ def _member(seq: int) -> str:
     return f"{seq:020d}"
 
 
-def _below(t: float | None) -> str:
-    """ZRANGEBYSCORE's max for scores under t (None: no limit)."""
-    return "+inf" if t is None else f"({float(t)!r}"
+def _bound(t: float | None) -> str:
+    """A range bound as the scripts take it: '' for none, else a finite number (Lua's tonumber reads no 'inf')."""
+    return "" if t is None else repr(min(max(float(t), -sys.float_info.max), sys.float_info.max))
+
+
+def _runs(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending ranks as (first, last) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], r)
+        else:
+            runs.append((r, r))
+    return runs
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 class RedisStore(MemoryStore):
@@ -74,8 +110,11 @@ class RedisStore(MemoryStore):
         self._configs_key = f"{prefix}:configs"
         self._put = self._redis.register_script(redis_lua.PUT)
         self._enforce = self._redis.register_script(redis_lua.ENFORCE)
-        self._clips = self._redis.register_script(redis_lua.CLIPS)
+        self._locate = self._redis.register_script(redis_lua.LOCATE)
+        self._fetch = self._redis.register_script(redis_lua.FETCH)
+        self._backfill_seqs = self._redis.register_script(redis_lua.BACKFILL_SEQS)
         self._stats = self._redis.register_script(redis_lua.STATS)
+        self._delete_chunk = self._redis.register_script(redis_lua.DELETE_CHUNK)
         self._delete = self._redis.register_script(redis_lua.DELETE)
         log.info("redis memory at %s, prefix %r (%s tokens)", self._where, prefix, self.token_format)
 
@@ -88,7 +127,7 @@ class RedisStore(MemoryStore):
 
     def _keys(self, stream_id: str) -> _StreamKeys:
         s = f"{self.prefix}:s:{stream_id}"
-        return _StreamKeys(f"{s}:info", f"{s}:media", f"{s}:wall", f"{s}:c:")
+        return _StreamKeys(f"{s}:info", f"{s}:media", f"{s}:wall", f"{s}:seq", f"{s}:c:")
 
     def put(self, record: ClipRecord) -> bool:
         enc = codec.encode(record, self.token_format)
@@ -96,54 +135,123 @@ class RedisStore(MemoryStore):
         k = self._keys(m.stream_id)
         member = _member(m.seq)
         with self._reachable():
-            reply = self._put(
-                keys=[self._streams_key, k.info, k.media, k.wall, k.clip_prefix + member],
-                args=[
-                    m.stream_id,
-                    member,
-                    repr(m.media_start),
-                    repr(m.wall_start),
-                    repr(m.wall_end),
-                    codec.meta_to_json(m),
-                    enc.token_format,
-                    enc.n_tokens,
-                    enc.dim,
-                    enc.shape,
-                    enc.tokens,
-                    enc.vector,
-                    enc.nbytes,
-                    k.clip_prefix,
-                    repr(m.media_end - m.media_start),
-                    repr(m.wall_end - m.wall_start),
-                ],
-            )
+            reply = self._put_script(k, m, member, enc)
+            if reply[0] == redis_lua.SPANS_MISSING:
+                self._measure_spans(k)
+                reply = self._put_script(k, m, member, enc)
         if reply[0] == -1:
             raise ValueError(f"stream {m.stream_id!r} holds {reply[1].decode()} tokens, clip {m.seq} has {enc.shape}")
         if reply[0] == 1 and reply[1]:
             log.debug("stream %r over its max_bytes: evicted seqs %s on put", m.stream_id, [int(x) for x in reply[1]])
         return reply[0] == 1
 
-    def clips(
-        self, stream_id: str, start: float | None = None, end: float | None = None, *, clock: Clock = "media"
-    ) -> list[ClipMeta]:
+    def _put_script(self, k: _StreamKeys, m: ClipMeta, member: str, enc: codec.EncodedClip) -> Any:
+        return self._put(
+            keys=[self._streams_key, k.info, k.media, k.wall, k.clip_prefix + member, k.seqs],
+            args=[
+                m.stream_id,
+                member,
+                repr(m.media_start),
+                repr(m.wall_start),
+                repr(m.wall_end),
+                codec.meta_to_json(m),
+                enc.token_format,
+                enc.n_tokens,
+                enc.dim,
+                enc.shape,
+                enc.tokens,
+                enc.vector,
+                enc.nbytes,
+                k.clip_prefix,
+                repr(m.media_end - m.media_start),
+                repr(m.wall_end - m.wall_start),
+                m.seq,
+                uuid.uuid4().hex,
+                PUT_EVICT_LIMIT,
+            ],
+        )
+
+    def _measure_spans(self, k: _StreamKeys) -> None:
+        """Give a stream written before spans were kept its longest clip per clock, from its clips' metas read in
+        chunks (no script loops over it). Writes wait for this (PUT refuses while spans are missing), so no clip
+        is left out; set only if still missing, so a concurrent measurement changes nothing."""
+        media = wall = 0.0
+        n = self._redis.zcard(k.wall)
+        for rank in range(0, n, SCAN_CHUNK):
+            members = self._redis.zrange(k.wall, rank, rank + SCAN_CHUNK - 1)
+            pipe = self._redis.pipeline(transaction=False)
+            for member in members:
+                pipe.hget(k.clip_prefix + member.decode(), "meta")
+            for meta in pipe.execute():
+                if meta:
+                    c = codec.meta_from_json(meta)
+                    media, wall = max(media, c.media_end - c.media_start), max(wall, c.wall_end - c.wall_start)
+        self._redis.pipeline(transaction=True).hsetnx(k.info, "media_span", repr(media)).hsetnx(
+            k.info, "wall_span", repr(wall)
+        ).execute()
+        log.info("event=spans_measured info=%s clips=%d media_span=%g wall_span=%g", k.info, n, media, wall)
+
+    def pick(
+        self,
+        stream_id: str,
+        start: float | None,
+        end: float | None,
+        positions: Positions,
+        *,
+        clock: Clock = "media",
+        with_seqs: bool = False,
+    ) -> Picked:
         k = self._keys(stream_id)
         zset = {"media": k.media, "wall": k.wall}[clock]
+        bounds = [_bound(start), _bound(end)]
         with self._reachable():
-            metas = self._clips(
+            located = self._locate(
                 keys=[self._streams_key, k.info, zset],
-                args=[
-                    stream_id,
-                    "" if start is None else repr(float(start)),
-                    _below(end),
-                    k.clip_prefix,
-                    clock,
-                    repr(SCAN_MARGIN_S),
-                ],
+                args=[stream_id, *bounds, k.clip_prefix, clock, repr(SCAN_MARGIN_S)],
             )
-        if metas is None:
+            if located == [redis_lua.SPANS_MISSING]:
+                self._measure_spans(k)
+                located = self._locate(
+                    keys=[self._streams_key, k.info, zset],
+                    args=[stream_id, *bounds, k.clip_prefix, clock, repr(SCAN_MARGIN_S)],
+                )
+            if located is None:
+                raise UnknownStream(stream_id)
+            hi, j, head_json = located
+            head = [codec.meta_from_json(m) for m in head_json]
+            n = len(head) + max(0, hi - j)
+            wanted = check_positions(positions(n), n)
+            if not n:
+                return Picked(0, [], None, None, np.empty(0, dtype=np.int64) if with_seqs else None)
+            tail = sorted({p for p in (*wanted, 0, n - 1) if p >= len(head)})
+            by_position: dict[int, ClipMeta | None] = dict(enumerate(head))
+            for part in _chunks(tail, CHUNK):
+                runs = _runs(part)
+                args = [r for first, last in runs for r in (j + first - len(head), j + last - len(head))]
+                for (first, _), metas in zip(runs, self._fetch(keys=[zset], args=[k.clip_prefix, *args]), strict=True):
+                    by_position.update((first + i, codec.meta_from_json(m)) for i, m in enumerate(metas))
+            seqs = None
+            if with_seqs:
+                members = [
+                    m
+                    for r in range(j, hi, SCAN_CHUNK)
+                    for m in self._redis.zrange(zset, r, min(r + SCAN_CHUNK, hi) - 1)
+                ]
+                seqs = np.array([m.seq for m in head] + [int(m) for m in members], dtype=np.int64)
+        picked = [c for p in wanted if (c := by_position.get(p)) is not None]  # None: evicted in between
+        return Picked(n, picked, by_position.get(0), by_position.get(n - 1), seqs)
+
+    def metas(self, stream_id: str, seqs: Sequence[int]) -> dict[int, ClipMeta]:
+        k = self._keys(stream_id)
+        wanted = sorted({int(s) for s in seqs})
+        pipe = self._redis.pipeline(transaction=False).sismember(self._streams_key, stream_id)
+        for seq in wanted:
+            pipe.hget(k.clip_prefix + _member(seq), "meta")
+        with self._reachable():
+            known, *metas = pipe.execute()
+        if not known:
             raise UnknownStream(stream_id)
-        clips = [codec.meta_from_json(m) for m in metas]
-        return clips if start is None else [m for m in clips if m.span(clock)[1] > start]
+        return {seq: codec.meta_from_json(m) for seq, m in zip(wanted, metas, strict=True) if m}
 
     def tokens(self, stream_id: str, seqs: Sequence[int]) -> np.ndarray:
         seqs = [int(s) for s in seqs]
@@ -162,28 +270,49 @@ class RedisStore(MemoryStore):
         blobs = {seq: (blob, fmt.decode(), int(n), int(d)) for seq, (blob, fmt, n, d) in held.items()}
         return codec.stack_tokens(stream_id, seqs, None if shape is None else shape.decode(), blobs)
 
-    def vectors(self, stream_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, stream_id: str, after: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         k = self._keys(stream_id)
         with self._reachable():
-            known, shape, members = (
+            known, shape, n_seqs, n_clips = (
                 self._redis.pipeline(transaction=False)
                 .sismember(self._streams_key, stream_id)
                 .hget(k.info, "shape")
-                .zrange(k.wall, 0, -1)
+                .zcard(k.seqs)
+                .zcard(k.wall)
                 .execute()
             )
             if not known:
                 raise UnknownStream(stream_id)
-            members.sort()
-            pipe = self._redis.pipeline(transaction=False)
-            for member in members:
-                pipe.hmget(k.clip_prefix + member.decode(), "vector", "fmt", "dim")
-            fields = pipe.execute()
-        held = [(int(m), f) for m, f in zip(members, fields, strict=True) if f[0]]  # skip clips evicted in between
+            if n_seqs < n_clips:  # written before the seq index: add its clips to it, a chunk per call
+                for rank in range(0, n_clips, SCAN_CHUNK):
+                    self._backfill_seqs(keys=[k.wall, k.seqs], args=[rank, SCAN_CHUNK])
+            held: list[tuple[int, Any]] = []
+            low = "-inf" if after is None else f"({int(after)}"
+            while True:
+                members = self._redis.zrangebyscore(k.seqs, low, "+inf", start=0, num=SCAN_CHUNK)
+                pipe = self._redis.pipeline(transaction=False)
+                for member in members:
+                    pipe.hmget(k.clip_prefix + member.decode(), "vector", "fmt", "dim")
+                fields = pipe.execute() if members else []
+                held += [(int(m), f) for m, f in zip(members, fields, strict=True) if f[0]]  # skip clips evicted since
+                if len(members) < SCAN_CHUNK:
+                    break
+                low = f"({int(members[-1])}"
         vectors = np.empty((len(held), int(shape.split(b"x")[1]) if shape else 0), dtype=np.float32)
         for i, (_, (blob, fmt, dim)) in enumerate(held):
             vectors[i] = codec.decode_vector(blob, fmt.decode(), int(dim))
         return np.array([seq for seq, _ in held], dtype=np.int64), vectors
+
+    def held_seqs(self, stream_id: str) -> np.ndarray:
+        k = self._keys(stream_id)
+        with self._reachable():
+            known, n = (
+                self._redis.pipeline(transaction=False).sismember(self._streams_key, stream_id).zcard(k.wall).execute()
+            )
+            if not known:
+                raise UnknownStream(stream_id)
+            members = [m for r in range(0, n, SCAN_CHUNK) for m in self._redis.zrange(k.wall, r, r + SCAN_CHUNK - 1)]
+        return np.unique(np.array([int(m) for m in members], dtype=np.int64))
 
     def streams(self) -> list[str]:
         with self._reachable():
@@ -206,22 +335,36 @@ class RedisStore(MemoryStore):
             None if last is None else codec.meta_from_json(last),
             Retention(None if max_age_s is None else float(max_age_s), None if max_bytes is None else int(max_bytes)),
             int(info.get("evicted", 0)),
+            info.get("gen", ""),
         )
 
     def delete_stream(self, stream_id: str) -> None:
+        """Clips go a chunk per call (the stream is listed until the last, so a delete cut short can be repeated),
+        then the stream's keys and config in one."""
         k = self._keys(stream_id)
         with self._reachable():
-            deleted = self._delete(
-                keys=[self._streams_key, k.info, k.media, k.wall, self._configs_key], args=[stream_id, k.clip_prefix]
-            )
-        if not deleted:
-            raise UnknownStream(stream_id)
+            while True:
+                left = self._delete_chunk(
+                    keys=[self._streams_key, k.media, k.wall, k.seqs], args=[stream_id, k.clip_prefix, CHUNK]
+                )
+                if left == -1:
+                    raise UnknownStream(stream_id)
+                if left:
+                    continue
+                deleted = self._delete(
+                    keys=[self._streams_key, k.info, k.media, k.wall, k.seqs, self._configs_key], args=[stream_id]
+                )
+                if deleted == 0:
+                    raise UnknownStream(stream_id)
+                if deleted == 1:
+                    break
         log.info("deleted stream %r", stream_id)
 
     def set_retention(self, stream_id: str, retention: Retention) -> None:
         codec.check_stream_id(stream_id)
         info = self._keys(stream_id).info
         pipe = self._redis.pipeline(transaction=True).sadd(self._streams_key, stream_id)
+        pipe.hsetnx(info, "gen", uuid.uuid4().hex)
         pipe.hdel(info, "max_age_s", "max_bytes")
         if retention.max_age_s is not None:
             pipe.hset(info, "max_age_s", repr(float(retention.max_age_s)))
@@ -235,10 +378,16 @@ class RedisStore(MemoryStore):
         evicted: dict[str, list[int]] = {}
         for stream_id in self.streams():
             k = self._keys(stream_id)
-            with self._reachable():  # one script per stream, so puts to other streams are not held up
-                members = self._enforce(
-                    keys=[self._streams_key, k.info, k.media, k.wall], args=[stream_id, repr(float(now)), k.clip_prefix]
-                )
+            members: list[bytes] = []
+            skipped, more = 0, 1
+            while more:  # a bounded chunk per call, so puts and reads are not held up
+                with self._reachable():
+                    chunk, skips, more = self._enforce(
+                        keys=[self._streams_key, k.info, k.media, k.wall, k.seqs],
+                        args=[stream_id, repr(float(now)), k.clip_prefix, CHUNK, skipped],
+                    )
+                members += chunk
+                skipped += skips
             if members:
                 evicted[stream_id] = [int(m) for m in members]
                 log.info("retention evicted %d clips of stream %r", len(members), stream_id)
@@ -251,6 +400,7 @@ class RedisStore(MemoryStore):
             (
                 self._redis.pipeline(transaction=True)
                 .sadd(self._streams_key, stream_id)
+                .hsetnx(self._keys(stream_id).info, "gen", uuid.uuid4().hex)
                 .hset(self._configs_key, stream_id, sealed)
                 .execute()
             )

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from memory import ClipIndex, MemoryStore, UnknownStream, open_store
+from memory.index import set_threads
 from memory.records import ClipMeta, Clock, StreamStats
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
@@ -89,8 +90,9 @@ class MemoryServicer(pb_grpc.MemoryServicer):
             raise Invalid(f"inverted time range: start {start} >= end {end}")
         if request.limit < 0:
             raise Invalid(f"limit must be >= 0 (0: the server's maximum), got {request.limit}")
-        clips = await asyncio.to_thread(self.store.clips, request.stream_id, start, end, clock=clock)
         limit = min(request.limit or self.max_clips, self.max_clips)
+        # one more than the limit says whether there are more, without reading them
+        clips = await asyncio.to_thread(self.store.clips, request.stream_id, start, end, clock=clock, limit=limit + 1)
         return pb.ListClipsResponse(clips=[clip_info(c) for c in clips[:limit]], truncated=len(clips) > limit)
 
     @handle_errors
@@ -125,7 +127,10 @@ class MemoryService(Service):
     async def start(self) -> int:
         s = self.settings
         m = s.memory
-        self.store = await asyncio.to_thread(open_store, m.redis_url, s.server.data_dir, m.token_format, m.secret_key)
+        self.store = await asyncio.to_thread(
+            open_store, m.redis_url, s.server.data_dir, m.token_format, m.secret_key, m.redis_timeout_s
+        )
+        set_threads(m.faiss_threads)
         return await super().start()
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,6 +26,29 @@ def scan_from(start: float | None, longest: float) -> float:
     one range scan: a stream's clips last about the same (4 sampled frames), so it reads a clip or two more.
     """
     return -math.inf if start is None else start - longest - SCAN_MARGIN_S
+
+
+Positions = Callable[[int], Sequence[int]]  # n (clips in a range) -> the 0-based positions to read, ascending
+
+
+@dataclass(frozen=True)
+class Picked:
+    """Some of the clips that overlap a time range, read without reading the others (MemoryStore.pick)."""
+
+    count: int  # clips overlapping the range
+    clips: list[ClipMeta]  # those at the positions asked, in (start, seq) order on the clock
+    first: ClipMeta | None  # the first and the last overlapping clip (None when count is 0)
+    last: ClipMeta | None
+    seqs: np.ndarray | None = None  # int64 [count]: every overlapping clip's seq, in order, when asked for
+
+
+def check_positions(positions: Sequence[int], n: int) -> list[int]:
+    """`positions` as a list, or ValueError unless they ascend strictly within [0, n)."""
+    out = [int(p) for p in positions]
+    if any(b <= a for a, b in zip(out, out[1:], strict=False)) or (out and not 0 <= out[0] <= out[-1] < n):
+        more = "..." if len(out) > 8 else ""
+        raise ValueError(f"positions must ascend strictly within [0, {n}), got {out[:8]}{more}")
+    return out
 
 
 class MemoryUnavailable(Unavailable):
@@ -53,23 +77,60 @@ class MemoryStore(abc.ABC):
         its retention's max_bytes, so memory stays bounded without enforce_retention.
         """
 
-    @abc.abstractmethod
     def clips(
-        self, stream_id: str, start: float | None = None, end: float | None = None, *, clock: Clock = "media"
+        self,
+        stream_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        clock: Clock = "media",
+        limit: int | None = None,
     ) -> list[ClipMeta]:
-        """Clips that overlap [start, end) on `clock` (None: open end), ascending by (start time, seq).
+        """Clips that overlap [start, end) on `clock` (None: open end), ascending by (start time, seq); the first
+        `limit` of them when given.
 
         A clip [s, e) overlaps when s < end and e > start, so a range inside one clip finds it, and a clip that
-        ends exactly at `start` (or starts at `end`) is not in the range.
+        ends exactly at `start` (or starts at `end`) is not in the range. Reads those clips only (`pick`).
         """
+        first_n = lambda n: range(n if limit is None else min(n, limit))  # noqa: E731
+        return self.pick(stream_id, start, end, first_n, clock=clock).clips
+
+    @abc.abstractmethod
+    def pick(
+        self,
+        stream_id: str,
+        start: float | None,
+        end: float | None,
+        positions: Positions,
+        *,
+        clock: Clock = "media",
+        with_seqs: bool = False,
+    ) -> Picked:
+        """The clips at `positions(n)` among the n clips that overlap [start, end) on `clock` (as `clips` orders
+        them), with the first and the last; `with_seqs` adds every overlapping clip's seq.
+
+        The cost is that of the positions asked (and with_seqs, of n seqs), not of the stream: a backend finds n
+        and each position from a time index (O(log N) each), then reads only the picked clips' metadata. Clips
+        evicted while the pick runs may be missing from `clips`. ValueError if the positions do not ascend
+        strictly within [0, n).
+        """
+
+    @abc.abstractmethod
+    def metas(self, stream_id: str, seqs: Sequence[int]) -> dict[int, ClipMeta]:
+        """The metadata of those of `seqs` the stream holds, by seq (a seq not held is left out)."""
 
     @abc.abstractmethod
     def tokens(self, stream_id: str, seqs: Sequence[int]) -> np.ndarray:
         """Float16 [len(seqs), T, D] tokens in the order asked; KeyError naming the seqs that are not held."""
 
     @abc.abstractmethod
-    def vectors(self, stream_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(seqs int64 [n], vectors float32 [n, D]) of every clip held, ascending by seq, to rebuild an index."""
+    def vectors(self, stream_id: str, after: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(seqs int64 [n], vectors float32 [n, D]) of every clip held (with `after`: of those with a greater seq),
+        ascending by seq: to build an index, or to bring one up to date at the cost of the clips it lacks."""
+
+    @abc.abstractmethod
+    def held_seqs(self, stream_id: str) -> np.ndarray:
+        """Every seq held, int64 ascending: for an index to drop, in one batch, the clips evicted elsewhere."""
 
     @abc.abstractmethod
     def streams(self) -> list[str]:
@@ -77,7 +138,8 @@ class MemoryStore(abc.ABC):
 
     @abc.abstractmethod
     def stats(self, stream_id: str) -> StreamStats:
-        """Counts, bytes and the oldest and newest clip (by wall time) of one stream."""
+        """Counts, bytes and the oldest and newest clip (by wall time) of one stream, from counters and the
+        time index: O(1) in the stream's size."""
 
     @abc.abstractmethod
     def delete_stream(self, stream_id: str) -> None:

@@ -129,18 +129,23 @@ def uniform_pick(n: int, k: int) -> list[int]:
     return [int((a + b - 1) // 2) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def select_clips(available: list[ClipMeta], budget: int, hits: Sequence[tuple[int, float]] = ()) -> list[Evidence]:
-    """Up to `budget` clips in time order: uniform, or (with retrieval hits) half uniform backbone and
-    the best-scoring hits for the rest."""
-    if not hits or len(available) <= budget:
-        return [Evidence(available[i]) for i in uniform_pick(len(available), budget)]
-    chosen = {available[i].seq: Evidence(available[i]) for i in uniform_pick(len(available), max(1, budget // 2))}
-    by_seq = {m.seq: m for m in available}
-    for seq, score in hits:
+def backbone_size(n: int, budget: int, retrieval: bool) -> int:
+    """Clips picked uniformly out of n in range: all that fit the budget, else the budget, or half of it when
+    retrieval fills the rest."""
+    return budget if n <= budget or not retrieval else max(1, budget // 2)
+
+
+def select_clips(backbone: list[ClipMeta], budget: int, hits: Sequence[tuple[ClipMeta, float]] = ()) -> list[Evidence]:
+    """Up to `budget` clips in time order: the uniform backbone (uniform_pick of the range, in order), then the
+    best-scoring retrieval hits (in range, best first) that are not in it."""
+    chosen = {m.seq: Evidence(m) for m in backbone}
+    for meta, score in hits:
         if len(chosen) >= budget:
             break
-        if seq in by_seq and seq not in chosen:
-            chosen[seq] = Evidence(by_seq[seq], retrieved=True, score=score)
+        if meta.seq not in chosen:
+            chosen[meta.seq] = Evidence(meta, retrieved=True, score=score)
+    if len(chosen) == len(backbone):
+        return list(chosen.values())
     return sorted(chosen.values(), key=lambda e: e.clip.media_start)
 
 
@@ -238,7 +243,13 @@ class Reasoner:
             raise AskError(str(e)) from e
 
     def select(self, p: AskParams) -> list[Segment]:
-        """Validate the question and pick each stream's clips, with their tokens from memory."""
+        """Validate the question and pick each stream's clips, with their tokens from memory.
+
+        Reads only what it uses: the store finds how many clips overlap the range and which sit at the uniform
+        positions from its time index, then reads those clips' metadata and tokens (MemoryStore.pick), so the
+        cost follows the budget, not the memory's size. Retrieval adds one FAISS search (over the range's seqs,
+        when a range is given) and the hits' metadata.
+        """
         p.validate(self.limits)
         known = set(self.store.streams())
         unknown = [s for s in p.stream_ids if s not in known]
@@ -246,19 +257,35 @@ class Reasoner:
             raise NotFound(f"unknown stream(s): {', '.join(excerpt(s) for s in unknown[:4])}")
         budget = max(1, p.max_frames // 4 // len(p.stream_ids))  # clips per stream
         segments = []
+        retrieval = p.selection == "retrieval" and self.index is not None
+        ranged = p.start is not None or p.end is not None
         for stream_id in p.stream_ids:
-            available = self.store.clips(stream_id, p.start, p.end, clock=p.clock)
-            if not available:
+            picked = self.store.pick(
+                stream_id,
+                p.start,
+                p.end,
+                lambda n: uniform_pick(n, backbone_size(n, budget, retrieval)),
+                clock=p.clock,
+                with_seqs=retrieval and ranged,  # the range's seqs restrict the search
+            )
+            if not picked.clips:
                 continue
-            hits: list[tuple[int, float]] = []
-            if p.selection == "retrieval" and self.index is not None and len(available) > budget:
-                self.index.sync_stream(self.store, stream_id)
+            hits: list[tuple[ClipMeta, float]] = []
+            if retrieval and picked.count > budget:
+                assert self.index is not None
+                stale = self.index.sync_stream(self.store, stream_id)
                 query = self._question_vector(p.question)
-                hits = self.index.search(stream_id, query, k=budget, among=[m.seq for m in available])
-            evidence = select_clips(available, budget, hits)
+                found = self.index.search(stream_id, query, k=budget + stale, among=picked.seqs)
+                metas = self.store.metas(stream_id, [seq for seq, _ in found])
+                hits = [(metas[seq], score) for seq, score in found if seq in metas]  # evicted since: left out
+                if not hits:  # nothing indexed yet: the whole budget uniform, as without retrieval
+                    picked = self.store.pick(
+                        stream_id, p.start, p.end, lambda n: uniform_pick(n, budget), clock=p.clock
+                    )
+            evidence = select_clips(picked.clips, budget, hits)
             tokens = torch.from_numpy(self.store.tokens(stream_id, [e.clip.seq for e in evidence]))
-            duration = available[-1].media_end - available[0].media_start
-            segments.append(Segment(stream_id, evidence, duration, tokens))
+            first, last = picked.first or picked.clips[0], picked.last or picked.clips[-1]
+            segments.append(Segment(stream_id, evidence, last.media_end - first.media_start, tokens))
         return segments
 
     def _question_vector(self, question: str) -> np.ndarray:

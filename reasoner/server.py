@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
 from hico import VideoChatFlash
 from memory import ClipIndex
+from memory.retention import follow_forever
 from memory.server import MemoryService, clip_info, time_range
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
@@ -145,7 +146,8 @@ class ReasonerService(MemoryService):
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
         self.reasoner = Reasoner(self.model, self.store, self.index, self.settings.reasoner)
-        return reasoner_entries(self.reasoner, self), []
+        # the encoder writes in another process: new clips join the index incrementally, evicted ones in batches
+        return reasoner_entries(self.reasoner, self), [follow_forever(self.store, self.index)]
 
 
 def reasoner_entries(reasoner: Reasoner, service: MemoryService) -> list[ServiceEntry]:

@@ -68,6 +68,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from hico.checkpoint import make_tiny_checkpoint
 
     if args.preset == "shapes":
+        if args.tower != "umt":
+            raise ValueError(f"--preset shapes has a UMT tower; --tower {args.tower} is for the tiny preset")
         from hico.checkpoint import shapes_config
         from vcflash.shapes import corpus
 
@@ -76,7 +78,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         )
         print(made)
         return 0
-    print(make_tiny_checkpoint(args.dir, res=args.res, seed=args.seed))
+    print(make_tiny_checkpoint(args.dir, res=args.res, seed=args.seed, tower=args.tower))
     return 0
 
 
@@ -602,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--res", type=int, choices=(224, 448), default=224)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
+        "--tower",
+        choices=("umt", "internvideo2"),
+        default="umt",
+        help="vision tower: umt (default) or internvideo2 (the 7B InternVideo2-1B variant's layout, 224 px only)",
+    )
+    tiny.add_argument(
         "--preset",
         choices=("tiny", "shapes"),
         default="tiny",
@@ -738,10 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("out")
     dataset.add_argument("--videos", type=int, default=1000, help="training videos (default 1000)")
     dataset.add_argument("--test-videos", type=int, help="held-out videos (default a fifth as many, at least 10)")
-    dataset.add_argument("--seconds", type=csv(float), default=(8.0, 16.0, 24.0), help="lengths drawn from (8,16,24)")
     dataset.add_argument(
-        "--fps", type=csv(int), default=(1, 1, 1, 1, 1, 25), help="frame rates drawn from (1,1,1,1,1,25)"
+        "--seconds", type=csv(float), default=(8.0,) * 4 + (16.0, 24.0), help="lengths drawn from (8,8,8,8,16,24)"
     )
+    dataset.add_argument("--fps", type=csv(int), default=(1,) * 9 + (10,), help="frame rates drawn from 1 x9, 10")
     dataset.add_argument("--seed", type=int, default=0)
     dataset.set_defaults(func=cmd_make_dataset)
 

@@ -28,7 +28,8 @@ from vcflash.media import write_video
 COLOURS = {"red": (215, 35, 35), "green": (35, 175, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-CATEGORIES = ("colour", "shape", "count", "direction", "presence", "order", "describe")
+CATEGORIES = ("colour", "shape", "count", "direction", "presence", "order", "list", "describe")
+FREE_TEXT = ("list", "describe")  # answers without a fixed set of choices
 SIZE = (320, 240)  # width, height: the test video's size
 MIN_STAY_S = 4.0  # every shape is on screen at least this long
 MIN_TRAVEL_PX = 40.0
@@ -243,8 +244,8 @@ def first_seen(sprite: Sprite) -> float:
 
 def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     """Every templated question the scene answers: per shape its colour, its kind and its direction; the count; one
-    present and one absent shape; the order of first appearance of shapes that show up 4 s or more apart; and a
-    description of the whole scene."""
+    present and one absent shape; the order of first appearance of shapes that show up 4 s or more apart; the
+    colours and the kinds of shape in the video; and a description of the whole scene."""
     sprites = scene.sprites
     qas: list[QA] = []
     colours, shapes, directions = tuple(COLOURS), SHAPES, tuple(DIRECTIONS)
@@ -274,6 +275,24 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
                     (f"the {x.name}", f"the {y.name}"),
                 )
             )
+    # What the whole video holds, each in a fixed order: no binding of colour to shape needed, so the tower gets a
+    # direct signal for what a shape looks like before the binding questions can use it.
+    qas.append(
+        QA(
+            "list",
+            "Which colours appear in the video?",
+            ", ".join(c for c in colours if c in {s.colour for s in sprites}),
+            (),
+        )
+    )
+    qas.append(
+        QA(
+            "list",
+            "Which shapes appear in the video?",
+            ", ".join(k for k in shapes if k in {s.shape for s in sprites}),
+            (),
+        )
+    )
     qas.append(QA("describe", "Describe the video.", describe(scene), ()))
     return qas
 
@@ -308,6 +327,8 @@ def _question_lines() -> Iterator[str]:
             yield f"Is there a {colour} {shape} in the video? yes no"
             yield f"Which appears first, the {colour} {shape} or the {colour} {shape}? the {colour} {shape}"
     yield "How many shapes appear in the video? 1 2 3"
+    yield "Which colours appear in the video? " + ", ".join(COLOURS)
+    yield "Which shapes appear in the video? " + ", ".join(SHAPES)
     yield ", ".join(f"{c} {s} moving {d}" for c, s, d in zip(COLOURS, SHAPES * 2, DIRECTIONS, strict=False))
 
 
@@ -329,8 +350,8 @@ def make_dataset(
     out: str | os.PathLike[str],
     videos: int = 1000,
     test_videos: int | None = None,
-    seconds: tuple[float, ...] = (8.0, 16.0, 24.0),
-    fps: tuple[int, ...] = (1, 1, 1, 1, 1, 25),
+    seconds: tuple[float, ...] = (8.0, 8.0, 8.0, 8.0, 16.0, 24.0),
+    fps: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 1, 1, 1, 10),
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Path]:

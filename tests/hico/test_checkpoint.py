@@ -656,7 +656,8 @@ def test_list_eos_takes_the_first() -> None:
     ("change", "words"),
     [
         ({"mm_projector_type": "mlp2x_gelu"}, ["mm_projector_type", "mlp2x_gelu"]),
-        ({"mm_vision_tower": "internvideo2"}, ["mm_vision_tower", "internvideo2"]),
+        ({"mm_vision_tower": "siglip-so400m-patch14-384"}, ["mm_vision_tower", "siglip", "UMT and InternVideo2"]),
+        ({"mm_vision_tower": "internvideo2"}, ["mm_hidden_size 1024", "1408"]),  # a UMT config naming the other tower
         ({"model_type": "llama"}, ["model_type", "llama"]),
         ({"architectures": ["Qwen2ForCausalLM"]}, ["architectures", "Qwen2ForCausalLM"]),
         ({"mm_vision_select_layer": -1}, ["mm_vision_select_layer", "-2"]),

@@ -17,7 +17,16 @@ from hico.prompt import chat_prompt, time_message
 from ingest import IngestManager, StreamSpec
 from ingest.clips import Clip
 from memory import ClipIndex, ClipMeta, ClipRecord, Clock, EmbeddedStore, RedisStore
-from reasoner.engine import AskError, AskParams, AskResult, Reasoner, select_clips, uniform_pick
+from reasoner.engine import (
+    AskError,
+    AskParams,
+    AskResult,
+    Evidence,
+    Reasoner,
+    backbone_size,
+    select_clips,
+    uniform_pick,
+)
 from vcflash.media import write_test_video
 from vcflash.serve.settings import IngestSettings
 
@@ -42,12 +51,15 @@ def test_uniform_pick_is_the_official_middle_sampler() -> None:
 
 def test_retrieval_keeps_a_uniform_backbone_and_adds_hits_in_time_order() -> None:
     available = [meta(i) for i in range(20)]
-    chosen = select_clips(available, 4, hits=[(7, 0.9), (uniform_pick(20, 2)[0], 0.8), (13, 0.5), (99, 1.0)])
+    assert backbone_size(20, 4, retrieval=True) == 2 and backbone_size(20, 4, retrieval=False) == 4
+    assert backbone_size(3, 4, retrieval=True) == 4  # all fit: no retrieval
+    backbone = [available[i] for i in uniform_pick(20, 2)]
+    chosen = select_clips(backbone, 4, hits=[(meta(7), 0.9), (backbone[0], 0.8), (meta(13), 0.5), (meta(15), 0.4)])
     seqs = [e.clip.seq for e in chosen]
     assert seqs == sorted(seqs) and len(seqs) == 4
     assert set(uniform_pick(20, 2)) <= set(seqs)  # backbone: half the budget
-    assert [e.clip.seq for e in chosen if e.retrieved] == [7, 13]  # 99 is not in range; the backbone clip is not a hit
-    assert select_clips(available[:3], 4, hits=[(1, 0.5)]) == select_clips(available[:3], 4)  # all fit: no retrieval
+    assert [e.clip.seq for e in chosen if e.retrieved] == [7, 13]  # the backbone clip is not a hit; 15 is over budget
+    assert select_clips(available[:3], 4) == [Evidence(m) for m in available[:3]]
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +173,14 @@ def test_dropout_and_retrieval_through_the_engine(stored: tuple[Reasoner, list[C
     result = retrieved[-1]
     assert isinstance(result, AskResult) and len(result.evidence) == 2
     assert sum(e.retrieved for e in result.evidence) == 1
+
+
+def test_retrieval_in_a_range_cites_only_clips_of_the_range(stored: tuple[Reasoner, list[Clip]]) -> None:
+    reasoner, _ = stored
+    params = AskParams(["cam"], QUESTION, start=4, end=20, max_frames=8, selection="retrieval", max_new_tokens=1)
+    (segment,) = reasoner.select(params)  # clips 1-4 overlap [4, 20): over the budget of 2, so one is retrieved
+    assert len(segment.evidence) == 2 and sum(e.retrieved for e in segment.evidence) == 1
+    assert {e.clip.seq for e in segment.evidence} <= {1, 2, 3, 4} and segment.duration_s == 16.0
 
 
 @pytest.fixture(params=["embedded", "redis"])

@@ -12,6 +12,7 @@ from hico.dataset import read_samples
 from vcflash.shapes import (
     CATEGORIES,
     COLOURS,
+    FREE_TEXT,
     SHAPES,
     Scene,
     demo_scene,
@@ -47,7 +48,7 @@ def test_lines_are_training_format_with_category_and_choices(made: tuple[Path, P
         for s in samples:
             assert s.video.is_file() and len(s.turns) == 1
             assert s.extra["category"] in CATEGORIES
-            assert s.turns[0][1] in s.extra["choices"] or s.extra["category"] == "describe"  # free text
+            assert s.turns[0][1] in s.extra["choices"] or s.extra["category"] in FREE_TEXT
     scenes = [json.loads(line) for line in (a / "scenes.jsonl").read_text().splitlines()]
     assert len(scenes) == 7 and len({json.dumps(s["scene"]) for s in scenes}) == 7
     assert Scene.from_dict(scenes[0]["scene"]) == Scene.from_dict(json.loads(json.dumps(scenes[0]["scene"])))
@@ -69,7 +70,7 @@ def test_answers_follow_the_scene_log() -> None:
                 assert s.size / 2 <= x <= 320 - s.size / 2 and s.size / 2 <= y <= 240 - s.size / 2
         for qa in questions(scene, rng):
             seen.add(qa.category)
-            assert qa.answer in qa.choices or (qa.category == "describe" and not qa.choices)
+            assert qa.answer in qa.choices or (qa.category in FREE_TEXT and not qa.choices)
             if qa.category == "count":
                 assert qa.answer == str(len(sprites))
             elif qa.category == "presence":
@@ -78,6 +79,10 @@ def test_answers_follow_the_scene_log() -> None:
             elif qa.category == "describe":
                 assert qa.answer == describe(scene)
                 assert all(f"{name} moving {s.direction}" in qa.answer for name, s in sprites.items())
+            elif qa.category == "list" and "colours" in qa.question:
+                assert qa.answer.split(", ") == [c for c in COLOURS if c in {s.colour for s in scene.sprites}]
+            elif qa.category == "list":
+                assert qa.answer.split(", ") == [k for k in SHAPES if k in {s.shape for s in scene.sprites}]
             elif qa.category == "order":
                 a, b = (sprites[c.removeprefix("the ")] for c in qa.choices)
                 assert abs(a.appear_s - b.appear_s) >= 4.0

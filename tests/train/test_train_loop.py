@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import hico.train
 from hico import VideoChatFlash
-from hico.checkpoint import read_config
+from hico.checkpoint import dct_patch_basis, read_config
 from hico.dataset import DataError, FrameCache, read_samples
 from hico.lora import load_adapter
 from hico.prompt import PromptVideo, build_prompt
@@ -210,3 +210,18 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
 def test_normalize_answer() -> None:
     assert normalize_answer("  The Red circle. ") == normalize_answer("red circle") == "red circle"
     assert normalize_answer("Yes!") == "yes" and normalize_answer("3") == "3"
+
+
+def test_a_patch_embedding_to_train_from_reads_colour_and_layout() -> None:
+    """The DCT start of the tower: per colour channel an orthonormal basis, lowest frequency first, so the first
+    three filters give a patch's mean red, green and blue and a flat patch excites nothing else."""
+    basis = dct_patch_basis(96, 16)  # [C, 3, P, P]
+    assert basis.shape == (96, 3, 16, 16)
+    for c in range(3):
+        rows = basis[c::3, c].flatten(1)  # this channel's filters
+        assert torch.allclose(rows @ rows.T, 0.25 * torch.eye(len(rows)), atol=1e-5)
+        assert basis[c::3, [k for k in range(3) if k != c]].abs().max() == 0
+    flat = torch.zeros(3, 16, 16)
+    flat[0] = 1.0  # a red patch
+    response = (basis * flat).sum((1, 2, 3))
+    assert response[0] == pytest.approx(0.5 * 16) and response[1:].abs().max() < 1e-5
