@@ -44,6 +44,19 @@ class IngestMetrics:
             ["stream"],
             registry=registry,
         )
+        self.keyframe_interval = Gauge(
+            "vcflash_ingest_keyframe_interval_seconds",
+            "Keyframes-only streams: the latest keyframe interval measured (NaN until two keyframes came).",
+            ["stream"],
+            registry=registry,
+        )
+        self.keyframes_fallback = Gauge(
+            "vcflash_ingest_keyframes_fallback",
+            "Keyframes-only streams: 1 while every frame is decoded because keyframes come further apart than "
+            "the sampling period.",
+            ["stream"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "vcflash_ingest_queue_depth", "Clips waiting in the shared clip queue.", registry=registry
         )
@@ -56,5 +69,7 @@ class IngestMetrics:
         """Remove a stream's series once it is removed, so names do not pile up."""
         for counter in (self.frames_in, self.frames_sampled, self.clips, self.reconnects):
             counter.remove(stream)
+        for gauge in (self.keyframe_interval, self.keyframes_fallback):  # keyframes-only streams only
+            gauge.remove(stream)
         for reason in DropReason:
             self.frames_dropped.remove(stream, reason.value)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from hico.pixels import squash_resize
 from ingest.clips import ClipGrouper
 from ingest.clock import MediaClock
+from ingest.keyframes import ALL_FRAMES, SLACK, KeyframeGate, KeyframeState
 from ingest.metrics import DropReason, IngestMetrics
 from ingest.sampler import FrameSampler, Verdict
 from ingest.source import (
@@ -107,6 +109,8 @@ class StreamStatus:
     last_wall_time: float | None
     reconnects: int  # times a live source was reopened after it failed, dropped or stalled
     clock: str = SERVER_CLOCK  # where wall times come from: SERVER_CLOCK, CAMERA_CLOCK, WAITING_FOR_REPORT, ...
+    # what is decoded: "all frames", "keyframes only", or for a keyframes-only stream "all frames (...)" and why
+    decode: str = ALL_FRAMES
 
 
 class StreamWorker:
@@ -130,6 +134,11 @@ class StreamWorker:
     ``settings.camera_clock_max_skew_s`` from ours is ignored for the rest of the connection (a warning, once per
     stream, gives the skew). When a connection's clock changes, its partial clip is dropped (``discontinuity``):
     a clip's wall times come from one clock. Media time, and the gaps the media clock measures, stay on ours.
+
+    With ``spec.keyframes_only`` (a URL opened here) a :class:`KeyframeGate` measures the keyframe interval and
+    every frame is decoded while it is unknown (each connection's first GOP) or longer than the sampling period,
+    so the stream is never sampled below ``fps``; ``status().decode`` and the ``keyframe_interval_seconds`` and
+    ``keyframes_fallback`` metrics say which, and a warning is logged when it falls back.
     """
 
     def __init__(
@@ -158,7 +167,12 @@ class StreamWorker:
         self._on_camera = False  # this connection's last frame took the camera's clock (source thread only)
         self._camera_skew: float | None = None  # a camera clock ignored on this connection: how far off it was
         self._told_camera = self._told_skew = False  # logged once per stream: the camera clock used; ignored
-        self._sampler = FrameSampler(self.fps)
+        self._keyframes = (
+            KeyframeGate(self.fps, on_change=self._keyframes_changed)
+            if spec.keyframes_only and source is None
+            else None
+        )
+        self._sampler = self._new_sampler()
         self._grouper = ClipGrouper(name, self.fps, first_seq)  # both used by the source thread only
         self._size: tuple[int, int] | None = None  # (width, height) of the first sampled frame
         self._connected_at: float | None = None  # monotonic time of this connection's first frame
@@ -185,6 +199,9 @@ class StreamWorker:
         self._m_clips = metrics.clips.labels(name)
         self._m_reconnects = metrics.reconnects.labels(name)
         self._m_dropped = {reason: metrics.frames_dropped.labels(name, reason.value) for reason in DropReason}
+        if (gate := self._keyframes) is not None:  # read at scrape time
+            metrics.keyframe_interval.labels(name).set_function(lambda: gate.state.interval_s or math.nan)
+            metrics.keyframes_fallback.labels(name).set_function(lambda: float(gate.state.fallback))
 
     def start(self) -> None:
         """Start the source thread; call from the event loop that consumes the clip queue."""
@@ -252,6 +269,7 @@ class StreamWorker:
                 last_wall_time=self._last_wall,
                 reconnects=self._reconnects,
                 clock=self._clock_name,
+                decode=ALL_FRAMES if self._keyframes is None else self._keyframes.state.describe(self.fps),
             )
 
     # ---------------------------------------------------------------- source thread
@@ -280,7 +298,9 @@ class StreamWorker:
         attempt = 0  # reconnects since the last healthy connection
         refused = 0  # refusals (401, 403, 404) in a row
         while True:
-            self._sampler, self._connected_at = FrameSampler(self.fps), None
+            self._sampler, self._connected_at = self._new_sampler(), None
+            if self._keyframes is not None:
+                self._keyframes.connect()  # decode every frame until this connection's keyframe interval is known
             self.clock.connect(min_gap_s=1 / self.fps)
             if self._camera_clock:  # each connection waits for its own first sender report
                 self._on_camera, self._camera_skew = False, None
@@ -316,6 +336,25 @@ class StreamWorker:
                 self._reconnects += 1
             self._m_reconnects.inc()
 
+    def _new_sampler(self) -> FrameSampler:
+        # keyframes-only: a keyframe a hair early (PTS jitter, 29.97 fps) still counts for its sampling instant
+        return FrameSampler(self.fps, slack=SLACK if self._keyframes is not None else 0.0)
+
+    def _keyframes_changed(self, before: KeyframeState, after: KeyframeState) -> None:
+        if after.fallback:
+            logger.warning(
+                "stream keyframes too far apart, decoding every frame stream=%s keyframe_interval_s=%.3f "
+                "sampling_period_s=%.3f: keyframes only would sample %.3g fps instead of %g",
+                self.name,
+                after.interval_s,
+                1 / self.fps,
+                1 / after.interval_s if after.interval_s else 0.0,
+                self.fps,
+            )
+        elif not after.decode_all:
+            log = logger.info if before.fallback else logger.debug
+            log("stream decoding keyframes only stream=%s keyframe_interval_s=%.3f", self.name, after.interval_s)
+
     def _gave_up(self, e: SourceRefused, tries: int) -> str:
         return (
             f"{e.reason}: {e} ({tries} {'try' if tries == 1 else 'tries in a row'}); "
@@ -336,7 +375,7 @@ class StreamWorker:
                 live=self._live,
                 transport=spec.transport,
                 listen=spec.listen,
-                keyframes_only=spec.keyframes_only,
+                keyframes=self._keyframes,
                 camera_clock=spec.camera_clock,
                 timeout_s=self._settings.source_timeout_s,
                 first_frame_timeout_s=self._settings.first_frame_timeout_s,

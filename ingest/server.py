@@ -78,6 +78,7 @@ def stream_status(s: StreamStatus, clips_stored: int, memory_error: str = "") ->
         reconnects=s.reconnects,
         memory_error=memory_error,
         clock=s.clock,
+        decode=s.decode,
     )
 
 

@@ -49,6 +49,7 @@ import av.stream
 import av.video.stream
 import numpy as np
 
+from ingest.keyframes import KeyframeGate
 from vcflash.serve.errors import excerpt
 
 logger = logging.getLogger(__name__)
@@ -404,7 +405,7 @@ def open_frames(
     live: bool | None = None,
     transport: Transport = "tcp",
     listen: bool = False,
-    keyframes_only: bool = False,
+    keyframes: KeyframeGate | None = None,
     camera_clock: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     first_frame_timeout_s: float | None = DEFAULT_FIRST_FRAME_TIMEOUT_S,
@@ -433,8 +434,10 @@ def open_frames(
     through NATs and firewalls) or as RTP over UDP (less latency, loses packets under load);
     ``listen`` makes this side the server that a camera or ``ffmpeg -f rtsp`` pushes to
     (ANNOUNCE/RECORD) instead of pulling, waiting for a publisher until ``stop``.
-    ``keyframes_only`` has the decoder skip all but keyframes, so sampling 1 fps from a stream
-    with a 1 s GOP costs a fraction of a full decode; the sampler then picks among keyframes.
+    ``keyframes`` (keyframes-only decoding) has the decoder skip all but keyframes while the gate allows it:
+    sampling 1 fps from a stream with a 1 s GOP then costs a fraction of a full decode, and the sampler picks
+    among keyframes. The gate hears every keyframe packet's PTS and asks for every frame to be decoded while the
+    keyframe interval is unknown or longer than the sampling period (see :class:`ingest.keyframes.KeyframeGate`).
     ``camera_clock`` (RTSP only) gives each frame the camera's own clock as ``Frame.camera_time`` once its
     first RTCP sender report has come (see :class:`_SenderReportClock`); whether to trust it is the caller's call.
     ``timeout_s`` bounds opening and each network read (a stalled stream fails after it).
@@ -478,13 +481,15 @@ def open_frames(
             if container is None:
                 return
             resources.enter_context(container)
-            stream = _video_stream(container, safe_url, keyframes_only)
+            if keyframes is not None:
+                keyframes.restart()  # a replayed file's PTS start over
+            stream = _video_stream(container, safe_url, keyframes)
             interval = _frame_interval(stream)
             reports = _SenderReportClock(stream.time_base) if camera_clock and stream.time_base else None
             shift: float | None = None  # media time = PTS + shift within this pass
             media: float | None = None
             for frame in _decode(
-                container, stream, url, timeout_s, first_frame_timeout_s, stop, on_decode_error, reports
+                container, stream, url, timeout_s, first_frame_timeout_s, stop, on_decode_error, reports, keyframes
             ):
                 camera = None if reports is None else reports.time(frame.pts)
                 frame = fit_frame(frame, max_frame_pixels, safe_url)
@@ -674,16 +679,23 @@ def _reason(error: av.FFmpegError | OSError, url: str) -> str:
 
 
 def _video_stream(
-    container: av.container.InputContainer, safe_url: str, keyframes_only: bool
+    container: av.container.InputContainer, safe_url: str, keyframes: KeyframeGate | None
 ) -> av.video.stream.VideoStream:
     """The first real video stream; cover art (an attached picture) is not video."""
     for stream in container.streams.video:
         if not stream.disposition & av.stream.Disposition.attached_pic:
             stream.thread_type = "AUTO"
-            if keyframes_only:  # the decoder still parses every packet but reconstructs keyframes only
-                stream.codec_context.skip_frame = "NONKEY"
+            if keyframes is not None:
+                _skip_frames(stream, keyframes)
             return stream
     raise SourceError(f"{safe_url}: no video stream")
+
+
+def _skip_frames(stream: av.video.stream.VideoStream, keyframes: KeyframeGate) -> None:
+    """Decode keyframes only (the decoder still parses every packet) or every frame, as the gate says now."""
+    skip = "DEFAULT" if keyframes.decode_all else "NONKEY"
+    if stream.codec_context.skip_frame != skip:
+        stream.codec_context.skip_frame = skip
 
 
 def _frame_interval(stream: av.video.stream.VideoStream) -> float:
@@ -778,9 +790,11 @@ def _decode(
     stop: threading.Event,
     on_decode_error: Callable[[], None] | None,
     reports: _SenderReportClock | None = None,
+    keyframes: KeyframeGate | None = None,
 ) -> Iterator[av.VideoFrame]:
     """The stream's frames; ends quietly when a read is aborted because ``stop`` was set. ``reports`` reads each
-    packet's sender-report clock before the packet is decoded."""
+    packet's sender-report clock before the packet is decoded; ``keyframes`` hears each keyframe packet's PTS
+    before it is decoded, so a switch between keyframes only and every frame happens at a keyframe."""
     safe_url = redact_url(url)
     asked = time.monotonic()  # when the next packet was asked for: the consumer's time is not silence
     deadline = asked + (math.inf if first_frame_timeout_s is None else first_frame_timeout_s)
@@ -789,6 +803,11 @@ def _decode(
         for packet in _interruptible(_demux(container, stream, url, on_decode_error), stop):
             if reports is not None:
                 reports.packet(packet)
+            if keyframes is not None and packet.is_keyframe:
+                pts = packet.dts if packet.pts is None else packet.pts
+                if pts is not None and stream.time_base:
+                    keyframes.keyframe(float(pts * stream.time_base))
+                    _skip_frames(stream, keyframes)
             try:
                 frames = packet.decode()
             except av.FFmpegError as e:

@@ -26,7 +26,9 @@ class StreamSpec:
     loop: bool = False  # files: replay at the end, both clocks running on
     transport: Transport = "tcp"  # RTSP: media interleaved on the connection (tcp) or RTP over udp
     listen: bool = False  # RTSP: wait for a camera to push (ANNOUNCE/RECORD) instead of pulling
-    keyframes_only: bool = False  # decode keyframes only; the sampler picks among them
+    # decode keyframes only, the sampler picking among them, while they come at least once per sampling period
+    # (measured; every frame is decoded otherwise, so sampling never falls below fps: see ingest/keyframes.py)
+    keyframes_only: bool = False
     # RTSP: wall times on the camera's clock (its RTCP sender reports) instead of this server's; off by default,
     # as camera clocks are often not synchronised and age retention and wall-clock questions trust wall time
     camera_clock: bool = False

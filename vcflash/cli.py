@@ -311,6 +311,7 @@ def cmd_streams(args: argparse.Namespace) -> int:
                     f"sampled {s.frames_sampled}, dropped {dropped}\tclips stored {s.clips_stored}"
                     + (f", in memory {mem.clips} ({mem.bytes / 1e6:.1f} MB)" if mem else "")
                     + (f"\tclock: {s.clock}" if s.clock not in ("", "server") else "")  # with --camera-clock
+                    + (f"\tdecode: {s.decode}" if s.decode not in ("", "all frames") else "")  # --keyframes-only
                     + (f"\terror: {s.error}" if s.error else "")
                     + (f"\tmemory error: {memory_error}" if memory_error else "")
                 )
@@ -663,7 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--fast", action="store_true", help="read a file as fast as possible instead of in real time")
     add.add_argument("--loop", action="store_true", help="replay a file when it ends")
     add.add_argument("--transport", choices=("tcp", "udp"), default="tcp", help="RTSP transport (default tcp)")
-    add.add_argument("--keyframes-only", action="store_true", help="decode keyframes only (cheap at 1 fps)")
+    add.add_argument(
+        "--keyframes-only",
+        action="store_true",
+        help="decode keyframes only (cheap at 1 fps); every frame while keyframes come less often than --fps",
+    )
     add.add_argument("--listen", action="store_true", help="RTSP push: wait for a publisher on the URL's port")
     add.add_argument(
         "--camera-clock",

@@ -94,9 +94,14 @@ class RtspServer:
     ``clock_offset_s``, a camera whose clock (in its RTCP sender reports) is that far off ours."""
 
     def __init__(
-        self, port: int, mount: str = "/cam", auth: str | None = None, clock_offset_s: float | None = None
+        self,
+        port: int,
+        mount: str = "/cam",
+        auth: str | None = None,
+        clock_offset_s: float | None = None,
+        gop: int | None = None,
     ) -> None:
-        self.port, self.mount, self.auth, self.clock_offset_s = port, mount, auth, clock_offset_s
+        self.port, self.mount, self.auth, self.clock_offset_s, self.gop = port, mount, auth, clock_offset_s, gop
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, userinfo: str = "") -> str:
@@ -106,6 +111,8 @@ class RtspServer:
         command = [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.port), self.mount]
         if self.clock_offset_s is not None:
             command.append(f"--clock-offset={self.clock_offset_s}")
+        if self.gop is not None:
+            command.append(f"--gop={self.gop}")
         self.process = subprocess.Popen(
             [*command, *(["--auth", self.auth] if self.auth else [])], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
@@ -450,7 +457,8 @@ def test_listener_with_no_publisher_stops_promptly() -> None:
 
 @pytest.mark.asyncio
 async def test_keyframes_only_decodes_one_frame_in_25(videos: dict[str, Path]) -> None:
-    manager = IngestManager(FILES, registry=CollectorRegistry())
+    registry = CollectorRegistry()
+    manager = IngestManager(FILES, registry=registry)
     manager.add("full", StreamSpec(str(videos["20s"]), realtime=False))
     manager.add("key", StreamSpec(str(videos["20s"]), realtime=False, keyframes_only=True))  # GOP 25 at 25 fps
     full, key = await manager.wait("full"), await manager.wait("key")
@@ -458,11 +466,40 @@ async def test_keyframes_only_decodes_one_frame_in_25(videos: dict[str, Path]) -
     for clip in drain(manager.clips):
         clips[clip.stream_id].append(clip)
 
-    assert (full.frames_in, key.frames_in) == (500, 20)
+    # the first GOP is decoded in full while the keyframe interval is measured, then the 19 keyframes after it
+    assert (full.frames_in, key.frames_in) == (500, 25 + 19)
     assert key.frames_sampled == 20 and key.clips_emitted == 5
+    assert (full.decode, key.decode) == ("all frames", "keyframes only")
+    assert metric(registry, "vcflash_ingest_keyframes_fallback", stream="key") == 0
+    assert metric(registry, "vcflash_ingest_keyframe_interval_seconds", stream="key") == 1.0
+    assert metric(registry, "vcflash_ingest_keyframes_fallback", stream="full") is None
     assert [c.media_times for c in clips["key"]] == [c.media_times for c in clips["full"]]
     assert_accounted(key)
     await manager.close()
+
+
+@needs_gstreamer
+@pytest.mark.asyncio
+async def test_keyframes_only_camera_falls_back_when_its_gop_is_longer_than_the_sampling_period(
+    rtsp_server: Callable[..., RtspServer],
+) -> None:
+    server = rtsp_server(gop=12)  # a keyframe every 0.48 s
+    registry = CollectorRegistry()
+    manager = IngestManager(FAST, registry=registry)
+    manager.add("fast", StreamSpec(server.url(), fps=FPS, keyframes_only=True))  # samples every 0.2 s
+    manager.add("slow", StreamSpec(server.url(), fps=1.0, keyframes_only=True))
+    clips = [c for c in await take(manager, 3) if c.stream_id == "fast"]  # "slow" needs 4 s for its first clip
+    deadline = time.monotonic() + 10
+    while manager.worker("slow").status().decode != "keyframes only" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    fast, slow = await manager.remove("fast"), await manager.remove("slow")
+
+    steps = [b - a for c in clips for a, b in zip(c.media_times, c.media_times[1:], strict=False)]
+    assert steps and steps == pytest.approx([1 / FPS] * len(steps), abs=0.045)  # 5 fps, not one per 0.48 s
+    assert fast.decode == "all frames (keyframes 0.48 s apart, longer than the 0.2 s sampling period)"
+    assert slow.decode == "keyframes only"
+    assert fast.frames_in > 2 * slow.frames_in  # the camera sent the same; "slow" decoded its keyframes only
+    assert_accounted(fast)
 
 
 def test_bad_options_are_refused_before_anything_starts() -> None:

@@ -78,7 +78,7 @@ class AddStreamRequest(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., realtime: _Optional[bool] = ..., loop: _Optional[bool] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., keyframes_only: _Optional[bool] = ..., listen: _Optional[bool] = ..., live: _Optional[bool] = ..., camera_clock: _Optional[bool] = ...) -> None: ...
 
 class StreamStatus(_message.Message):
-    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time", "reconnects", "memory_error", "clock")
+    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time", "reconnects", "memory_error", "clock", "decode")
     class FramesDroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class StreamStatus(_message.Message):
     RECONNECTS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_ERROR_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     source: str
     fps: float
@@ -116,7 +117,8 @@ class StreamStatus(_message.Message):
     reconnects: int
     memory_error: str
     clock: str
-    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ..., reconnects: _Optional[int] = ..., memory_error: _Optional[str] = ..., clock: _Optional[str] = ...) -> None: ...
+    decode: str
+    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ..., reconnects: _Optional[int] = ..., memory_error: _Optional[str] = ..., clock: _Optional[str] = ..., decode: _Optional[str] = ...) -> None: ...
 
 class RemoveStreamRequest(_message.Message):
     __slots__ = ("stream_id", "delete_memory")
