@@ -29,8 +29,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
 
 
 class EncoderServicer(pb_grpc.EncoderServicer):
-    def __init__(self, clips: asyncio.Queue[Clip], max_side: int, metrics: EncoderMetrics | None = None) -> None:
+    def __init__(
+        self,
+        clips: asyncio.Queue[Clip],
+        max_side: int,
+        metrics: EncoderMetrics | None = None,
+        max_thumbnail_bytes: int = 262_144,
+    ) -> None:
         self.clips, self.max_side, self.metrics = clips, max_side, metrics
+        self.max_thumbnail_bytes = max_thumbnail_bytes
         self.routes: dict[tuple[str, int], asyncio.Queue[pb.EncodeClipAck]] = {}  # who waits for which ack
 
     def on_stored(self, stream_id: str, seq: int) -> None:
@@ -54,7 +61,7 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         async def read() -> None:
             async for request in request_iterator:
                 try:
-                    clip = clip_from_request(request, self.max_side)
+                    clip = clip_from_request(request, self.max_side, self.max_thumbnail_bytes)
                 except Invalid as e:
                     name = excerpt(request.stream_id)  # not checked yet: may be long or hold CR/LF
                     log.warning("event=clip_rejected stream=%s seq=%d error=%s", name, request.seq, e)
@@ -87,7 +94,7 @@ class EncoderService(MemoryService):
         self.model = self.model or await asyncio.to_thread(load, *s.model.load_args())
         clips: asyncio.Queue[Clip] = asyncio.Queue(maxsize=4 * s.encoder.max_batch)
         metrics = EncoderMetrics(self.registry)
-        servicer = EncoderServicer(clips, s.encoder.max_frame_side, metrics)
+        servicer = EncoderServicer(clips, s.encoder.max_frame_side, metrics, s.memory.max_thumbnail_bytes)
         worker = EncoderWorker(
             self.model,
             self.store,

@@ -62,7 +62,7 @@ def to_record(clip: Clip, tokens: np.ndarray) -> ClipRecord:
         media_end=clip.media_end,
         frame_media_times=tuple(clip.media_times),
     )
-    return ClipRecord(meta, tokens, clip_vector(tokens))
+    return ClipRecord(meta, tokens, clip_vector(tokens), clip.thumbnail)
 
 
 # Store errors that are about the one clip, not the memory: retrying cannot help. Everything else (MemoryUnavailable,

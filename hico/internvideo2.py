@@ -20,7 +20,7 @@ from torch import nn
 
 from hico.config import VisionConfig
 from hico.qwen2 import RMSNorm
-from hico.vision import PATCH_EMBED_FUNCTIONS, Mlp, PatchEmbed, origin_attention, sdpa_attention
+from hico.vision import Mlp, PatchEmbed, assign_kernels, origin_attention, sdpa_attention
 
 # -- kernels, picked by name (`hico.kernels.choose_kernels`) ------------------------------------
 
@@ -114,14 +114,7 @@ class InternVideo2Encoder(nn.Module):
 
     def set_kernels(self, patch_embed: str, attention: str) -> None:
         """Pick the patch-embedding and attention kernels by name (`hico.kernels`)."""
-        if patch_embed not in PATCH_EMBED_FUNCTIONS or attention not in ATTENTION_FUNCTIONS:
-            raise ValueError(
-                f"unknown vision kernels: patch embedding {patch_embed!r} (choose from {list(PATCH_EMBED_FUNCTIONS)}), "
-                f"attention {attention!r} (choose from {list(ATTENTION_FUNCTIONS)})"
-            )
-        self.patch_embed.patch_embed_fn = PATCH_EMBED_FUNCTIONS[patch_embed]
-        for block in self.blocks:
-            block.attn.attention_fn = ATTENTION_FUNCTIONS[attention]
+        assign_kernels(self, patch_embed, attention, ATTENTION_FUNCTIONS)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """clips: [B, T, 3, S, S] normalized pixels -> [B, T·L, C] features (cls token dropped)."""

@@ -91,6 +91,19 @@ ATTENTION_FUNCTIONS: dict[str, AttentionFn] = {
 }
 
 
+def assign_kernels(tower: nn.Module, patch_embed: str, attention: str, attentions: dict[str, AttentionFn]) -> None:
+    """Set a tower's patch-embedding kernel and every block's attention kernel by name, from `attentions` (each
+    tower has its own registry); ValueError naming the choices for an unknown name."""
+    if patch_embed not in PATCH_EMBED_FUNCTIONS or attention not in attentions:
+        raise ValueError(
+            f"unknown vision kernels: patch embedding {patch_embed!r} (choose from {list(PATCH_EMBED_FUNCTIONS)}), "
+            f"attention {attention!r} (choose from {list(attentions)})"
+        )
+    tower.patch_embed.patch_embed_fn = PATCH_EMBED_FUNCTIONS[patch_embed]
+    for block in tower.blocks:
+        block.attn.attention_fn = attentions[attention]
+
+
 # -- modules ------------------------------------------------------------------------------------
 
 
@@ -169,14 +182,7 @@ class UMTEncoder(nn.Module):
 
     def set_kernels(self, patch_embed: str, attention: str) -> None:
         """Pick the patch-embedding and attention kernels by name (`hico.kernels`)."""
-        if patch_embed not in PATCH_EMBED_FUNCTIONS or attention not in ATTENTION_FUNCTIONS:
-            raise ValueError(
-                f"unknown vision kernels: patch embedding {patch_embed!r} (choose from {list(PATCH_EMBED_FUNCTIONS)}), "
-                f"attention {attention!r} (choose from {list(ATTENTION_FUNCTIONS)})"
-            )
-        self.patch_embed.patch_embed_fn = PATCH_EMBED_FUNCTIONS[patch_embed]
-        for block in self.blocks:
-            block.attn.attention_fn = ATTENTION_FUNCTIONS[attention]
+        assign_kernels(self, patch_embed, attention, ATTENTION_FUNCTIONS)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """clips: [B, T, 3, S, S] normalized pixels -> [B, T·L, C] features."""

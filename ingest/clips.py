@@ -23,14 +23,16 @@ class ClipGrouper:
         self._frames: list[np.ndarray] = []
         self._media: list[float] = []
         self._wall: list[float] = []
+        self._thumbnail = b""
 
     @property
     def pending(self) -> int:
         """Frames waiting for the rest of their clip."""
         return len(self._frames)
 
-    def add(self, frame: np.ndarray, media_time: float, wall_time: float) -> Clip | None:
-        """Buffer one RGB frame; returns the clip it completes, if any."""
+    def add(self, frame: np.ndarray, media_time: float, wall_time: float, thumbnail: bytes = b"") -> Clip | None:
+        """Buffer one RGB frame (`thumbnail`: the clip's, given with one of its frames); returns the clip it
+        completes, if any."""
         if self._frames and frame.shape != self._frames[0].shape:
             raise ValueError(
                 f"stream {self.stream_id}: frame shape {list(frame.shape)} differs from "
@@ -39,6 +41,7 @@ class ClipGrouper:
         self._frames.append(frame)
         self._media.append(media_time)
         self._wall.append(wall_time)
+        self._thumbnail = thumbnail or self._thumbnail
         if len(self._frames) < CLIP_FRAMES:
             return None
         clip = Clip(
@@ -48,6 +51,7 @@ class ClipGrouper:
             media_times=tuple(self._media),
             wall_times=tuple(self._wall),
             fps=self.fps,
+            thumbnail=self._thumbnail,
         )
         self.next_seq += 1
         self.discard()
@@ -59,4 +63,5 @@ class ClipGrouper:
         self._frames.clear()
         self._media.clear()
         self._wall.clear()
+        self._thumbnail = b""
         return dropped

@@ -6,8 +6,9 @@ too: same limits, retention and durable config) with the session as its frame so
 ``DELETE /whip/{stream}`` ends both. Negotiation is non-trickle (no ``PATCH``): the offer
 must carry the sender's candidates, and the answer carries ours. ``GET /whip/{stream}`` shows the
 stream's and the session's status (including frames dropped before the pipeline), ``GET
-/healthz`` answers 200. With a token configured every WHIP request but the CORS preflight needs
-``Authorization: Bearer <token>``.
+/healthz`` answers 200. ``GET /v1/streams/{stream}/thumbnails/{seq}.jpg`` serves a stored clip's JPEG
+thumbnail from the memory (404 when the stream or the clip is unknown). With a token configured every request but
+the CORS preflight and ``/healthz`` needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from vcflash.serve.settings import IngestSettings
 logger = logging.getLogger(__name__)
 
 SDP = "application/sdp"
+JPEG = "image/jpeg"
 _REPLACE_WAIT_S = 2.0  # how long a new offer waits for the ended session's stream to finish
 # The neutral errors as HTTP statuses (serve.rpc maps them to gRPC codes), most specific first.
 _HTTP_STATUS: tuple[tuple[type[Exception], type[web.HTTPException]], ...] = (
@@ -134,6 +136,22 @@ class WhipServer:
             raise _error(web.HTTPNotFound, f"no WHIP stream named {excerpt(name)}")
         status = self.streams.manager.status().get(name)
         return web.json_response(_describe(status, session), dumps=_dumps)
+
+    async def thumbnail(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/streams/{stream}/thumbnails/{seq}.jpg``: a stored clip's JPEG thumbnail, from the memory."""
+        name, seq = request.match_info["stream"], int(request.match_info["seq"])
+        self._authorize(request)
+        _check_name(name)
+        if seq >= 1 << 63:
+            raise _error(web.HTTPNotFound, f"stream {name!r} holds no clip {seq}")
+        try:
+            jpegs = await asyncio.to_thread(self.streams.store.thumbnails, name, [seq])
+        except (Unavailable, NotFound) as e:  # Redis down: 503; a stream memory does not hold: 404
+            raise _http_error(e, name) from None
+        if seq not in jpegs:
+            raise _error(web.HTTPNotFound, f"stream {name!r} holds no thumbnail of clip {seq}")
+        # a clip's thumbnail never changes while it is held; a client holding the token may keep it
+        return web.Response(body=jpegs[seq], content_type=JPEG, headers={"Cache-Control": "private, max-age=86400"})
 
     async def options(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=204, headers={"Accept-Post": SDP})
@@ -308,6 +326,7 @@ def create_whip_app(
     app.router.add_get("/whip/{stream}", whip.get, allow_head=False)
     app.router.add_route("OPTIONS", "/whip/{stream}", whip.options)
     app.router.add_get("/healthz", whip.healthz)
+    app.router.add_get(r"/v1/streams/{stream}/thumbnails/{seq:\d{1,20}}.jpg", whip.thumbnail, allow_head=False)
     app.on_shutdown.append(whip.close)
     return app
 

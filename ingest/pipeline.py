@@ -46,6 +46,7 @@ from ingest.source import (
     redact_url,
 )
 from ingest.spec import StreamSpec
+from ingest.thumbnails import THUMBNAIL_FRAME, make_thumbnail
 from protos.clip import CLIP_FRAMES, Clip, check_stream_name
 from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, excerpt
 from vcflash.serve.settings import IngestSettings
@@ -424,9 +425,11 @@ class StreamWorker:
         if verdict is not Verdict.SKIP:
             rgb = frame.to_rgb(self._size)
             self._size = self._size or (rgb.shape[1], rgb.shape[0])
+            # the clip's middle frame, as decoded (aspect kept), before the squash below
+            thumbnail = make_thumbnail(rgb) if self._grouper.pending == THUMBNAIL_FRAME else b""
             if (size := self._settings.frame_size) is not None:  # a queued clip holds 4 x S x S x 3 bytes
                 rgb = squash_resize(rgb, size)
-            clip = self._grouper.add(rgb, media, wall)
+            clip = self._grouper.add(rgb, media, wall, thumbnail)
         with self._lock:
             self._frames_in += 1
             resumed = self._state is StreamState.RECONNECTING

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memory.codec import check_format
+from memory.codec import MAX_THUMBNAIL_BYTES, check_format
 from memory.embedded import EmbeddedStore
 from memory.index import ClipIndex
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat, clip_vector
@@ -39,12 +39,13 @@ def open_store(
     token_format: TokenFormat | str = "fp16",
     secret_key: str | None = None,
     redis_timeout_s: float = 0.5,
+    max_thumbnail_bytes: int = MAX_THUMBNAIL_BYTES,
 ) -> MemoryStore:
     """Redis when a URL is given, so processes share one memory; else a file in data_dir for a single process.
 
     Stream configs are sealed with `secret_key` (VCFLASH_SECRET_KEY), else with DATA_DIR/secret.key, made when
     first needed (so a Redis service that never writes configs makes no file). `redis_timeout_s` bounds each Redis
-    call and connection (VCFLASH_REDIS_TIMEOUT_S)."""
+    call and connection (VCFLASH_REDIS_TIMEOUT_S); a clip's thumbnail over `max_thumbnail_bytes` is refused."""
     token_format = check_format(token_format)
     cipher = ConfigCipher(secret_key, Path(data_dir) / KEY_FILE)
     if redis_url:
@@ -54,5 +55,7 @@ def open_store(
             socket_timeout_s=redis_timeout_s,
             connect_timeout_s=redis_timeout_s,
             cipher=cipher,
+            max_thumbnail_bytes=max_thumbnail_bytes,
         )
-    return EmbeddedStore(private_dir(Path(data_dir)) / "memory.sqlite3", token_format=token_format, cipher=cipher)
+    path = private_dir(Path(data_dir)) / "memory.sqlite3"
+    return EmbeddedStore(path, token_format=token_format, cipher=cipher, max_thumbnail_bytes=max_thumbnail_bytes)

@@ -26,6 +26,8 @@ from memory.records import ClipMeta, ClipRecord, TokenFormat
 
 F16 = np.dtype("<f2")
 INT8_MAX = 127
+MAX_THUMBNAIL_BYTES = 262_144  # VCFLASH_MAX_THUMBNAIL_BYTES: a 320-px JPEG is 5-30 KB
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,12 @@ class EncodedClip:
     dim: int
     tokens: bytes
     vector: bytes
+    thumbnail: bytes = b""
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for the clip, as counted in StreamStats.bytes."""
-        return len(self.tokens) + len(self.vector)
+        """Bytes held for the clip, as counted in StreamStats.bytes (and against retention's max_bytes)."""
+        return len(self.tokens) + len(self.vector) + len(self.thumbnail)
 
     @property
     def shape(self) -> str:
@@ -69,9 +72,24 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode(record: ClipRecord, token_format: TokenFormat) -> EncodedClip:
-    """Validate a record and turn its tokens and vector into blobs in `token_format`."""
+def check_thumbnail(thumbnail: bytes, max_bytes: int, where: str) -> bytes:
+    """`thumbnail` if it is empty or a JPEG of at most `max_bytes`; else ValueError naming the sizes."""
+    thumbnail = bytes(thumbnail)
+    if len(thumbnail) > max_bytes:
+        raise ValueError(
+            f"clip {where}: thumbnail is {len(thumbnail)} bytes, more than {max_bytes} (VCFLASH_MAX_THUMBNAIL_BYTES)"
+        )
+    if thumbnail and not thumbnail.startswith(JPEG_MAGIC):
+        raise ValueError(f"clip {where}: thumbnail is not a JPEG (starts {thumbnail[:4].hex()})")
+    return thumbnail
+
+
+def encode(
+    record: ClipRecord, token_format: TokenFormat, max_thumbnail_bytes: int = MAX_THUMBNAIL_BYTES
+) -> EncodedClip:
+    """Validate a record and turn its tokens and vector into blobs in `token_format`; the thumbnail is kept as is."""
     meta = normalize_meta(record.meta)
+    thumbnail = check_thumbnail(record.thumbnail, max_thumbnail_bytes, f"{meta.stream_id!r}/{meta.seq}")
     tokens, vector = np.asarray(record.tokens), np.asarray(record.vector)
     if tokens.ndim != 2 or vector.shape != tokens.shape[1:]:
         raise ValueError(
@@ -83,10 +101,10 @@ def encode(record: ClipRecord, token_format: TokenFormat) -> EncodedClip:
         raise ValueError(f"clip {meta.stream_id!r}/{meta.seq}: tokens or vector not finite in float16")
     n, d = tokens.shape
     if token_format == "fp16":
-        return EncodedClip(meta, "fp16", n, d, t16.tobytes(), v16.tobytes())
+        return EncodedClip(meta, "fp16", n, d, t16.tobytes(), v16.tobytes(), thumbnail)
     tq, ts = quantize_int8(t16)
     vq, vs = quantize_int8(v16)
-    return EncodedClip(meta, "int8", n, d, tq.tobytes() + ts.tobytes(), vq.tobytes() + vs.tobytes())
+    return EncodedClip(meta, "int8", n, d, tq.tobytes() + ts.tobytes(), vq.tobytes() + vs.tobytes(), thumbnail)
 
 
 def decode_tokens(blob: bytes, token_format: str, n_tokens: int, dim: int) -> np.ndarray:

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS clips (
     nbytes INTEGER NOT NULL,
     vector BLOB NOT NULL,
     tokens BLOB NOT NULL,
+    thumbnail BLOB,
     PRIMARY KEY (stream_id, seq)
 );
 CREATE INDEX IF NOT EXISTS clips_media ON clips (stream_id, media_start, seq);
@@ -101,10 +102,13 @@ class EmbeddedStore(MemoryStore):
         token_format: TokenFormat = "fp16",
         busy_timeout_s: float = 5.0,
         cipher: ConfigCipher | None = None,
+        max_thumbnail_bytes: int = codec.MAX_THUMBNAIL_BYTES,
     ) -> None:
-        """`cipher` seals stream configs; by default with the key file next to the database."""
+        """`cipher` seals stream configs; by default with the key file next to the database. A clip whose thumbnail
+        is larger than `max_thumbnail_bytes` is refused (ValueError)."""
         self.path = Path(path)
         self.token_format = codec.check_format(token_format)
+        self.max_thumbnail_bytes = max_thumbnail_bytes
         self.cipher = cipher or ConfigCipher(key_file=self.path.parent / KEY_FILE)
         self._lock = threading.RLock()  # held around each transaction and the timelines it keeps in step
         self._timelines: dict[str, dict[Clock, Timeline]] = {}  # per stream, loaded on first use
@@ -118,6 +122,7 @@ class EmbeddedStore(MemoryStore):
         with self._tx() as db:
             self._add_spans(db)
             self._add_counters(db)
+            self._add_thumbnails(db)
         self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         log.info("embedded memory at %s (%s tokens)", self.path, self.token_format)
 
@@ -182,6 +187,13 @@ class EmbeddedStore(MemoryStore):
         db.execute(f"UPDATE streams SET generation = {NEW_GENERATION}")
         log.info("memory at %s: added each stream's clip counter", self.path)
 
+    def _add_thumbnails(self, db: sqlite3.Connection) -> None:
+        """Give a file written before clips kept a thumbnail that column (NULL in the clips it holds)."""
+        if "thumbnail" in {row[1] for row in db.execute("PRAGMA table_info(clips)")}:
+            return
+        db.execute("ALTER TABLE clips ADD COLUMN thumbnail BLOB")
+        log.info("memory at %s: clips keep a thumbnail from now on", self.path)
+
     @staticmethod
     def _stream(db: sqlite3.Connection, stream_id: str) -> tuple[Any, ...]:
         row = db.execute(
@@ -198,7 +210,7 @@ class EmbeddedStore(MemoryStore):
         db.execute(f"INSERT OR IGNORE INTO streams (stream_id, generation) VALUES (?, {NEW_GENERATION})", (stream_id,))
 
     def put(self, record: ClipRecord) -> bool:
-        enc = codec.encode(record, self.token_format)
+        enc = codec.encode(record, self.token_format, self.max_thumbnail_bytes)
         m = enc.meta
         with self._tx() as db:
             self._register(db, m.stream_id)
@@ -206,7 +218,9 @@ class EmbeddedStore(MemoryStore):
             if shape is not None and shape != enc.shape:
                 raise ValueError(f"stream {m.stream_id!r} holds {shape} tokens, clip {m.seq} has {enc.shape}")
             inserted = db.execute(
-                "INSERT OR IGNORE INTO clips VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO clips (stream_id, seq, media_start, media_end, wall_start, wall_end, "
+                "frame_media_times, token_format, n_tokens, dim, nbytes, vector, tokens, thumbnail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     m.stream_id,
                     m.seq,
@@ -221,6 +235,7 @@ class EmbeddedStore(MemoryStore):
                     enc.nbytes,
                     enc.vector,
                     enc.tokens,
+                    enc.thumbnail or None,
                 ),
             ).rowcount
             if not inserted:
@@ -340,6 +355,16 @@ class EmbeddedStore(MemoryStore):
                 (stream_id, json.dumps(seqs)),
             ).fetchall()
         return codec.stack_tokens(stream_id, seqs, shape, {r[0]: r[1:] for r in rows})
+
+    def thumbnails(self, stream_id: str, seqs: Sequence[int]) -> dict[int, bytes]:
+        with self._tx(write=False) as db:
+            self._stream(db, stream_id)
+            rows = db.execute(
+                "SELECT seq, thumbnail FROM clips WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?)) "
+                "AND thumbnail IS NOT NULL",
+                (stream_id, json.dumps(sorted({int(s) for s in seqs}))),
+            ).fetchall()
+        return {seq: bytes(blob) for seq, blob in rows}
 
     def vectors(self, stream_id: str, after: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         with self._tx(write=False) as db:

@@ -39,6 +39,7 @@ class ClipRecord:
     meta: ClipMeta
     tokens: np.ndarray  # [64, D] visual tokens in LLM space; stored as fp16 (or int8 + per-token scale)
     vector: np.ndarray  # [D] float32, L2-normalised clip summary for the FAISS index
+    thumbnail: bytes = b""  # JPEG of the clip's middle sampled frame (b"": none), counted in the stream's bytes
 
     @property
     def key(self) -> tuple[str, int]:
@@ -63,7 +64,7 @@ class Retention:
 class StreamStats:
     stream_id: str
     clips: int
-    bytes: int  # token + vector bytes held
+    bytes: int  # token + vector + thumbnail bytes held
     first: ClipMeta | None
     last: ClipMeta | None
     retention: Retention = field(default_factory=Retention)

@@ -59,8 +59,9 @@ SPANS_MISSING = -2
 
 # KEYS: streams, info, media, wall, clip, seqs. ARGV: stream_id, member, media_start, wall_start, wall_end, meta,
 # fmt, ntok, dim, shape, tokens, vector, nbytes, clip prefix, media length, wall length, seq, generation,
-# eviction limit. Returns {0} if the clip exists, {-1, shape} on a shape mismatch, {-2} if the stream's spans are
-# missing (nothing written), else {1, evicted members}.
+# eviction limit, thumbnail ('' for none; else kept in the clip's hash, so it goes with the clip). Returns {0} if
+# the clip exists, {-1, shape} on a shape mismatch, {-2} if the stream's spans are missing (nothing written), else
+# {1, evicted members}.
 PUT = (
     _EVICT
     + _SPANS
@@ -76,6 +77,7 @@ redis.call('HSET', KEYS[2], 'media_span', string.format('%.17g', math.max(media_
            'wall_span', string.format('%.17g', math.max(wall_span, tonumber(ARGV[16]))))
 redis.call('HSET', KEYS[5], 'meta', ARGV[6], 'fmt', ARGV[7], 'ntok', ARGV[8], 'dim', ARGV[9],
            'tokens', ARGV[11], 'vector', ARGV[12], 'nbytes', ARGV[13], 'wall_end', ARGV[5])
+if ARGV[20] ~= '' then redis.call('HSET', KEYS[5], 'thumb', ARGV[20]) end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2])
 redis.call('ZADD', KEYS[6], ARGV[17], ARGV[2])

@@ -53,7 +53,7 @@ class _StreamKeys(NamedTuple):
     media: str  # sorted set: member -> media_start
     wall: str  # sorted set: member -> wall_start
     seqs: str  # sorted set: member -> seq (for an index to fetch only the clips after its last)
-    clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end
+    clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end, thumb (if any)
 
 
 def _member(seq: int) -> str:
@@ -91,10 +91,13 @@ class RedisStore(MemoryStore):
         socket_timeout_s: float = 0.5,
         connect_timeout_s: float = 0.5,
         cipher: ConfigCipher | None = None,
+        max_thumbnail_bytes: int = codec.MAX_THUMBNAIL_BYTES,
     ) -> None:
-        """`cipher` seals stream configs; without one they cannot be written or read (a ValueError says so)."""
+        """`cipher` seals stream configs; without one they cannot be written or read (a ValueError says so). A clip
+        whose thumbnail is larger than `max_thumbnail_bytes` is refused (ValueError)."""
         self.prefix = prefix
         self.token_format = codec.check_format(token_format)
+        self.max_thumbnail_bytes = max_thumbnail_bytes
         self.cipher = cipher or ConfigCipher()
         self._redis = redis.Redis.from_url(
             url,
@@ -130,7 +133,7 @@ class RedisStore(MemoryStore):
         return _StreamKeys(f"{s}:info", f"{s}:media", f"{s}:wall", f"{s}:seq", f"{s}:c:")
 
     def put(self, record: ClipRecord) -> bool:
-        enc = codec.encode(record, self.token_format)
+        enc = codec.encode(record, self.token_format, self.max_thumbnail_bytes)
         m = enc.meta
         k = self._keys(m.stream_id)
         member = _member(m.seq)
@@ -168,6 +171,7 @@ class RedisStore(MemoryStore):
                 m.seq,
                 uuid.uuid4().hex,
                 PUT_EVICT_LIMIT,
+                enc.thumbnail,
             ],
         )
 
@@ -269,6 +273,18 @@ class RedisStore(MemoryStore):
         held = {seq: f for seq, f in zip(wanted, fields, strict=True) if f[0]}
         blobs = {seq: (blob, fmt.decode(), int(n), int(d)) for seq, (blob, fmt, n, d) in held.items()}
         return codec.stack_tokens(stream_id, seqs, None if shape is None else shape.decode(), blobs)
+
+    def thumbnails(self, stream_id: str, seqs: Sequence[int]) -> dict[int, bytes]:
+        k = self._keys(stream_id)
+        wanted = sorted({int(s) for s in seqs})
+        pipe = self._redis.pipeline(transaction=False).sismember(self._streams_key, stream_id)
+        for seq in wanted:
+            pipe.hget(k.clip_prefix + _member(seq), "thumb")
+        with self._reachable():
+            known, *blobs = pipe.execute()
+        if not known:
+            raise UnknownStream(stream_id)
+        return {seq: blob for seq, blob in zip(wanted, blobs, strict=True) if blob}
 
     def vectors(self, stream_id: str, after: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         k = self._keys(stream_id)

@@ -13,6 +13,7 @@ import grpc
 from memory import ClipIndex, MemoryStore, UnknownStream, open_store
 from memory.index import set_threads
 from memory.records import ClipMeta, Clock, StreamStats
+from protos.clip import check_stream_name
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from vcflash.serve.errors import FailedPrecondition, Invalid
@@ -60,6 +61,30 @@ def memory_stats(s: StreamStats, config: dict[str, Any] | None) -> pb.StreamMemo
         configured=config is not None,
         active=bool(config and config.get("active")),
     )
+
+
+MAX_THUMBNAILS = 32  # clips in one GetThumbnails answer
+MAX_THUMBNAIL_ANSWER_BYTES = 4 << 20  # JPEG bytes in one answer, well under the gRPC message limit
+
+
+def thumbnails_in_range(
+    store: MemoryStore, stream_id: str, start: float | None, end: float | None, clock: Clock, limit: int
+) -> tuple[list[tuple[ClipMeta, bytes]], float | None]:
+    """The thumbnails of the first `limit` clips overlapping [start, end) (clips without one left out), and where
+    to go on from when more clips follow (the end of the last clip looked at; None: no more). An answer also stops
+    before MAX_THUMBNAIL_ANSWER_BYTES. Blocking."""
+    clips = store.clips(stream_id, start, end, clock=clock, limit=limit + 1)
+    jpegs = store.thumbnails(stream_id, [c.seq for c in clips[:limit]])
+    out: list[tuple[ClipMeta, bytes]] = []
+    total = 0
+    for i, c in enumerate(clips[:limit]):
+        jpeg = jpegs.get(c.seq)
+        if jpeg is not None and out and total + len(jpeg) > MAX_THUMBNAIL_ANSWER_BYTES:
+            return out, clips[i - 1].span(clock)[1]
+        if jpeg is not None:
+            out.append((c, jpeg))
+            total += len(jpeg)
+    return out, clips[limit - 1].span(clock)[1] if len(clips) > limit else None
 
 
 async def delete_unless_active(store: MemoryStore, index: ClipIndex | None, stream_id: str) -> None:
@@ -111,6 +136,26 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         return pb.GetStatsResponse(streams=out)
 
     @handle_errors
+    async def GetThumbnails(
+        self, request: pb.GetThumbnailsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetThumbnailsResponse:
+        check_stream_name(request.stream_id)
+        start, end, clock = time_range(request.range)
+        if start is not None and end is not None and start >= end:
+            raise Invalid(f"inverted time range: start {start} >= end {end}")
+        if request.limit < 0:
+            raise Invalid(f"limit must be >= 0 (0: the server's maximum), got {request.limit}")
+        limit = min(request.limit or MAX_THUMBNAILS, MAX_THUMBNAILS)
+        found, next_start = await asyncio.to_thread(
+            thumbnails_in_range, self.store, request.stream_id, start, end, clock, limit
+        )
+        return pb.GetThumbnailsResponse(
+            thumbnails=[pb.Thumbnail(clip=clip_info(c), jpeg=jpeg) for c, jpeg in found],
+            truncated=next_start is not None,
+            next_start=next_start,
+        )
+
+    @handle_errors
     async def DeleteStream(
         self, request: pb.DeleteStreamRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteStreamResponse:
@@ -128,7 +173,13 @@ class MemoryService(Service):
         s = self.settings
         m = s.memory
         self.store = await asyncio.to_thread(
-            open_store, m.redis_url, s.server.data_dir, m.token_format, m.secret_key, m.redis_timeout_s
+            open_store,
+            m.redis_url,
+            s.server.data_dir,
+            m.token_format,
+            m.secret_key,
+            m.redis_timeout_s,
+            m.max_thumbnail_bytes,
         )
         set_threads(m.faiss_threads)
         return await super().start()

@@ -124,6 +124,11 @@ class MemoryStore(abc.ABC):
         """Float16 [len(seqs), T, D] tokens in the order asked; KeyError naming the seqs that are not held."""
 
     @abc.abstractmethod
+    def thumbnails(self, stream_id: str, seqs: Sequence[int]) -> dict[int, bytes]:
+        """The JPEG thumbnails of those of `seqs` the stream holds with one, by seq (UnknownStream if it is not
+        registered; a seq not held, or stored without a thumbnail, is left out). O(1) per seq."""
+
+    @abc.abstractmethod
     def vectors(self, stream_id: str, after: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(seqs int64 [n], vectors float32 [n, D]) of every clip held (with `after`: of those with a greater seq),
         ascending by seq: to build an index, or to bring one up to date at the cost of the clips it lacks."""

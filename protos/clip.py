@@ -41,6 +41,7 @@ class Clip:
     media_times: tuple[float, ...]
     wall_times: tuple[float, ...]
     fps: float  # the sampling rate the frames were taken at
+    thumbnail: bytes = b""  # JPEG of the middle frame before any squash (ingest.thumbnails), b"": none
 
     def __post_init__(self) -> None:
         shape = self.frames.shape
@@ -89,16 +90,22 @@ def clip_request(clip: Clip) -> pb.EncodeClipRequest:
         width=frames.shape[2],
         frames=frames.tobytes(),
         fps=clip.fps,
+        thumbnail=clip.thumbnail,
     )
 
 
-def clip_from_request(r: pb.EncodeClipRequest, max_side: int) -> Clip:
+def clip_from_request(r: pb.EncodeClipRequest, max_side: int, max_thumbnail_bytes: int = 262_144) -> Clip:
     """Validate and unpack one clip; `Invalid` names what is wrong."""
     check_stream_name(r.stream_id)
+    if len(r.thumbnail) > max_thumbnail_bytes:
+        raise Invalid(
+            f"clip {r.stream_id}#{r.seq}: thumbnail is {len(r.thumbnail)} bytes, more than {max_thumbnail_bytes} "
+            "(VCFLASH_MAX_THUMBNAIL_BYTES)"
+        )
     if r.seq < 0 or not (0 < r.height <= max_side and 0 < r.width <= max_side):
         raise Invalid(f"bad clip {r.stream_id}#{r.seq}: seq {r.seq}, size {r.width}x{r.height}")
     expected = CLIP_FRAMES * r.height * r.width * 3
     if len(r.frames) != expected:
         raise Invalid(f"clip {r.stream_id}#{r.seq} has {len(r.frames)} frame bytes, expected {expected}")
     frames = np.frombuffer(r.frames, dtype=np.uint8).reshape(CLIP_FRAMES, r.height, r.width, 3)
-    return Clip(r.stream_id, r.seq, frames, tuple(r.media_times), tuple(r.wall_times), r.fps)
+    return Clip(r.stream_id, r.seq, frames, tuple(r.media_times), tuple(r.wall_times), r.fps, r.thumbnail)

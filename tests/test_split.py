@@ -4,6 +4,7 @@ The encoder is killed with SIGKILL in the middle of a stream and started again: 
 end up stored exactly once, refilled from ingest's unacknowledged window, and an Ask then cites them all.
 """
 
+import io
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from PIL import Image
 
 from hico.checkpoint import make_tiny_checkpoint
 from vcflash.client import Client
@@ -120,6 +122,10 @@ def test_split_deployment_answers_and_survives_an_encoder_crash(deployment: Depl
         assert status.clips_emitted == 12 and sum(status.frames_dropped.values()) == 0
         seqs = [c.seq for c in ingest.clips("cam")]
         assert seqs == list(range(12))  # none lost, none duplicated
+        # each clip's thumbnail came over the link with it: its middle frame, 320 px wide, the source's aspect
+        thumbnails = list(ingest.thumbnails("cam"))
+        assert [t.clip.seq for t in thumbnails] == seqs
+        assert {Image.open(io.BytesIO(t.jpeg)).size for t in thumbnails} == {(320, 213)}
 
     with deployment.client("reasoner") as reasoner:
         events = list(reasoner.ask(["cam"], "What moves?", max_new_tokens=3))

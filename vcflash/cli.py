@@ -373,6 +373,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     with client(args) as c:
         if args.action == "rm":
             return remove_memory(c, args)
+        if args.action == "thumbnails":
+            return save_thumbnails(c, args)
         if args.name:
             return list_clips(c, args)
         if args.start or args.end:
@@ -408,6 +410,24 @@ def list_clips(c: Client, args: argparse.Namespace) -> int:
             f"#{m.seq}\tmedia {m.media_start:.1f}-{m.media_end:.1f} s\t"
             f"wall {iso(m.wall_start, 'seconds')} to {iso(m.wall_end, 'seconds')}"
         )
+    return 0
+
+
+def save_thumbnails(c: Client, args: argparse.Namespace) -> int:
+    """Write the thumbnails of a stream's clips in a range as OUTDIR/SEQ.jpg (seq zero-padded, so they sort)."""
+    if args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    start, end, wall = parse_range(args.start, args.end, args.wall)
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for t in c.thumbnails(args.name, start, end, wall_clock=wall, limit=args.limit):
+        path = out / f"{t.clip.seq:010d}.jpg"
+        path.write_bytes(t.jpeg)
+        n += 1
+        if args.verbose:
+            print(f"{path}\tmedia {t.clip.media_start:.1f} s\twall {iso(t.clip.wall_start, 'seconds')}")
+    print(f"{args.name}: wrote {n} thumbnails to {out}")
     return 0
 
 
@@ -699,7 +719,15 @@ def build_parser() -> argparse.ArgumentParser:
     mrm = memory_sub.add_parser("rm", help="delete a stream's clips, retention and config (not while it runs)")
     mrm.add_argument("name")
     mrm.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
-    for p in (mls, mrm):
+    mth = memory_sub.add_parser("thumbnails", help="write the JPEG thumbnails of a stream's clips to a directory")
+    mth.add_argument("name")
+    mth.add_argument("outdir", help="directory to write SEQ.jpg files to (made if missing)")
+    mth.add_argument("--from", dest="start", help="clips from: media seconds, or an ISO date-time (wall clock)")
+    mth.add_argument("--to", dest="end", help="clips up to: media seconds, or an ISO date-time (wall clock)")
+    mth.add_argument("--wall", action="store_true", help="read --from/--to as Unix seconds on the wall clock")
+    mth.add_argument("--limit", type=int, default=1000, help="at most this many thumbnails (default 1000)")
+    mth.add_argument("-v", "--verbose", action="store_true", help="print each file with its clip's times")
+    for p in (mls, mrm, mth):
         connection(p)
     memory.set_defaults(func=cmd_memory)
 

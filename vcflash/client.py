@@ -154,6 +154,29 @@ class Client:
         request = pb.ListClipsRequest(stream_id=stream_id, range=time_range(start, end, wall_clock), limit=limit)
         return list(self._call(self.memory.ListClips, request).clips)  # type: ignore[attr-defined]
 
+    def thumbnails(
+        self,
+        stream_id: str,
+        start: float | datetime | None = None,
+        end: float | datetime | None = None,
+        *,
+        wall_clock: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[pb.Thumbnail]:
+        """The JPEG thumbnails (`.jpeg`, with `.clip`) of the clips that overlap [start, end), oldest first, at most
+        `limit` of them (None: all); fetched a page (Memory.GetThumbnails, up to 32) at a time."""
+        request = pb.GetThumbnailsRequest(stream_id=stream_id, range=time_range(start, end, wall_clock))
+        seen: set[int] = set()
+        while limit is None or len(seen) < limit:
+            page = self._call(self.memory.GetThumbnails, request)
+            for t in page.thumbnails:  # type: ignore[attr-defined]
+                if t.clip.seq not in seen and (limit is None or len(seen) < limit):
+                    seen.add(t.clip.seq)
+                    yield t
+            if not page.truncated:  # type: ignore[attr-defined]
+                return
+            request.range.start = page.next_start  # type: ignore[attr-defined]
+
     def stats(self, stream_id: str = "") -> list[pb.StreamMemoryStats]:
         """What memory holds of one stream, or of every stream ("") whether or not a server runs it."""
         return list(self._call(self.memory.GetStats, pb.GetStatsRequest(stream_id=stream_id)).streams)  # type: ignore[attr-defined]

@@ -125,6 +125,7 @@ class MemorySettings(Section):
     retention_max_age_s: float | None = setting(7 * 24 * 3600.0, lo=1.0)  # per stream, by default
     retention_max_bytes: int | None = setting(2_000_000_000, lo=1)
     max_list_clips: int = setting(10_000, lo=1)  # clips in one ListClips answer
+    max_thumbnail_bytes: int = setting(262_144, lo=1024)  # a clip's JPEG thumbnail; larger ones are refused
     redis_timeout_s: float = setting(0.5, lo=1e-3)  # each Redis call and connection; no call runs near it
     faiss_threads: int = setting(1, lo=1)  # FAISS OpenMP threads: one query is one thread; torch keeps the cores
 

@@ -218,8 +218,36 @@ class DeleteStreamResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class GetThumbnailsRequest(_message.Message):
+    __slots__ = ("stream_id", "range", "limit")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    range: TimeRange
+    limit: int
+    def __init__(self, stream_id: _Optional[str] = ..., range: _Optional[_Union[TimeRange, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Thumbnail(_message.Message):
+    __slots__ = ("clip", "jpeg")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FIELD_NUMBER: _ClassVar[int]
+    clip: ClipInfo
+    jpeg: bytes
+    def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., jpeg: _Optional[bytes] = ...) -> None: ...
+
+class GetThumbnailsResponse(_message.Message):
+    __slots__ = ("thumbnails", "truncated", "next_start")
+    THUMBNAILS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_START_FIELD_NUMBER: _ClassVar[int]
+    thumbnails: _containers.RepeatedCompositeFieldContainer[Thumbnail]
+    truncated: bool
+    next_start: float
+    def __init__(self, thumbnails: _Optional[_Iterable[_Union[Thumbnail, _Mapping]]] = ..., truncated: _Optional[bool] = ..., next_start: _Optional[float] = ...) -> None: ...
+
 class EncodeClipRequest(_message.Message):
-    __slots__ = ("stream_id", "seq", "media_times", "wall_times", "height", "width", "frames", "fps")
+    __slots__ = ("stream_id", "seq", "media_times", "wall_times", "height", "width", "frames", "fps", "thumbnail")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TIMES_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +256,7 @@ class EncodeClipRequest(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     seq: int
     media_times: _containers.RepeatedScalarFieldContainer[float]
@@ -236,7 +265,8 @@ class EncodeClipRequest(_message.Message):
     width: int
     frames: bytes
     fps: float
-    def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., media_times: _Optional[_Iterable[float]] = ..., wall_times: _Optional[_Iterable[float]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[bytes] = ..., fps: _Optional[float] = ...) -> None: ...
+    thumbnail: bytes
+    def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., media_times: _Optional[_Iterable[float]] = ..., wall_times: _Optional[_Iterable[float]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[bytes] = ..., fps: _Optional[float] = ..., thumbnail: _Optional[bytes] = ...) -> None: ...
 
 class EncodeClipAck(_message.Message):
     __slots__ = ("stream_id", "seq", "stored", "error")

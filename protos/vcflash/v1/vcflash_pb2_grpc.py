@@ -303,6 +303,11 @@ class MemoryStub:
                 request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamRequest.SerializeToString,
                 response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamResponse.FromString,
                 _registered_method=True)
+        self.GetThumbnails = channel.unary_unary(
+                '/vcflash.v1.Memory/GetThumbnails',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetThumbnailsRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetThumbnailsResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServicer:
@@ -330,6 +335,14 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetThumbnails(self, request, context):
+        """The JPEG thumbnails (each clip's middle sampled frame) of the clips that overlap a range, oldest first;
+        NOT_FOUND for an unknown stream. Clips stored without one are left out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -347,6 +360,11 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.DeleteStream,
                     request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamRequest.FromString,
                     response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamResponse.SerializeToString,
+            ),
+            'GetThumbnails': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThumbnails,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetThumbnailsRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetThumbnailsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +450,33 @@ class Memory:
             '/vcflash.v1.Memory/DeleteStream',
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamRequest.SerializeToString,
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.DeleteStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThumbnails(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcflash.v1.Memory/GetThumbnails',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetThumbnailsRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.GetThumbnailsResponse.FromString,
             options,
             channel_credentials,
             insecure,
