@@ -38,16 +38,20 @@ def kernel_isa() -> dict[str, str]:
     }
 
 
-def golden(res: int) -> dict[str, torch.Tensor]:
-    path = DATA / f"golden_bf16_{res}.safetensors"
+def load_bitwise_goldens(path: Path) -> dict[str, torch.Tensor]:
+    """Goldens that are bit-exact only on the kernel ISA they were made on: skip on another CPU."""
     with safe_open(path, "pt") as f:
         made_on = {k: f.metadata()[k] for k in kernel_isa()}
     if made_on != kernel_isa():
         pytest.skip(
-            f"bf16 goldens are bit-exact for the kernel ISA they were made on ({made_on}), this CPU runs "
+            f"goldens are bit-exact for the kernel ISA they were made on ({made_on}), this CPU runs "
             f"{kernel_isa()}; regenerate them with the parity harness (tests/data/parity/README.md)"
         )
     return load_file(path)
+
+
+def golden(res: int) -> dict[str, torch.Tensor]:
+    return load_bitwise_goldens(DATA / f"golden_bf16_{res}.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,11 @@ plain attention branch (q/k RMSNorm, q·scale @ kᵀ, softmax, @ v in the model 
 "origin" kernel our "exact" set picks on CPU; flash-attn parity needs a GPU (README, "Fidelity").
 """
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hico import VideoChatFlash
@@ -25,6 +23,7 @@ from hico.kernels import Kernels
 from hico.merge import merge_clip_tokens
 from hico.model import VideoChatFlashModel
 from hico.tokenizer import train_tiny_tokenizer
+from tests.hico.test_parity_bf16 import load_bitwise_goldens
 from vcflash.cli import main as cli_main
 
 DATA = Path(__file__).parent.parent / "data" / "parity"
@@ -35,27 +34,10 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}
 VT = "model.vision_tower.vision_tower."  # the InternVideo2 prefix: no `.encoder.` level, unlike UMT
 
 
-def kernel_isa() -> dict[str, str]:
-    return {
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "avx512_bf16": str(torch.cpu._is_avx512_bf16_supported()),
-        "amx_tile": str(torch.cpu._is_amx_tile_supported()),
-        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-    }
-
-
 def golden(name: str, bitwise: bool) -> dict[str, torch.Tensor]:
     """A golden file; `bitwise` skips unless this CPU runs the kernel ISA it was made on."""
     path = DATA / f"{name}.safetensors"
-    if bitwise:
-        with safe_open(path, "pt") as f:
-            made_on = {k: f.metadata()[k] for k in kernel_isa()}
-        if made_on != kernel_isa():
-            pytest.skip(
-                f"goldens are bit-exact for the kernel ISA they were made on ({made_on}), this CPU runs "
-                f"{kernel_isa()}; regenerate them with the parity harness (tests/data/parity/README.md)"
-            )
-    return load_file(path)
+    return load_bitwise_goldens(path) if bitwise else load_file(path)
 
 
 @pytest.fixture(scope="module")
