@@ -7,8 +7,12 @@ too: same limits, retention and durable config) with the session as its frame so
 must carry the sender's candidates, and the answer carries ours. ``GET /whip/{stream}`` shows the
 stream's and the session's status (including frames dropped before the pipeline), ``GET
 /healthz`` answers 200. ``GET /v1/streams/{stream}/thumbnails/{seq}.jpg`` serves a stored clip's JPEG
-thumbnail from the memory (404 when the stream or the clip is unknown). With a token configured every request but
-the CORS preflight and ``/healthz`` needs ``Authorization: Bearer <token>``.
+thumbnail from the memory (404 when the stream or the clip is unknown). ``GET
+/v1/streams/{stream}/recording.mp4?start=T&end=T`` (Unix seconds or ISO date-times, wall clock) cuts a recorded moment
+as an MP4 by remux (see :mod:`ingest.recording`): 400 for a bad or too long range, 404 when nothing is recorded
+there. With a token configured every request but
+the CORS preflight and ``/healthz`` needs ``Authorization: Bearer <token>``; a GET may instead carry the session
+cookie of the web console mounted on the same app (``session_reads``).
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ import inspect
 import ipaddress
 import json
 import logging
+import math
+import os
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SDP = "application/sdp"
 JPEG = "image/jpeg"
+MP4 = "video/mp4"
 _REPLACE_WAIT_S = 2.0  # how long a new offer waits for the ended session's stream to finish
 # The neutral errors as HTTP statuses (serve.rpc maps them to gRPC codes), most specific first.
 _HTTP_STATUS: tuple[tuple[type[Exception], type[web.HTTPException]], ...] = (
@@ -88,6 +98,9 @@ class WhipServer:
         self.sessions: dict[str, WebRTCSession] = {}
         self._negotiating: set[str] = set()  # names reserved while their offer is being answered
         self.body_timeout_s = 10.0  # how long an offer's body may take to arrive; start_http sets it
+        # whether a request without the token is a signed-in web console's read (a GET needs no CSRF check);
+        # set by the console mounted on this app, so its <img> tags and fetches reach thumbnails and recordings
+        self.session_reads: Callable[[web.Request], bool] | None = None
 
     @property
     def settings(self) -> WebRTCSettings:
@@ -152,6 +165,36 @@ class WhipServer:
             raise _error(web.HTTPNotFound, f"stream {name!r} holds no thumbnail of clip {seq}")
         # a clip's thumbnail never changes while it is held; a client holding the token may keep it
         return web.Response(body=jpegs[seq], content_type=JPEG, headers={"Cache-Control": "private, max-age=86400"})
+
+    async def recording(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/streams/{stream}/recording.mp4?start=T&end=T``: the recorded moment as an MP4 cut by remux;
+        ``X-Recording-Start``/``-End`` give the wall-clock times of its first and last frame."""
+        name = request.match_info["stream"]
+        self._authorize(request)
+        _check_name(name)
+        recordings = self.streams.recordings
+        if recordings is None:
+            raise _error(web.HTTPNotFound, "this server keeps no recordings")
+        start, end = (_when(request.query.get(key), key) for key in ("start", "end"))
+        fd, path = tempfile.mkstemp(prefix="vcflash-cut-", suffix=".mp4")
+        os.close(fd)
+        try:
+            first, last = await asyncio.to_thread(recordings.cut, name, start, end, Path(path))
+            file = open(path, "rb")  # noqa: SIM115 - read below, after the name is gone
+        except (Invalid, NotFound) as e:
+            raise _http_error(e, name) from None
+        finally:
+            os.unlink(path)
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            headers = {"X-Recording-Start": f"{first:.3f}", "X-Recording-End": f"{last:.3f}"}
+            response = web.StreamResponse(headers=headers | {"Cache-Control": "private, no-store"})
+            response.content_type, response.content_length = MP4, size
+            await response.prepare(request)
+            while chunk := await asyncio.to_thread(file.read, 1 << 18):
+                await response.write(chunk)
+            await response.write_eof()
+        return response
 
     async def options(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=204, headers={"Accept-Post": SDP})
@@ -226,6 +269,8 @@ class WhipServer:
     def _authorize(self, request: web.Request) -> None:
         if self._token is None:
             return
+        if "Authorization" not in request.headers and self.session_reads is not None and self.session_reads(request):
+            return
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():
             raise _error(web.HTTPUnauthorized, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -237,16 +282,20 @@ class WhipServer:
             )
 
     def _spec_of(self, name: str, request: web.Request) -> StreamSpec:
-        """The stream a POST asks for, checked before anything is negotiated; ``?fps=`` sets its rate."""
+        """The stream a POST asks for, checked before anything is negotiated; ``?fps=`` sets its rate, ``?record=1``
+        keeps its sampled frames as a recording."""
         value = request.query.get("fps")
+        record = request.query.get("record", "0")
+        if record not in ("0", "1", "true", "false"):
+            raise _error(web.HTTPBadRequest, f"record must be 0 or 1, got {excerpt(record)}")
         try:
-            return self._spec(name, self.fps if value is None else float(value))
+            return self._spec(name, self.fps if value is None else float(value), record in ("1", "true"))
         except ValueError as e:
             raise _error(web.HTTPBadRequest, f"bad fps: {e}") from None
 
-    def _spec(self, name: str, fps: float | None) -> StreamSpec:
+    def _spec(self, name: str, fps: float | None, record: bool = False) -> StreamSpec:
         # Never resumed by the server: the sender reconnects by itself.
-        spec = StreamSpec(f"whip://{name}", fps=fps, realtime=False, resume=False)
+        spec = StreamSpec(f"whip://{name}", fps=fps, realtime=False, resume=False, record=record)
         self.streams.manager.admit(spec, hooked=True)
         return spec
 
@@ -327,6 +376,7 @@ def create_whip_app(
     app.router.add_route("OPTIONS", "/whip/{stream}", whip.options)
     app.router.add_get("/healthz", whip.healthz)
     app.router.add_get(r"/v1/streams/{stream}/thumbnails/{seq:\d{1,20}}.jpg", whip.thumbnail, allow_head=False)
+    app.router.add_get("/v1/streams/{stream}/recording.mp4", whip.recording, allow_head=False)
     app.on_shutdown.append(whip.close)
     return app
 
@@ -486,6 +536,23 @@ def _check_name(name: str) -> None:
         check_stream_name(name)
     except ValueError as e:
         raise _error(web.HTTPBadRequest, str(e)) from None
+
+
+def _when(value: str | None, name: str) -> float:
+    """A query's wall-clock time: Unix seconds, or an ISO date-time (naive: UTC)."""
+    if value is None:
+        raise _error(web.HTTPBadRequest, f"missing ?{name}= (Unix seconds or an ISO date-time)")
+    try:
+        t = float(value)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise _error(web.HTTPBadRequest, f"{name} is neither Unix seconds nor an ISO date-time") from None
+        t = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(t):
+        raise _error(web.HTTPBadRequest, f"{name} must be finite, got {excerpt(value)}")
+    return t
 
 
 def _error(kind: type[web.HTTPException], message: str, **kwargs: Any) -> web.HTTPException:

@@ -34,6 +34,7 @@ from ingest.clips import ClipGrouper
 from ingest.clock import MediaClock
 from ingest.keyframes import ALL_FRAMES, SLACK, KeyframeGate, KeyframeState
 from ingest.metrics import DropReason, IngestMetrics
+from ingest.recording import StreamRecording
 from ingest.sampler import FrameSampler, Verdict
 from ingest.source import (
     Frame,
@@ -153,6 +154,7 @@ class StreamWorker:
         first_seq: int = 0,
         clock: MediaClock | None = None,
         source: FrameSource | None = None,
+        recorder: StreamRecording | None = None,
     ) -> None:
         assert spec.fps is not None, "an admitted spec has its fps: see IngestManager.admit"
         self.name = check_stream_name(name)
@@ -160,6 +162,7 @@ class StreamWorker:
         self.fps = spec.fps
         self.clock = clock or MediaClock()
         self._source = source  # frames from elsewhere (a WebRTC track); default: open the URL with PyAV
+        self._recorder = recorder  # keeps the video: the URL's packets as they are, or a hook's sampled frames
         self._settings = settings  # timeouts, frame_size (squash sampled frames to S x S), reconnect, refused_tries
         self._safe_url = redact_url(spec.source)
         self._clips = clips
@@ -281,6 +284,8 @@ class StreamWorker:
         except Exception as e:  # a bug must fail this stream only, and its text may echo the URL
             state, error = StreamState.FAILED, redact_text(f"{type(e).__name__}: {e}", self.spec.source)
             logger.exception("stream crashed stream=%s", self.name)
+        if self._recorder is not None:
+            self._recorder.end()
         if state is StreamState.FINISHED and self._stop.is_set():
             state = StreamState.STOPPED
         leftover = self._grouper.discard()
@@ -384,6 +389,7 @@ class StreamWorker:
                 allow_files=self._settings.media_root is not None,
                 max_frame_pixels=self._settings.max_frame_pixels,
                 on_decode_error=lambda: self._drop(DropReason.DECODE_ERROR, 1),
+                recorder=self._recorder,
             )
         )
         with contextlib.closing(frames):  # closes the container before anyone hears the stream ended
@@ -427,6 +433,8 @@ class StreamWorker:
             self._size = self._size or (rgb.shape[1], rgb.shape[0])
             # the clip's middle frame, as decoded (aspect kept), before the squash below
             thumbnail = make_thumbnail(rgb) if self._grouper.pending == THUMBNAIL_FRAME else b""
+            if self._recorder is not None and self._source is not None:  # a hook has no packets to keep
+                self._recorder.frame(rgb, wall, self.fps)
             if (size := self._settings.frame_size) is not None:  # a queued clip holds 4 x S x S x 3 bytes
                 rgb = squash_resize(rgb, size)
             clip = self._grouper.add(rgb, media, wall, thumbnail)
@@ -574,13 +582,14 @@ class IngestManager:
         first_seq: int = 0,
         clock: MediaClock | None = None,
         source: FrameSource | None = None,
+        recorder: StreamRecording | None = None,
     ) -> StreamStatus:
         """Start stream ``name`` (see :class:`StreamSpec`); call from the event loop.
 
         The one place a stream is admitted: its name, the stream limit and the spec's limits are checked
         here. ``first_seq`` and ``clock`` continue a stream that came before (a restart, a WHIP sender
         publishing again): its clip numbering and its media clock. ``source`` gives frames from elsewhere
-        (a WebRTC session) instead of opening ``spec.source``.
+        (a WebRTC session) instead of opening ``spec.source``. ``recorder`` keeps its video (``spec.record``).
         """
         check_stream_name(name)
         spec = self.admit(spec, hooked=source is not None)
@@ -599,6 +608,7 @@ class IngestManager:
             first_seq=first_seq,
             clock=clock,
             source=source,
+            recorder=recorder,
         )
         worker.start()
         self._workers[name] = worker

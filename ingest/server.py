@@ -7,6 +7,7 @@ keeps their specs in memory so a restarted server resumes every active stream.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from ingest.encoder_link import EncoderLink
 from ingest.http import create_whip_app, start_http
 from ingest.pipeline import IngestManager, StreamStatus
+from ingest.recording import Recordings
 from ingest.spec import StreamSpec
 from ingest.streams import Streams
 from memory.index import ClipIndex
@@ -46,6 +48,7 @@ def spec_from_request(r: pb.AddStreamRequest) -> StreamSpec:
         keyframes_only=r.keyframes_only,
         camera_clock=r.camera_clock,
         live=r.live if r.HasField("live") else None,
+        record=r.record,
     )
 
 
@@ -61,7 +64,9 @@ def retention_from_request(r: pb.AddStreamRequest, default: Retention) -> Retent
     )
 
 
-def stream_status(s: StreamStatus, clips_stored: int, memory_error: str = "") -> pb.StreamStatus:
+def stream_status(
+    s: StreamStatus, clips_stored: int, memory_error: str = "", recording_bytes: int = 0
+) -> pb.StreamStatus:
     return pb.StreamStatus(
         stream_id=s.name,
         source=s.url,
@@ -79,6 +84,7 @@ def stream_status(s: StreamStatus, clips_stored: int, memory_error: str = "") ->
         memory_error=memory_error,
         clock=s.clock,
         decode=s.decode,
+        recording_bytes=recording_bytes,
     )
 
 
@@ -87,7 +93,10 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.streams = streams
 
     def _proto(self, s: StreamStatus, memory_error: str = "") -> pb.StreamStatus:
-        return stream_status(s, self.streams.stored[s.name], memory_error)
+        recordings = self.streams.recordings
+        # the sizes its index keeps, and one stat: cheap enough for the event loop
+        recorded = recordings.nbytes(s.name) if recordings is not None else 0
+        return stream_status(s, self.streams.stored[s.name], memory_error, recorded)
 
     @handle_errors
     async def AddStream(self, request: pb.AddStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamStatus:
@@ -126,17 +135,25 @@ def ingest_entry(
 ) -> tuple[ServiceEntry, Streams]:
     """The Ingest service over a new stream registry whose clips are squashed to the encoder's input size."""
     manager = IngestManager(replace(settings.ingest, frame_size=frame_size), registry=registry)
-    m = settings.memory
-    streams = Streams(manager, store, Retention(m.retention_max_age_s, m.retention_max_bytes), index)
+    m, i = settings.memory, settings.ingest
+    recordings = Recordings(
+        settings.server.data_dir / "recordings", i.record_segment_s, i.record_max_bytes, i.max_recording_range_s
+    )
+    streams = Streams(manager, store, Retention(m.retention_max_age_s, m.retention_max_bytes), index, recordings)
     return (pb_grpc.add_IngestServicer_to_server, IngestServicer(streams), SERVICE_NAME), streams
 
 
-async def start_whip(settings: Settings, streams: Streams) -> web.AppRunner | None:
-    """The WHIP endpoint (POST/DELETE /whip/{stream}) next to the gRPC server, when VCFLASH_HTTP_PORT is set."""
+async def start_whip(
+    settings: Settings, streams: Streams, extend: Callable[[web.Application], None] | None = None
+) -> web.AppRunner | None:
+    """The WHIP endpoint (POST/DELETE /whip/{stream}) next to the gRPC server, when VCFLASH_HTTP_PORT is set;
+    `extend(app)` adds routes to it before it starts (the all-in-one server's web console)."""
     s = settings.server
     if not s.http_port:
         return None
     app = create_whip_app(streams, token=s.api_token, max_sdp_bytes=settings.ingest.max_sdp_bytes)
+    if extend is not None:
+        extend(app)
     tls = server_ssl_context(s.tls_cert, s.tls_key)
     limits = {"timeout_s": s.http_timeout_s, "max_connections": s.http_max_connections}
     runner, _ = await start_http(app, s.host, s.http_port, ssl_context=tls, **limits)
@@ -153,11 +170,18 @@ class ServesStreams(MemoryService):
 
     async def ready(self) -> None:
         await self.streams.resume()
-        self.http = await start_whip(self.settings, self.streams)
+        self.http = await start_whip(self.settings, self.streams, self.extend_http)
+
+    def extend_http(self, app: web.Application) -> None:
+        """More routes on the HTTP port, added before it starts; the all-in-one server adds the web console."""
 
     async def delete_stream(self, stream_id: str) -> None:
         """Memory.DeleteStream: refused while the stream runs here; see `Streams.delete_memory`."""
         await self.streams.delete_memory(stream_id)
+
+    def recording_bytes(self, stream_id: str) -> int:
+        recordings = self.streams.recordings
+        return 0 if recordings is None else recordings.nbytes(stream_id)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.http is not None:
@@ -185,4 +209,4 @@ class IngestService(ServesStreams):
             accepts=self.streams.accepts,
         )
         self.streams.drain = self.link.drain
-        return [entry, self.memory_entry()], [self.link.run()]
+        return [entry, self.memory_entry()], [self.link.run(), self.streams.sweep_recordings_forever()]

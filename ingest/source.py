@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, unquote_to_bytes
 
 import av
@@ -51,6 +51,9 @@ import numpy as np
 
 from ingest.keyframes import KeyframeGate
 from vcflash.serve.errors import excerpt
+
+if TYPE_CHECKING:
+    from ingest.recording import StreamRecording
 
 logger = logging.getLogger(__name__)
 
@@ -413,6 +416,7 @@ def open_frames(
     media_root: Path | str | None = None,
     allow_files: bool | None = True,
     max_frame_pixels: int | None = DEFAULT_MAX_FRAME_PIXELS,
+    recorder: StreamRecording | None = None,
 ) -> Iterator[Frame]:
     """Decoded frames of ``url`` in presentation order, until it ends or ``stop`` is set.
 
@@ -449,6 +453,8 @@ def open_frames(
     (swscale) before anyone converts it to RGB: a 16000 x 16000 PNG never becomes a 768 MB RGB array. Raises
     :class:`SourceError` when the source cannot be opened, read, or has no video frames, and its subclass
     :class:`SourceRefused` when it answers 401, 403 or 404.
+    ``recorder`` gets every demuxed packet as it is (stream copy, see :mod:`ingest.recording`), and each decoded
+    frame's PTS with its wall time, which place the packets on the wall clock.
     """
 
     def check() -> CheckedSource:
@@ -484,12 +490,24 @@ def open_frames(
             if keyframes is not None:
                 keyframes.restart()  # a replayed file's PTS start over
             stream = _video_stream(container, safe_url, keyframes)
+            if recorder is not None:  # one segment never spans two connections or replays
+                recorder.start(stream)
+                resources.callback(recorder.end)
             interval = _frame_interval(stream)
             reports = _SenderReportClock(stream.time_base) if camera_clock and stream.time_base else None
             shift: float | None = None  # media time = PTS + shift within this pass
             media: float | None = None
             for frame in _decode(
-                container, stream, url, timeout_s, first_frame_timeout_s, stop, on_decode_error, reports, keyframes
+                container,
+                stream,
+                url,
+                timeout_s,
+                first_frame_timeout_s,
+                stop,
+                on_decode_error,
+                reports,
+                keyframes,
+                recorder,
             ):
                 camera = None if reports is None else reports.time(frame.pts)
                 frame = fit_frame(frame, max_frame_pixels, safe_url)
@@ -510,6 +528,8 @@ def open_frames(
                         delay = origin[2] + offset - time.monotonic()
                         if delay > 0 and stop.wait(delay):
                             return
+                if recorder is not None and frame.time is not None:
+                    recorder.frame_time(frame.time, wall)
                 yield Frame(pts=media, wall_time=wall, image=frame, camera_time=camera)
                 if stop.is_set():
                     return
@@ -791,6 +811,7 @@ def _decode(
     on_decode_error: Callable[[], None] | None,
     reports: _SenderReportClock | None = None,
     keyframes: KeyframeGate | None = None,
+    recorder: StreamRecording | None = None,
 ) -> Iterator[av.VideoFrame]:
     """The stream's frames; ends quietly when a read is aborted because ``stop`` was set. ``reports`` reads each
     packet's sender-report clock before the packet is decoded; ``keyframes`` hears each keyframe packet's PTS
@@ -815,6 +836,8 @@ def _decode(
                 if on_decode_error is not None:
                     on_decode_error()
                 frames = []
+            if recorder is not None:  # after decoding: muxing rebases the packet's times in place
+                recorder.packet(packet)
             if frames:
                 waiting = False
             elif waiting and time.monotonic() > deadline:  # packets come, but nothing decodes from them

@@ -32,6 +32,8 @@ class StreamSpec:
     # RTSP: wall times on the camera's clock (its RTCP sender reports) instead of this server's; off by default,
     # as camera clocks are often not synchronised and age retention and wall-clock questions trust wall time
     camera_clock: bool = False
+    # keep the video (see ingest/recording.py): URL and file sources stream-copied, WebRTC's sampled frames encoded
+    record: bool = False
     live: bool | None = None  # read as frames arrive and reconnect with backoff; None: by the URL's scheme
     resume: bool = True  # restarted with the server; False for WHIP, whose sender reconnects by itself
 

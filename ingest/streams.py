@@ -11,12 +11,14 @@ after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from ingest.clock import MediaClock
 from ingest.pipeline import ENDED, FrameSource, IngestManager, StreamState, StreamStatus
+from ingest.recording import Recordings
 from ingest.spec import StreamSpec
 from memory.index import ClipIndex
 from memory.records import Retention
@@ -35,9 +37,15 @@ class Streams:
     """
 
     def __init__(
-        self, manager: IngestManager, store: MemoryStore, default_retention: Retention, index: ClipIndex | None = None
+        self,
+        manager: IngestManager,
+        store: MemoryStore,
+        default_retention: Retention,
+        index: ClipIndex | None = None,
+        recordings: Recordings | None = None,
     ) -> None:
         self.manager, self.store, self.index = manager, store, index
+        self.recordings = recordings  # where streams with `spec.record` keep their video; None: nowhere
         self.default_retention = default_retention
         self.stored: Counter[str] = Counter()  # clips stored per stream, since this process started it
         self.drain: Callable[[str], Awaitable[None]] | None = None  # waits out clips still at a remote encoder
@@ -157,6 +165,8 @@ class Streams:
                 raise NotFound(f"no stream named {excerpt(stream_id)}: not running here and not in memory") from None
         if self.index is not None:
             self.index.drop_stream(stream_id)
+        if self.recordings is not None:
+            await asyncio.to_thread(self.recordings.delete, stream_id)
 
     async def _deactivate(self, stream_id: str) -> None:
         """A configured stream that does not run here is not resumed any more; its config and memory stay."""
@@ -173,7 +183,12 @@ class Streams:
         self, stream_id: str, spec: StreamSpec, source: FrameSource | None = None, replace: bool = False
     ) -> StreamStatus:
         first_seq, clock = await self._continuation(stream_id, replace)
-        status = self.manager.add(stream_id, spec, first_seq=first_seq, clock=clock, source=source)
+        recorder = None
+        if spec.record:
+            if self.recordings is None:
+                raise Invalid("this server keeps no recordings")
+            recorder = await asyncio.to_thread(self.recordings.stream, stream_id)  # reads its index from disk
+        status = self.manager.add(stream_id, spec, first_seq=first_seq, clock=clock, source=source, recorder=recorder)
         spec = self.manager.worker(stream_id).spec  # as admitted: the server's default fps filled in
         await asyncio.to_thread(self.store.put_stream_config, stream_id, spec.to_config(active=spec.resume))
         self._watchers[stream_id] = asyncio.create_task(self._retire_when_done(stream_id, spec))
@@ -198,6 +213,29 @@ class Streams:
         if watcher is not None:
             watcher.cancel()
         return status
+
+    def recording(self) -> set[str]:
+        """The streams being recorded now: retention leaves them their recording even before memory holds a clip."""
+        return {name for name in self.manager.names() if self.manager.worker(name).spec.record}
+
+    async def sweep_recordings(self) -> None:
+        """Recording retention, one pass: segments go with their clips (see `Recordings.enforce`)."""
+        if self.recordings is None:
+            return
+        try:
+            first: dict[str, float | None] = {}
+            for stream_id in await asyncio.to_thread(self.store.streams):
+                with contextlib.suppress(UnknownStream):
+                    stats = await asyncio.to_thread(self.store.stats, stream_id)
+                    first[stream_id] = stats.first.wall_start if stats.first else None
+            await asyncio.to_thread(self.recordings.enforce, first, self.recording())
+        except Exception as e:  # noqa: BLE001 - retried at the next pass
+            log.warning("event=recording_retention_failed error=%s", e)
+
+    async def sweep_recordings_forever(self, every_s: float = 60.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.sweep_recordings()
 
     async def _retire_when_done(self, stream_id: str, spec: StreamSpec) -> None:
         """A source that ended by itself (a file played out, a camera that refused us) is not restarted with the

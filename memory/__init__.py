@@ -8,7 +8,7 @@ from memory.codec import MAX_THUMBNAIL_BYTES, check_format
 from memory.embedded import EmbeddedStore
 from memory.index import ClipIndex
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat, clip_vector
-from memory.redis_store import RedisStore
+from memory.redis_store import RedisClusterStore, RedisStore, open_redis
 from memory.secrets import KEY_FILE, ConfigCipher
 from memory.store import MemoryStore, MemoryUnavailable, Picked, UnknownStream
 from vcflash.serve.settings import private_dir
@@ -23,12 +23,14 @@ __all__ = [
     "MemoryStore",
     "MemoryUnavailable",
     "Picked",
+    "RedisClusterStore",
     "RedisStore",
     "Retention",
     "StreamStats",
     "TokenFormat",
     "UnknownStream",
     "clip_vector",
+    "open_redis",
     "open_store",
 ]
 
@@ -41,7 +43,7 @@ def open_store(
     redis_timeout_s: float = 0.5,
     max_thumbnail_bytes: int = MAX_THUMBNAIL_BYTES,
 ) -> MemoryStore:
-    """Redis when a URL is given, so processes share one memory; else a file in data_dir for a single process.
+    """Redis or a Redis Cluster when a URL is given, so processes share one memory; else a file in data_dir.
 
     Stream configs are sealed with `secret_key` (VCFLASH_SECRET_KEY), else with DATA_DIR/secret.key, made when
     first needed (so a Redis service that never writes configs makes no file). `redis_timeout_s` bounds each Redis
@@ -49,7 +51,7 @@ def open_store(
     token_format = check_format(token_format)
     cipher = ConfigCipher(secret_key, Path(data_dir) / KEY_FILE)
     if redis_url:
-        return RedisStore(
+        return open_redis(  # a RedisClusterStore where the URL names a cluster node
             redis_url,
             token_format=token_format,
             socket_timeout_s=redis_timeout_s,

@@ -7,8 +7,9 @@ millisecond or so at any memory size. A stream written before streams kept their
 by the client, in chunks (RedisStore._measure_spans), when a script says its spans are missing.
 
 Key layout (see RedisStore): a clip's hash is its stream's clip prefix plus its member, the seq zero-padded to 20
-digits so that Redis' tie order between equal times is the seq order. Clip keys are derived inside the scripts,
-which standalone Redis allows (Redis Cluster would not).
+digits so that Redis' tie order between equal times is the seq order. Clip keys are derived inside the scripts;
+Redis Cluster allows that only because every key a script touches carries its stream's hash tag, so all sit in the
+slot of the keys passed (RedisClusterStore). While that slot is being migrated a script can fail (TRYAGAIN).
 """
 
 # Shared by PUT and ENFORCE. Arguments: the stream's info hash, media, wall and seq sorted sets, and clip key prefix.

@@ -8,7 +8,8 @@ answers other clients in between. The client never retries and uses short socket
 VCFLASH_REDIS_TIMEOUT_S): a dead Redis must surface as MemoryUnavailable within a second rather than stall a
 question, and the connection pool reconnects by itself on the next call once Redis is back. `rediss://` URLs
 connect over TLS (redis-py; `?ssl_ca_certs=/path/ca.pem` for a private CA). Stream configs are sealed
-(memory.secrets) with a key every service of the deployment must share.
+(memory.secrets) with a key every service of the deployment must share. On a Redis Cluster the same store runs with
+hash-tagged keys (RedisClusterStore); `open_redis` picks the class from the URL.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.connection import parse_url
 from redis.retry import Retry
 
 import memory.codec as codec
@@ -54,6 +58,8 @@ class _StreamKeys(NamedTuple):
     wall: str  # sorted set: member -> wall_start
     seqs: str  # sorted set: member -> seq (for an index to fetch only the clips after its last)
     clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end, thumb (if any)
+    streams: str  # set: the ids of the registered streams (a cluster: this stream's own, holding only its id)
+    configs: str  # hash: stream_id -> sealed config (a cluster: this stream's own)
 
 
 def _member(seq: int) -> str:
@@ -64,6 +70,13 @@ def _member(seq: int) -> str:
 def _bound(t: float | None) -> str:
     """A range bound as the scripts take it: '' for none, else a finite number (Lua's tonumber reads no 'inf')."""
     return "" if t is None else repr(min(max(float(t), -sys.float_info.max), sys.float_info.max))
+
+
+def _address(url: str) -> str:
+    """Where a URL points, for messages: the URL itself may hold a password."""
+    kw = parse_url(url)
+    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port', 6379)}"
+    return f"{where}/{kw.get('db', 0)}"
 
 
 def _runs(ranks: Sequence[int]) -> list[tuple[int, int]]:
@@ -83,6 +96,10 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 
 class RedisStore(MemoryStore):
+    client_class: Any = redis.Redis
+    kind = "redis"  # for messages
+    unavailable: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
     def __init__(
         self,
         url: str,
@@ -99,16 +116,15 @@ class RedisStore(MemoryStore):
         self.token_format = codec.check_format(token_format)
         self.max_thumbnail_bytes = max_thumbnail_bytes
         self.cipher = cipher or ConfigCipher()
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=connect_timeout_s,
-            socket_read_size=1 << 20,  # tokens come in 200 KB values: 32 KB reads (the default) double a fetch
-            retry=Retry(NoBackoff(), 0),
-        )
-        kw = self._redis.connection_pool.connection_kwargs
-        where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
-        self._where = f"redis at {where}/{kw.get('db', 0)}"  # for messages: the URL may hold a password
+        self._where = f"{self.kind} at {_address(url)}"
+        with self._reachable():  # a cluster client reads the slot map here; a plain one connects on first use
+            self._redis = self.client_class.from_url(
+                url,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=connect_timeout_s,
+                socket_read_size=1 << 20,  # tokens come in 200 KB values: 32 KB reads (the default) double a fetch
+                retry=Retry(NoBackoff(), 0),
+            )
         self._streams_key = f"{prefix}:streams"
         self._configs_key = f"{prefix}:configs"
         self._put = self._redis.register_script(redis_lua.PUT)
@@ -125,12 +141,20 @@ class RedisStore(MemoryStore):
     def _reachable(self) -> Iterator[None]:
         try:
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        except self.unavailable as e:
             raise MemoryUnavailable(f"{self._where} unreachable: {e}") from e
 
     def _keys(self, stream_id: str) -> _StreamKeys:
         s = f"{self.prefix}:s:{stream_id}"
-        return _StreamKeys(f"{s}:info", f"{s}:media", f"{s}:wall", f"{s}:seq", f"{s}:c:")
+        return _StreamKeys(
+            f"{s}:info", f"{s}:media", f"{s}:wall", f"{s}:seq", f"{s}:c:", self._streams_key, self._configs_key
+        )
+
+    def _listed(self, stream_id: str) -> None:
+        """Called after a write registered `stream_id` (its `streams` key): nothing to do where that key is global."""
+
+    def _unlisted(self, stream_id: str) -> None:
+        """Called after `stream_id` was deleted: nothing to do where its `streams` key is global."""
 
     def put(self, record: ClipRecord) -> bool:
         enc = codec.encode(record, self.token_format, self.max_thumbnail_bytes)
@@ -142,6 +166,8 @@ class RedisStore(MemoryStore):
             if reply[0] == redis_lua.SPANS_MISSING:
                 self._measure_spans(k)
                 reply = self._put_script(k, m, member, enc)
+            if reply[0] != -1:
+                self._listed(m.stream_id)
         if reply[0] == -1:
             raise ValueError(f"stream {m.stream_id!r} holds {reply[1].decode()} tokens, clip {m.seq} has {enc.shape}")
         if reply[0] == 1 and reply[1]:
@@ -150,7 +176,7 @@ class RedisStore(MemoryStore):
 
     def _put_script(self, k: _StreamKeys, m: ClipMeta, member: str, enc: codec.EncodedClip) -> Any:
         return self._put(
-            keys=[self._streams_key, k.info, k.media, k.wall, k.clip_prefix + member, k.seqs],
+            keys=[k.streams, k.info, k.media, k.wall, k.clip_prefix + member, k.seqs],
             args=[
                 m.stream_id,
                 member,
@@ -210,13 +236,13 @@ class RedisStore(MemoryStore):
         bounds = [_bound(start), _bound(end)]
         with self._reachable():
             located = self._locate(
-                keys=[self._streams_key, k.info, zset],
+                keys=[k.streams, k.info, zset],
                 args=[stream_id, *bounds, k.clip_prefix, clock, repr(SCAN_MARGIN_S)],
             )
             if located == [redis_lua.SPANS_MISSING]:
                 self._measure_spans(k)
                 located = self._locate(
-                    keys=[self._streams_key, k.info, zset],
+                    keys=[k.streams, k.info, zset],
                     args=[stream_id, *bounds, k.clip_prefix, clock, repr(SCAN_MARGIN_S)],
                 )
             if located is None:
@@ -248,7 +274,7 @@ class RedisStore(MemoryStore):
     def metas(self, stream_id: str, seqs: Sequence[int]) -> dict[int, ClipMeta]:
         k = self._keys(stream_id)
         wanted = sorted({int(s) for s in seqs})
-        pipe = self._redis.pipeline(transaction=False).sismember(self._streams_key, stream_id)
+        pipe = self._redis.pipeline(transaction=False).sismember(k.streams, stream_id)
         for seq in wanted:
             pipe.hget(k.clip_prefix + _member(seq), "meta")
         with self._reachable():
@@ -262,7 +288,7 @@ class RedisStore(MemoryStore):
         wanted = sorted(set(seqs))
         k = self._keys(stream_id)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.sismember(self._streams_key, stream_id)
+        pipe.sismember(k.streams, stream_id)
         pipe.hget(k.info, "shape")
         for seq in wanted:
             pipe.hmget(k.clip_prefix + _member(seq), "tokens", "fmt", "ntok", "dim")
@@ -277,7 +303,7 @@ class RedisStore(MemoryStore):
     def thumbnails(self, stream_id: str, seqs: Sequence[int]) -> dict[int, bytes]:
         k = self._keys(stream_id)
         wanted = sorted({int(s) for s in seqs})
-        pipe = self._redis.pipeline(transaction=False).sismember(self._streams_key, stream_id)
+        pipe = self._redis.pipeline(transaction=False).sismember(k.streams, stream_id)
         for seq in wanted:
             pipe.hget(k.clip_prefix + _member(seq), "thumb")
         with self._reachable():
@@ -291,7 +317,7 @@ class RedisStore(MemoryStore):
         with self._reachable():
             known, shape, n_seqs, n_clips = (
                 self._redis.pipeline(transaction=False)
-                .sismember(self._streams_key, stream_id)
+                .sismember(k.streams, stream_id)
                 .hget(k.info, "shape")
                 .zcard(k.seqs)
                 .zcard(k.wall)
@@ -322,9 +348,7 @@ class RedisStore(MemoryStore):
     def held_seqs(self, stream_id: str) -> np.ndarray:
         k = self._keys(stream_id)
         with self._reachable():
-            known, n = (
-                self._redis.pipeline(transaction=False).sismember(self._streams_key, stream_id).zcard(k.wall).execute()
-            )
+            known, n = self._redis.pipeline(transaction=False).sismember(k.streams, stream_id).zcard(k.wall).execute()
             if not known:
                 raise UnknownStream(stream_id)
             members = [m for r in range(0, n, SCAN_CHUNK) for m in self._redis.zrange(k.wall, r, r + SCAN_CHUNK - 1)]
@@ -337,7 +361,7 @@ class RedisStore(MemoryStore):
     def stats(self, stream_id: str) -> StreamStats:
         k = self._keys(stream_id)
         with self._reachable():
-            reply = self._stats(keys=[self._streams_key, k.info, k.wall], args=[stream_id, k.clip_prefix])
+            reply = self._stats(keys=[k.streams, k.info, k.wall], args=[stream_id, k.clip_prefix])
         if reply is None:
             raise UnknownStream(stream_id)
         pairs, count, first, last = reply
@@ -361,25 +385,25 @@ class RedisStore(MemoryStore):
         with self._reachable():
             while True:
                 left = self._delete_chunk(
-                    keys=[self._streams_key, k.media, k.wall, k.seqs], args=[stream_id, k.clip_prefix, CHUNK]
+                    keys=[k.streams, k.media, k.wall, k.seqs], args=[stream_id, k.clip_prefix, CHUNK]
                 )
                 if left == -1:
                     raise UnknownStream(stream_id)
                 if left:
                     continue
-                deleted = self._delete(
-                    keys=[self._streams_key, k.info, k.media, k.wall, k.seqs, self._configs_key], args=[stream_id]
-                )
+                deleted = self._delete(keys=[k.streams, k.info, k.media, k.wall, k.seqs, k.configs], args=[stream_id])
                 if deleted == 0:
                     raise UnknownStream(stream_id)
                 if deleted == 1:
                     break
+            self._unlisted(stream_id)
         log.info("deleted stream %r", stream_id)
 
     def set_retention(self, stream_id: str, retention: Retention) -> None:
         codec.check_stream_id(stream_id)
-        info = self._keys(stream_id).info
-        pipe = self._redis.pipeline(transaction=True).sadd(self._streams_key, stream_id)
+        k = self._keys(stream_id)
+        info = k.info
+        pipe = self._redis.pipeline(transaction=True).sadd(k.streams, stream_id)
         pipe.hsetnx(info, "gen", uuid.uuid4().hex)
         pipe.hdel(info, "max_age_s", "max_bytes")
         if retention.max_age_s is not None:
@@ -388,6 +412,7 @@ class RedisStore(MemoryStore):
             pipe.hset(info, "max_bytes", int(retention.max_bytes))
         with self._reachable():
             pipe.execute()
+            self._listed(stream_id)
 
     def enforce_retention(self, now: float | None = None) -> dict[str, list[int]]:
         now = time.time() if now is None else now
@@ -399,7 +424,7 @@ class RedisStore(MemoryStore):
             while more:  # a bounded chunk per call, so puts and reads are not held up
                 with self._reachable():
                     chunk, skips, more = self._enforce(
-                        keys=[self._streams_key, k.info, k.media, k.wall, k.seqs],
+                        keys=[k.streams, k.info, k.media, k.wall, k.seqs],
                         args=[stream_id, repr(float(now)), k.clip_prefix, CHUNK, skipped],
                     )
                 members += chunk
@@ -412,14 +437,16 @@ class RedisStore(MemoryStore):
     def put_stream_config(self, stream_id: str, config: dict[str, Any]) -> None:
         codec.check_stream_id(stream_id)
         sealed = self.cipher.seal(config)
+        k = self._keys(stream_id)
         with self._reachable():
             (
                 self._redis.pipeline(transaction=True)
-                .sadd(self._streams_key, stream_id)
-                .hsetnx(self._keys(stream_id).info, "gen", uuid.uuid4().hex)
-                .hset(self._configs_key, stream_id, sealed)
+                .sadd(k.streams, stream_id)
+                .hsetnx(k.info, "gen", uuid.uuid4().hex)
+                .hset(k.configs, stream_id, sealed)
                 .execute()
             )
+            self._listed(stream_id)
 
     def stream_configs(self) -> dict[str, dict[str, Any]]:
         with self._reachable():
@@ -428,3 +455,95 @@ class RedisStore(MemoryStore):
 
     def close(self) -> None:
         self._redis.close()
+
+
+class RedisClusterStore(RedisStore):
+    """RedisStore on a Redis Cluster (redis-py's RedisCluster: it routes each call by key slot and follows MOVED
+    after a failover or resharding). Every key of a stream carries the hash tag {s:<stream id>} (never empty, so
+    Redis never ignores it, whatever the id), so a stream lives in one slot and each script stays atomic on one node;
+    the scripts are the same because a stream's registration and config become keys of its own too (a set holding
+    only its id, a hash with one field). Different streams spread over the slots, and so over the masters.
+
+    What must see every stream reads the set `prefix:streams`, an index of the registrations: written after each
+    registering write (one SADD more per put, idempotent, so an acknowledged put is always listed), cleared after a
+    delete, and filtered against the streams' own keys when read (one pipelined call per node), so a stream left
+    in it by a crash between the two is not listed. Layout is the cluster's own: data written by a single Redis
+    (keys `prefix:s:<id>:...`) is not read here."""
+
+    client_class = RedisCluster
+    kind = "redis cluster"
+    unavailable = (
+        *RedisStore.unavailable,
+        redis.exceptions.ClusterError,  # CLUSTERDOWN while a failover is under way
+        redis.exceptions.TryAgainError,  # a slot being migrated
+        redis.exceptions.RedisClusterException,  # no node reachable to read the slot map from
+    )
+
+    def __init__(self, url: str, prefix: str = "vcflash", **kwargs: Any) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix {prefix!r}: braces would change the keys' hash tag")
+        super().__init__(url, prefix, **kwargs)
+
+    def _keys(self, stream_id: str) -> _StreamKeys:
+        s = f"{self.prefix}:{{s:{stream_id}}}"
+        return _StreamKeys(
+            f"{s}:info", f"{s}:media", f"{s}:wall", f"{s}:seq", f"{s}:c:", f"{s}:streams", f"{s}:configs"
+        )
+
+    def _listed(self, stream_id: str) -> None:
+        self._redis.sadd(self._streams_key, stream_id)
+
+    def _unlisted(self, stream_id: str) -> None:
+        self._redis.srem(self._streams_key, stream_id)
+        if self._redis.sismember(self._keys(stream_id).streams, stream_id):  # written again meanwhile: keep it
+            self._redis.sadd(self._streams_key, stream_id)
+
+    def _each(self, call: Callable[[Any, str], Any]) -> list[tuple[str, Any]]:
+        """(stream id, reply) for each listed stream, from one pipeline that redis-py sends to each node once."""
+        listed = sorted(s.decode() for s in self._redis.smembers(self._streams_key))
+        pipe = self._redis.pipeline(transaction=False)
+        for stream_id in listed:
+            call(pipe, stream_id)
+        return list(zip(listed, pipe.execute() if listed else [], strict=True))
+
+    def streams(self) -> list[str]:
+        with self._reachable():
+            known = self._each(lambda pipe, s: pipe.sismember(self._keys(s).streams, s))
+        return [stream_id for stream_id, held in known if held]
+
+    def stream_configs(self) -> dict[str, dict[str, Any]]:
+        with self._reachable():
+            configs = self._each(lambda pipe, s: pipe.hget(self._keys(s).configs, s))
+        return self.cipher.unseal_all({stream_id: v for stream_id, v in configs if v is not None})
+
+
+def open_redis(url: str, **kwargs: Any) -> RedisStore:
+    """A RedisClusterStore if `url` names a Redis Cluster node, else a RedisStore; kwargs go to either.
+
+    `?cluster=yes` or `?cluster=no` in the URL says which; without it one INFO asks the node. A node that cannot be
+    reached then gets a RedisStore, which connects when Redis is up (a cluster must be up for its client to start,
+    so a deployment that may start before its cluster should say `?cluster=yes`)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    said = query.pop("cluster", [None])[-1]
+    if said not in ("yes", "no", None):
+        raise ValueError(f"redis URL: cluster={said!r}, expected 'yes' or 'no'")
+    if said:  # ours, not redis-py's: it would pass it on to the connection
+        url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    cluster = said == "yes" if said else _is_cluster(url, kwargs.get("connect_timeout_s", 0.5))
+    return (RedisClusterStore if cluster else RedisStore)(url, **kwargs)
+
+
+def _is_cluster(url: str, timeout_s: float) -> bool:
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        return client.info("cluster").get("cluster_enabled") == 1
+    except RedisStore.unavailable as e:
+        log.warning(
+            "redis at %s unreachable (%s): taken for a single Redis (a cluster: ?cluster=yes)", _address(url), e
+        )
+        return False
+    finally:
+        client.close()

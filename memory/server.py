@@ -48,7 +48,7 @@ def time_range(r: pb.TimeRange) -> tuple[float | None, float | None, Clock]:
     return start, end, "wall" if r.clock == pb.CLOCK_WALL else "media"
 
 
-def memory_stats(s: StreamStats, config: dict[str, Any] | None) -> pb.StreamMemoryStats:
+def memory_stats(s: StreamStats, config: dict[str, Any] | None, recording_bytes: int = 0) -> pb.StreamMemoryStats:
     return pb.StreamMemoryStats(
         stream_id=s.stream_id,
         clips=s.clips,
@@ -60,6 +60,7 @@ def memory_stats(s: StreamStats, config: dict[str, Any] | None) -> pb.StreamMemo
         evicted_clips=s.evicted_clips,
         configured=config is not None,
         active=bool(config and config.get("active")),
+        recording_bytes=recording_bytes,
     )
 
 
@@ -104,9 +105,17 @@ async def delete_unless_active(store: MemoryStore, index: ClipIndex | None, stre
 
 
 class MemoryServicer(pb_grpc.MemoryServicer):
-    def __init__(self, store: MemoryStore, settings: MemorySettings, delete: Callable[[str], Awaitable[None]]) -> None:
-        """`delete(stream_id)` serves DeleteStream: the service decides whether a stream may go now."""
+    def __init__(
+        self,
+        store: MemoryStore,
+        settings: MemorySettings,
+        delete: Callable[[str], Awaitable[None]],
+        recording_bytes: Callable[[str], int] = lambda stream_id: 0,
+    ) -> None:
+        """`delete(stream_id)` serves DeleteStream: the service decides whether a stream may go now.
+        `recording_bytes(stream_id)`: its recording on this server's disk (GetStats)."""
         self.store, self.max_clips, self.delete = store, settings.max_list_clips, delete
+        self.recording_bytes = recording_bytes
 
     @handle_errors
     async def ListClips(self, request: pb.ListClipsRequest, context: grpc.aio.ServicerContext) -> pb.ListClipsResponse:
@@ -132,7 +141,8 @@ class MemoryServicer(pb_grpc.MemoryServicer):
                 if request.stream_id:
                     raise
                 continue  # deleted since it was listed
-            out.append(memory_stats(s, configs.get(stream_id)))
+            recorded = await asyncio.to_thread(self.recording_bytes, stream_id)
+            out.append(memory_stats(s, configs.get(stream_id), recorded))
         return pb.GetStatsResponse(streams=out)
 
     @handle_errors
@@ -189,9 +199,13 @@ class MemoryService(Service):
         self.store.close()
 
     def memory_entry(self) -> ServiceEntry:
-        servicer = MemoryServicer(self.store, self.settings.memory, self.delete_stream)
+        servicer = MemoryServicer(self.store, self.settings.memory, self.delete_stream, self.recording_bytes)
         return (pb_grpc.add_MemoryServicer_to_server, servicer, SERVICE_NAME)
 
     async def delete_stream(self, stream_id: str) -> None:
         """Memory.DeleteStream here; a service that runs streams knows better which may go (`ServesStreams`)."""
         await delete_unless_active(self.store, self.index, stream_id)
+
+    def recording_bytes(self, stream_id: str) -> int:
+        """A stream's recording on this server's disk: none here; a service that records streams knows them."""
+        return 0

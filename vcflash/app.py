@@ -6,6 +6,7 @@ import asyncio
 import threading
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from encoder_svc.worker import EncoderMetrics, EncoderWorker
@@ -15,6 +16,7 @@ from memory import ClipIndex
 from memory.retention import sweep_forever
 from reasoner.engine import Reasoner
 from reasoner.server import reasoner_entries
+from vcflash.console import add_console
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.settings import Settings
 
@@ -52,4 +54,8 @@ class App(ServesStreams):
         )
         self.reasoner = Reasoner(model, self.store, self.index, s.reasoner, model_lock=lock)
         services = [entry, *reasoner_entries(self.reasoner, self)]
-        return services, [encoder.run(), sweep_forever(self.store, self.index)]
+        sweeps = [sweep_forever(self.store, self.index), self.streams.sweep_recordings_forever()]
+        return services, [encoder.run(), *sweeps]
+
+    def extend_http(self, app: web.Application) -> None:
+        add_console(app, self.streams, self.reasoner, self.settings.server)  # the web console, on the WHIP port

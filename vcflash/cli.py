@@ -256,9 +256,11 @@ def client(args: argparse.Namespace, reasoner: bool = False) -> Client:
     from vcflash.client import Client
     from vcflash.serve.settings import ClientSettings
 
-    settings = ClientSettings.from_env(api_token=args.token, tls_ca=tls_ca(args))
+    settings = ClientSettings.from_env(
+        api_token=args.token, tls_ca=tls_ca(args), http_url=getattr(args, "http_url", None)
+    )
     address = args.address or (settings.reasoner_address if reasoner else None) or settings.address
-    return Client(address, settings.token(), tls_ca=settings.tls_ca)
+    return Client(address, settings.token(), tls_ca=settings.tls_ca, http_url=settings.http_url)
 
 
 def tls_ca(args: argparse.Namespace) -> Path | None:
@@ -280,6 +282,7 @@ def cmd_streams(args: argparse.Namespace) -> int:
                 keyframes_only=args.keyframes_only,
                 listen=args.listen,
                 camera_clock=args.camera_clock,
+                record=args.record,
             )
             print(f"{s.stream_id}: {s.state} ({s.source}, {s.fps:g} fps)")
         elif args.action == "rm":
@@ -310,6 +313,7 @@ def cmd_streams(args: argparse.Namespace) -> int:
                     f"{s.stream_id}\t{s.state}\t{s.source}\t{s.fps:g} fps\tframes in {s.frames_in}, "
                     f"sampled {s.frames_sampled}, dropped {dropped}\tclips stored {s.clips_stored}"
                     + (f", in memory {mem.clips} ({mem.bytes / 1e6:.1f} MB)" if mem else "")
+                    + (f"\trecording {s.recording_bytes / 1e6:.1f} MB" if s.recording_bytes else "")
                     + (f"\tclock: {s.clock}" if s.clock not in ("", "server") else "")  # with --camera-clock
                     + (f"\tdecode: {s.decode}" if s.decode not in ("", "all frames") else "")  # --keyframes-only
                     + (f"\terror: {s.error}" if s.error else "")
@@ -375,6 +379,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
             return remove_memory(c, args)
         if args.action == "thumbnails":
             return save_thumbnails(c, args)
+        if args.action == "recording":
+            return save_recording(c, args)
         if args.name:
             return list_clips(c, args)
         if args.start or args.end:
@@ -428,6 +434,21 @@ def save_thumbnails(c: Client, args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"{path}\tmedia {t.clip.media_start:.1f} s\twall {iso(t.clip.wall_start, 'seconds')}")
     print(f"{args.name}: wrote {n} thumbnails to {out}")
+    return 0
+
+
+def save_recording(c: Client, args: argparse.Namespace) -> int:
+    """Write a recorded moment (wall clock: ISO date-times, or Unix seconds) as an MP4 cut by remux."""
+    import urllib.error
+
+    start, end = (parse_time(v)[0] for v in (args.start, args.end))
+    try:
+        first, last = c.recording(args.name, start, end, args.out)
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"HTTP {e.code}: {e.read().decode(errors='replace').strip()}") from None
+    except urllib.error.URLError as e:
+        raise ValueError(f"cannot reach {c.http_url} (--http-url): {e.reason}") from None
+    print(f"{args.name}: wrote {args.out} ({iso(first, 'milliseconds')} to {iso(last, 'milliseconds')})")
     return 0
 
 
@@ -691,6 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--listen", action="store_true", help="RTSP push: wait for a publisher on the URL's port")
     add.add_argument(
+        "--record",
+        action="store_true",
+        help="keep the video (stream copy; WebRTC: the sampled frames), cut with `memory recording`",
+    )
+    add.add_argument(
         "--camera-clock",
         action="store_true",
         help="RTSP: wall times on the camera's clock (RTCP sender reports), not the server's; trust it only if "
@@ -727,7 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     mth.add_argument("--wall", action="store_true", help="read --from/--to as Unix seconds on the wall clock")
     mth.add_argument("--limit", type=int, default=1000, help="at most this many thumbnails (default 1000)")
     mth.add_argument("-v", "--verbose", action="store_true", help="print each file with its clip's times")
-    for p in (mls, mrm, mth):
+    mrec = memory_sub.add_parser("recording", help="write a recorded moment of a stream as an MP4 (remux)")
+    mrec.add_argument("name")
+    mrec.add_argument("start", help="wall clock: an ISO date-time (naive: UTC) or Unix seconds")
+    mrec.add_argument("end", help="wall clock: an ISO date-time (naive: UTC) or Unix seconds")
+    mrec.add_argument("out", help="MP4 file to write")
+    mrec.add_argument("--http-url", help="the server's HTTP API (default: VCFLASH_HTTP_URL, or port 8080)")
+    for p in (mls, mrm, mth, mrec):
         connection(p)
     memory.set_defaults(func=cmd_memory)
 

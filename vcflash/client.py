@@ -56,18 +56,25 @@ class Client:
         timeout_s: float = 30.0,
         max_message_bytes: int = 8 << 20,
         tls_ca: Path | str | None = None,
+        http_url: str | None = None,
     ) -> None:
         """`address` None: VCFLASH_ADDRESS (or 127.0.0.1:50051). `token` None: as the CLI finds it,
         VCFLASH_API_TOKEN, else the one a server on this machine keeps in VCFLASH_DATA_DIR (a ValueError when there
         is none). `tls_ca`: a CA certificate (PEM file) to connect over TLS and verify the server with; None:
-        VCFLASH_TLS_CA, else plaintext."""
-        if address is None or token is None or tls_ca is None:
+        VCFLASH_TLS_CA, else plaintext. `http_url`: the server's HTTP API (recordings); None: VCFLASH_HTTP_URL, else
+        the address's host on port 8080 (https with a CA)."""
+        if address is None or token is None or tls_ca is None or http_url is None:
             from vcflash.serve.settings import ClientSettings
 
             settings = ClientSettings.from_env()
             address = address or settings.address
             token = token or settings.token()
             tls_ca = tls_ca if tls_ca is not None else settings.tls_ca
+            http_url = http_url or settings.http_url
+        host = address.rpartition(":")[0] or "127.0.0.1"
+        self.http_url = (http_url or f"{'https' if tls_ca else 'http'}://{host}:8080").rstrip("/")
+        self.tls_ca = None if tls_ca is None else Path(tls_ca)
+        self._token = token
         self.channel = channel(
             address,
             None if tls_ca is None else Path(tls_ca),
@@ -109,9 +116,11 @@ class Client:
         camera_clock: bool = False,
         retention_max_age_s: float | None = None,
         retention_max_bytes: int | None = None,
+        record: bool = False,
     ) -> pb.StreamStatus:
         """Start ingesting ``source``. ``camera_clock`` (RTSP): wall times on the camera's clock (RTCP sender
-        reports) instead of the server's, where within VCFLASH_CAMERA_CLOCK_MAX_SKEW_S of it."""
+        reports) instead of the server's, where within VCFLASH_CAMERA_CLOCK_MAX_SKEW_S of it. ``record``: keep the
+        video too (see `recording`)."""
         request = pb.AddStreamRequest(
             stream_id=stream_id,
             source=source,
@@ -125,6 +134,7 @@ class Client:
             camera_clock=camera_clock,
             retention_max_age_s=retention_max_age_s,
             retention_max_bytes=retention_max_bytes,
+            record=record,
         )
         return self._call(self.ingest.AddStream, request)  # type: ignore[return-value]
 
@@ -176,6 +186,27 @@ class Client:
             if not page.truncated:  # type: ignore[attr-defined]
                 return
             request.range.start = page.next_start  # type: ignore[attr-defined]
+
+    def recording(
+        self, stream_id: str, start: float | datetime, end: float | datetime, out: Path | str
+    ) -> tuple[float, float]:
+        """Write the recorded moment [start, end) (Unix seconds or date-times, wall clock) of a stream started with
+        `record=True` to `out` as an MP4, cut by remux over HTTP (GET /v1/streams/{id}/recording.mp4). Returns the
+        wall-clock times of its first and last frame. An HTTP error is a `urllib.error.HTTPError` whose body says
+        why: 404 when nothing is recorded there, 400 for a bad or too long range (VCFLASH_MAX_RECORDING_RANGE_S)."""
+        import shutil
+        import ssl
+        import urllib.parse
+        import urllib.request
+
+        start, end = (wall_seconds(t) if isinstance(t, datetime) else float(t) for t in (start, end))
+        query = urllib.parse.urlencode({"start": repr(start), "end": repr(end)})
+        url = f"{self.http_url}/v1/streams/{urllib.parse.quote(stream_id, safe='')}/recording.mp4?{query}"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self._token}"})
+        context = None if self.tls_ca is None else ssl.create_default_context(cafile=str(self.tls_ca))
+        with urllib.request.urlopen(request, timeout=self.timeout_s, context=context) as r, open(out, "wb") as f:
+            shutil.copyfileobj(r, f)
+            return float(r.headers["X-Recording-Start"]), float(r.headers["X-Recording-End"])
 
     def stats(self, stream_id: str = "") -> list[pb.StreamMemoryStats]:
         """What memory holds of one stream, or of every stream ("") whether or not a server runs it."""

@@ -1,6 +1,7 @@
-"""Real backends for the memory tests: a private redis-server (tests/conftest.py) and SQLite files in tmp_path.
+"""Real backends for the memory tests: a private redis-server (tests/conftest.py), a private 3-master Redis Cluster
+(cluster_server.py) and SQLite files in tmp_path.
 
-The `store` fixture runs every test against both backends; `make_store` opens another client on the same data
+The `store` fixture runs every test against each backend; `make_store` opens another client on the same data
 (a reopened file, a new Redis connection) to check what survives. Both seal stream configs: the embedded store
 with the key file beside its database, Redis with one key per test (as VCFLASH_SECRET_KEY would give).
 """
@@ -21,10 +22,11 @@ from memory import (
     ConfigCipher,
     EmbeddedStore,
     MemoryStore,
-    RedisStore,
     TokenFormat,
     clip_vector,
+    open_redis,
 )
+from tests.memory.cluster_server import redis_cluster  # noqa: F401 (a fixture)
 
 WALL0 = 1_700_000_000.0  # wall time of clip 0
 FRAME_DT = 1.0  # seconds between sampled frames: a clip covers 4 s on both clocks
@@ -33,7 +35,7 @@ FRAME_DT = 1.0  # seconds between sampled frames: a clip covers 4 s on both cloc
 StoreFactory = Callable[..., MemoryStore]
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", "redis", "cluster"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """Opens a new store object on this test's data each call: `make_store(token_format="fp16", cipher=None)`."""
     opened: list[MemoryStore] = []
@@ -44,11 +46,13 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store
             opened.append(EmbeddedStore(path, token_format=token_format, cipher=cipher))
             return opened[-1]
     else:
-        url, prefix = request.getfixturevalue("redis_server").url, f"test-{uuid.uuid4().hex}"
+        server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
+        url, prefix = server.url, f"test-{uuid.uuid4().hex}"
         shared = ConfigCipher(Fernet.generate_key().decode())
 
         def open_(token_format: TokenFormat = "fp16", cipher: ConfigCipher | None = None) -> MemoryStore:
-            opened.append(RedisStore(url, prefix=prefix, token_format=token_format, cipher=cipher or shared))
+            # open_redis, as open_store does: a RedisClusterStore for the cluster, found by asking the node
+            opened.append(open_redis(url, prefix=prefix, token_format=token_format, cipher=cipher or shared))
             return opened[-1]
 
     yield open_

@@ -56,7 +56,7 @@ def stored_config(store: MemoryStore, stream_id: str) -> bytes:
         db.close()
         return value.encode()
     assert isinstance(store, RedisStore)
-    return store._redis.hget(f"{store.prefix}:configs", stream_id)
+    return store._redis.hget(store._keys(stream_id).configs, stream_id)  # a cluster keeps it per stream
 
 
 def write_plain_json(store: MemoryStore, stream_id: str, config: dict) -> None:
@@ -68,7 +68,7 @@ def write_plain_json(store: MemoryStore, stream_id: str, config: dict) -> None:
         db.close()
     else:
         assert isinstance(store, RedisStore)
-        store._redis.hset(f"{store.prefix}:configs", stream_id, json.dumps(config))
+        store._redis.hset(store._keys(stream_id).configs, stream_id, json.dumps(config))
 
 
 def test_passwords_are_sealed_and_deleting_a_stream_leaves_no_trace(store: MemoryStore, clip) -> None:

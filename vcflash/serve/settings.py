@@ -86,6 +86,7 @@ class ServerSettings(Section):
     http_max_connections: int = setting(256, lo=1)  # open WHIP/HTTP connections; more are closed at once
     http_timeout_s: float = setting(10.0, lo=1e-3)  # an HTTP request's head, and its body, must arrive within this
     tls_cert: Path | None = None  # PEM certificate chain for gRPC and WHIP; with tls_key, or neither
+    console_session_s: float = setting(12 * 3600.0, lo=60.0, hi=30 * 24 * 3600.0)  # a web console sign-in lasts this
     tls_key: Path | None = None
 
     def __post_init__(self) -> None:
@@ -147,6 +148,11 @@ class IngestSettings(Section):
     max_frame_pixels: int = setting(4096 * 4096, lo=256)  # decoded frames above this are scaled down at decode
     # a camera clock (StreamSpec.camera_clock) further than this from ours is ignored: this server's clock is used
     camera_clock_max_skew_s: float = setting(300.0, lo=0.0)
+    # recordings (StreamSpec.record): segment length (each cut at the next keyframe after it), each stream's cap
+    # (oldest segments go first), and the longest moment one GET cuts
+    record_segment_s: float = setting(60.0, lo=1.0, hi=3600.0)
+    record_max_bytes: int = setting(20_000_000_000, lo=1_000_000)
+    max_recording_range_s: float = setting(600.0, lo=1.0)
     # live sources; waits capped at 1 s so a camera is read again within about a second of its return (a source
     # refusing its credentials gives up after `refused_tries`, so fast retries cannot lock a camera account)
     reconnect: Backoff = field(default_factory=lambda: Backoff(max_s=1.0))
@@ -219,6 +225,7 @@ class ClientSettings(Section):
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = field(default_factory=lambda: ServerSettings().data_dir)
     tls_ca: Path | None = None  # CA certificate (PEM) to verify the servers' TLS certificate; None: plaintext
+    http_url: str | None = None  # the HTTP API (recordings); None: the address's host, port 8080 (https with tls_ca)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:

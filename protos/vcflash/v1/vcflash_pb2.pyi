@@ -50,7 +50,7 @@ class ClipInfo(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., wall_start: _Optional[float] = ..., wall_end: _Optional[float] = ..., media_start: _Optional[float] = ..., media_end: _Optional[float] = ..., frame_media_times: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AddStreamRequest(_message.Message):
-    __slots__ = ("stream_id", "source", "fps", "realtime", "loop", "retention_max_age_s", "retention_max_bytes", "transport", "keyframes_only", "listen", "live", "camera_clock")
+    __slots__ = ("stream_id", "source", "fps", "realtime", "loop", "retention_max_age_s", "retention_max_bytes", "transport", "keyframes_only", "listen", "live", "camera_clock", "record")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class AddStreamRequest(_message.Message):
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     CAMERA_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     source: str
     fps: float
@@ -75,10 +76,11 @@ class AddStreamRequest(_message.Message):
     listen: bool
     live: bool
     camera_clock: bool
-    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., realtime: _Optional[bool] = ..., loop: _Optional[bool] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., keyframes_only: _Optional[bool] = ..., listen: _Optional[bool] = ..., live: _Optional[bool] = ..., camera_clock: _Optional[bool] = ...) -> None: ...
+    record: bool
+    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., realtime: _Optional[bool] = ..., loop: _Optional[bool] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., keyframes_only: _Optional[bool] = ..., listen: _Optional[bool] = ..., live: _Optional[bool] = ..., camera_clock: _Optional[bool] = ..., record: _Optional[bool] = ...) -> None: ...
 
 class StreamStatus(_message.Message):
-    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time", "reconnects", "memory_error", "clock", "decode")
+    __slots__ = ("stream_id", "source", "fps", "state", "error", "frames_in", "frames_sampled", "frames_dropped", "clips_emitted", "clips_stored", "last_media_time", "last_wall_time", "reconnects", "memory_error", "clock", "decode", "recording_bytes")
     class FramesDroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +104,7 @@ class StreamStatus(_message.Message):
     MEMORY_ERROR_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    RECORDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     source: str
     fps: float
@@ -118,7 +121,8 @@ class StreamStatus(_message.Message):
     memory_error: str
     clock: str
     decode: str
-    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ..., reconnects: _Optional[int] = ..., memory_error: _Optional[str] = ..., clock: _Optional[str] = ..., decode: _Optional[str] = ...) -> None: ...
+    recording_bytes: int
+    def __init__(self, stream_id: _Optional[str] = ..., source: _Optional[str] = ..., fps: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[_Mapping[str, int]] = ..., clips_emitted: _Optional[int] = ..., clips_stored: _Optional[int] = ..., last_media_time: _Optional[float] = ..., last_wall_time: _Optional[float] = ..., reconnects: _Optional[int] = ..., memory_error: _Optional[str] = ..., clock: _Optional[str] = ..., decode: _Optional[str] = ..., recording_bytes: _Optional[int] = ...) -> None: ...
 
 class RemoveStreamRequest(_message.Message):
     __slots__ = ("stream_id", "delete_memory")
@@ -179,7 +183,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
 
 class StreamMemoryStats(_message.Message):
-    __slots__ = ("stream_id", "clips", "bytes", "first", "last", "retention_max_age_s", "retention_max_bytes", "evicted_clips", "configured", "active")
+    __slots__ = ("stream_id", "clips", "bytes", "first", "last", "retention_max_age_s", "retention_max_bytes", "evicted_clips", "configured", "active", "recording_bytes")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     CLIPS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +194,7 @@ class StreamMemoryStats(_message.Message):
     EVICTED_CLIPS_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    RECORDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     clips: int
     bytes: int
@@ -200,7 +205,8 @@ class StreamMemoryStats(_message.Message):
     evicted_clips: int
     configured: bool
     active: bool
-    def __init__(self, stream_id: _Optional[str] = ..., clips: _Optional[int] = ..., bytes: _Optional[int] = ..., first: _Optional[_Union[ClipInfo, _Mapping]] = ..., last: _Optional[_Union[ClipInfo, _Mapping]] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., evicted_clips: _Optional[int] = ..., configured: _Optional[bool] = ..., active: _Optional[bool] = ...) -> None: ...
+    recording_bytes: int
+    def __init__(self, stream_id: _Optional[str] = ..., clips: _Optional[int] = ..., bytes: _Optional[int] = ..., first: _Optional[_Union[ClipInfo, _Mapping]] = ..., last: _Optional[_Union[ClipInfo, _Mapping]] = ..., retention_max_age_s: _Optional[float] = ..., retention_max_bytes: _Optional[int] = ..., evicted_clips: _Optional[int] = ..., configured: _Optional[bool] = ..., active: _Optional[bool] = ..., recording_bytes: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("streams",)
