@@ -109,8 +109,16 @@ class WhipServer:
     # ---------------------------------------------------------------- handlers
 
     async def post(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["stream"]
         self._authorize(request)
+        return await self.offer(request, request.match_info["stream"])
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        self._authorize(request)
+        return await self.stop(request.match_info["stream"])
+
+    async def offer(self, request: web.Request, name: str) -> web.StreamResponse:
+        """Publish stream `name` from the SDP offer in `request`'s body (the caller has authorized it): the answer,
+        201. Shared by ``POST /whip/{stream}`` and the web console's publish (its session authorizes that)."""
         _check_name(name)
         spec = self._spec_of(name, request)
         if request.content_type != SDP:
@@ -130,9 +138,8 @@ class WhipServer:
         finally:
             self._negotiating.discard(name)
 
-    async def delete(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["stream"]
-        self._authorize(request)
+    async def stop(self, name: str) -> web.StreamResponse:
+        """End WHIP stream `name` and its session (the caller has authorized it); 404 if no session has that name."""
         session = self.sessions.pop(name, None)
         if session is None:
             raise _error(web.HTTPNotFound, f"no WHIP stream named {excerpt(name)}")

@@ -104,8 +104,7 @@ def start_app(runner: LoopThread, model: VideoChatFlash, **settings: Any) -> Ser
         address="127.0.0.1:0",
         api_token=TOKEN,
         metrics_port=0,
-        http_port=0,
-        **{"media_root": ANY} | settings,
+        **{"media_root": ANY, "http_port": 0} | settings,
     )
 
     async def start() -> App:

@@ -19,17 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
 from tests.ingest.test_rtsp import RtspServer
 from tests.ingest.test_rtsp import missing as gstreamer_missing
-from tests.test_app import ANY, TOKEN, LoopThread, Served, free_port, wait_done, wait_for
-from vcflash.app import App
+from tests.test_app import TOKEN, LoopThread, Served, free_port, start_app, wait_done, wait_for
 from vcflash.console.server import ASSETS
 from vcflash.media import write_test_video
-from vcflash.serve.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 CLIPS = 3  # the 12 s video at 1 fps
@@ -51,25 +48,8 @@ def served(
 ) -> Iterator[tuple[Served, str]]:
     """An App with recordings, holding stream `stored` (3 clips); yields it and its HTTP base URL."""
     port = free_port()
-    settings = Settings.from_env(
-        {},
-        model="tiny",
-        address="127.0.0.1:0",
-        api_token=TOKEN,
-        metrics_port=0,
-        http_port=port,
-        media_root=ANY,
-        data_dir=tmp_path_factory.mktemp("data"),
-        record_segment_s=2.0,
-    )
     runner = LoopThread()
-
-    async def start() -> App:
-        app = App(settings, model, registry=CollectorRegistry())
-        await app.start()
-        return app
-
-    s = Served(runner, runner.run(start()), settings)
+    s = start_app(runner, model, http_port=port, data_dir=tmp_path_factory.mktemp("data"), record_segment_s=2.0)
     try:
         s.client.add_stream("stored", str(video), fps=1, realtime=False)
         wait_done(s.client, "stored")

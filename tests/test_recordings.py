@@ -13,16 +13,14 @@ from pathlib import Path
 
 import av
 import pytest
-from prometheus_client import CollectorRegistry
 
 from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
 from ingest.recording import stream_dir_name
-from tests.test_app import ANY, TOKEN, LoopThread, Served, free_port, wait_done
+from tests.test_app import TOKEN, LoopThread, Served, free_port, start_app, wait_done
 from vcflash import cli
 from vcflash.app import App
 from vcflash.media import write_test_video
-from vcflash.serve.settings import Settings
 
 FPS = 25
 SEGMENT_S = 2.0  # the video (one keyframe a second) makes segments of 2 s
@@ -39,27 +37,17 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_test_video(tmp_path_factory.mktemp("videos") / "12s.mp4", seconds=12, fps=FPS, size=(64, 48))
 
 
-def start_app(model: VideoChatFlash, data_dir: Path, port: int) -> tuple[Served, LoopThread]:
-    settings = Settings.from_env(
-        {},
-        model="tiny",
-        address="127.0.0.1:0",
-        api_token=TOKEN,
-        metrics_port=0,
+def start_recording_app(model: VideoChatFlash, data_dir: Path, port: int) -> tuple[Served, LoopThread]:
+    runner = LoopThread()
+    served = start_app(
+        runner,
+        model,
         http_port=port,
-        media_root=ANY,
         data_dir=data_dir,
         record_segment_s=SEGMENT_S,
         max_recording_range_s=MAX_RANGE_S,
     )
-    runner = LoopThread()
-
-    async def start() -> App:
-        app = App(settings, model, registry=CollectorRegistry())
-        await app.start()
-        return app
-
-    return Served(runner, runner.run(start()), settings), runner
+    return served, runner
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +56,7 @@ def served(
 ) -> Iterator[tuple[Served, int, float]]:
     """An App holding stream cam (12 s recorded, 3 clips); yields it, its HTTP port and cam's first wall time."""
     port = free_port()
-    s, runner = start_app(model, tmp_path_factory.mktemp("data"), port)
+    s, runner = start_recording_app(model, tmp_path_factory.mktemp("data"), port)
     try:
         s.client.add_stream("cam", str(video), fps=1, realtime=False, record=True)
         wait_done(s.client, "cam")
@@ -198,7 +186,7 @@ def test_a_restarted_server_finds_its_segments_and_skips_a_broken_one(
     model: VideoChatFlash, video: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
-    s, runner = start_app(model, tmp_path, port)
+    s, runner = start_recording_app(model, tmp_path, port)
     try:
         s.client.add_stream("cam", str(video), fps=1, realtime=False, record=True)
         wait_done(s.client, "cam")
@@ -213,7 +201,7 @@ def test_a_restarted_server_finds_its_segments_and_skips_a_broken_one(
     last.rename(root / (last.name.rsplit("_", 1)[0] + ".ts.part"))
     (root / "0000000099_1000.ts.part").write_bytes(b"not a transport stream")
 
-    s, runner = start_app(model, tmp_path, port)
+    s, runner = start_recording_app(model, tmp_path, port)
     try:
         status, headers, body = get(port, f"/v1/streams/cam/recording.mp4?start={w0 + 10.2}&end={w0 + 11.9}")
         assert status == 200  # the recovered segment

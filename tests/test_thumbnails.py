@@ -14,15 +14,12 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
 from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
-from tests.test_app import ANY, TOKEN, LoopThread, Served, code_of, free_port, wait_done
+from tests.test_app import TOKEN, LoopThread, Served, code_of, free_port, start_app, wait_done
 from vcflash import cli
-from vcflash.app import App
 from vcflash.media import write_video
-from vcflash.serve.settings import Settings
 
 SECONDS, FPS = 16, 10  # 16 s at 1 fps: 4 clips
 SIZE = (128, 72)  # 16:9, so a thumbnail is 320 x 180
@@ -63,24 +60,7 @@ def served(
     redis_url = request.getfixturevalue("redis_server").fresh_url() if request.param == "redis" else None
     runner = LoopThread()
     port = free_port()
-    settings = Settings.from_env(
-        {},
-        model="tiny",
-        address="127.0.0.1:0",
-        api_token=TOKEN,
-        metrics_port=0,
-        http_port=port,
-        media_root=ANY,
-        data_dir=tmp_path_factory.mktemp("data"),
-        redis_url=redis_url,
-    )
-
-    async def start() -> App:
-        app = App(settings, model, registry=CollectorRegistry())
-        await app.start()
-        return app
-
-    s = Served(runner, runner.run(start()), settings)
+    s = start_app(runner, model, http_port=port, data_dir=tmp_path_factory.mktemp("data"), redis_url=redis_url)
     try:
         s.client.add_stream("cam", str(video), fps=1, realtime=False)
         wait_done(s.client, "cam")

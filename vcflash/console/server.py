@@ -1,19 +1,22 @@
 """The web console's pages and JSON API, on the HTTP server that serves WHIP, thumbnails and recordings.
 
 Pages: ``/console/`` (the single-page app: cameras, timeline, chat), ``/console/signin`` (a form that POSTs the
-API token; the answer sets the session cookie), ``/console/static/*`` (the app's ES modules and CSS, read from
-this package). JSON API (cookie or bearer token; see :mod:`vcflash.console.sessions`):
+API token; the answer sets the session cookie; failed sign-ins are limited per client address),
+``/console/static/*`` (the app's ES modules and CSS, read from this package). JSON API (cookie or bearer token;
+see :mod:`vcflash.console.sessions`):
 
 - ``GET /v1/console/session``: the session's CSRF token.
 - ``GET /v1/console/streams``: the running streams (redacted URLs, counters, last stored clip) and the names
   memory holds; ``POST`` adds one (``{name, url, fps?, record?, realtime?}``), ``DELETE .../{name}`` removes it.
+- ``POST /v1/console/whip/{name}[?record=1]``: publish the browser's camera: an SDP offer in, the answer out, as
+  ``POST /whip/{name}`` (the same WHIP session logic, names, limits and SDP checks); ``DELETE`` ends it.
 - ``GET /v1/console/streams/{name}/clips?start=T&end=T&limit=N``: the stored clips overlapping a wall-clock range.
 - ``POST /v1/console/ask``: ``{streams, question, start?, end?}``, answered as NDJSON lines (``{"text": ...}``
   while the answer is generated, then ``{"result": ...}`` with the evidence, or ``{"error": ...}``).
 
 Handlers only translate: streams come and go through the same registry (`ingest.streams.Streams`) as
-Ingest.AddStream, and questions go to the same `Reasoner` as Reasoner.Ask. Thumbnails and recordings are the
-existing ``/v1/streams/...`` GETs, which accept a console session.
+Ingest.AddStream, a browser publishes through the app's `WhipServer`, and questions go to the same `Reasoner` as
+Reasoner.Ask. Thumbnails and recordings are the existing ``/v1/streams/...`` GETs, which accept a console session.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ingest.http import WHIP
+from ingest.http import WHIP, WhipServer
 from ingest.pipeline import StreamStatus
 from ingest.spec import StreamSpec
 from ingest.streams import Streams
@@ -39,7 +42,7 @@ from memory.records import ClipMeta
 from memory.store import UnknownStream
 from protos.clip import check_stream_name
 from reasoner.engine import AskParams, AskResult, Reasoner
-from vcflash.console.sessions import Sessions, error
+from vcflash.console.sessions import Sessions, SignInLimit, error
 from vcflash.serve.errors import (
     AlreadyExists,
     Exhausted,
@@ -68,6 +71,7 @@ ASSETS = {  # the only files /console/static serves, and their types
     "cameras.js": "text/javascript",
     "timeline.js": "text/javascript",
     "chat.js": "text/javascript",
+    "publish.js": "text/javascript",
     "console.css": "text/css",
 }
 # The neutral errors as HTTP statuses, most specific first (as ingest.http's, plus FailedPrecondition).
@@ -85,8 +89,9 @@ _DONE = object()
 class Console:
     """The console's handlers over the server's stream registry and, in the all-in-one server, its reasoner."""
 
-    def __init__(self, streams: Streams, reasoner: Reasoner | None, sessions: Sessions) -> None:
-        self.streams, self.reasoner, self.sessions = streams, reasoner, sessions
+    def __init__(self, streams: Streams, reasoner: Reasoner | None, sessions: Sessions, whip: WhipServer) -> None:
+        self.streams, self.reasoner, self.sessions, self.whip = streams, reasoner, sessions, whip
+        self.signins = SignInLimit()
         static = resources.files("vcflash.console") / "static"
         self.assets = {name: (static / name).read_bytes() for name in ASSETS}
         self.index = (static / "index.html").read_text()
@@ -106,11 +111,20 @@ class Console:
         return _page(self.signin_page.replace("{{error}}", ""))
 
     async def signin(self, request: web.Request) -> web.StreamResponse:
-        """The sign-in form's POST: the token in the body (never a URL), a session cookie in the answer."""
+        """The sign-in form's POST: the token in the body (never a URL), a session cookie in the answer; 429 once
+        the client's address has failed too often (not even the right token is checked then)."""
+        wait = self.signins.retry_after(request.remote)
+        if wait:
+            log.warning("event=console_signin_limited remote=%s retry_after=%d", request.remote, wait)
+            message = f'<p class="error" role="alert">Too many failed sign-ins: try again in {wait} s.</p>'
+            response = _page(self.signin_page.replace("{{error}}", message), status=429)
+            response.headers["Retry-After"] = str(wait)
+            return response
         _check_length(request, 4096)
         form = await request.post()
         token = form.get("token")
         if not isinstance(token, str) or not self.sessions.check_token(token):
+            self.signins.failed(request.remote)
             log.warning("event=console_signin_refused remote=%s", request.remote)
             message = '<p class="error" role="alert">That is not this server\'s API token.</p>'
             return _page(self.signin_page.replace("{{error}}", message), status=401)
@@ -177,11 +191,38 @@ class Console:
         if name not in self.streams.manager.names():
             raise error(web.HTTPNotFound, f"no stream named {name!r} runs here")
         try:
-            await self.streams.remove(name)  # its memory stays, for the timeline and questions
+            if name in self.whip.sessions:  # published over WHIP: its WebRTC session ends too
+                await self.whip.stop(name)
+            else:
+                await self.streams.remove(name)  # its memory stays, for the timeline and questions
         except Exception as e:
             raise _http_error(e) from None
         log.info("event=console_stream_removed stream=%s", name)
         return web.json_response({})
+
+    async def publish(self, request: web.Request) -> web.StreamResponse:
+        """The browser's camera as stream `name`: its SDP offer (``application/sdp``), answered by the WHIP endpoint's
+        own logic; the session and its CSRF header stand in for the bearer token."""
+        self.sessions.authorize(request)
+        name = request.match_info["name"]
+        try:
+            response = await self.whip.offer(request, name)
+        except web.HTTPException as e:
+            raise _as_json(e) from None
+        response.headers["Location"] = f"/v1/console/whip/{name}"
+        log.info("event=console_whip_published stream=%s", name)
+        return response
+
+    async def unpublish(self, request: web.Request) -> web.StreamResponse:
+        self.sessions.authorize(request)
+        name = request.match_info["name"]
+        _check(check_stream_name, name)
+        try:
+            response = await self.whip.stop(name)
+        except web.HTTPException as e:
+            raise _as_json(e) from None
+        log.info("event=console_whip_stopped stream=%s", name)
+        return response
 
     async def clips(self, request: web.Request) -> web.StreamResponse:
         self.sessions.authorize(request)
@@ -409,6 +450,15 @@ def _message(e: Exception) -> str:
     return str(e) if any(isinstance(e, kind) for kind, _ in _HTTP_STATUS) else "internal error (see the server log)"
 
 
+def _as_json(e: web.HTTPException) -> web.HTTPException:
+    """A WHIP error (plain text) as the console's ``{"error": message}``."""
+    if e.content_type == "text/plain" and e.text is not None:
+        message = e.text.strip()
+        e.content_type = "application/json"
+        e.text = json.dumps({"error": message})
+    return e
+
+
 def _http_error(e: Exception) -> web.HTTPException:
     """A neutral error as its HTTP status; anything else is a bug: 500, logged, no detail for the browser."""
     if isinstance(e, web.HTTPException):
@@ -449,7 +499,7 @@ def add_console(app: web.Application, streams: Streams, reasoner: Reasoner | Non
     """Mount the console on `app` (the WHIP app, before it starts), signing in with the server's API token; a
     session may then also GET the app's thumbnails and recordings."""
     sessions = Sessions(server.api_token or "", server.console_session_s, secure=server.tls_cert is not None)
-    console = Console(streams, reasoner, sessions)
+    console = Console(streams, reasoner, sessions, app[WHIP])
     app[WHIP].session_reads = sessions.reads
     app.middlewares.append(security_headers)
     r = app.router
@@ -464,5 +514,7 @@ def add_console(app: web.Application, streams: Streams, reasoner: Reasoner | Non
     r.add_post("/v1/console/streams", console.add_stream)
     r.add_delete("/v1/console/streams/{name}", console.remove_stream)
     r.add_get("/v1/console/streams/{name}/clips", console.clips)
+    r.add_post("/v1/console/whip/{name}", console.publish)
+    r.add_delete("/v1/console/whip/{name}", console.unpublish)
     r.add_post("/v1/console/ask", console.ask)
     return console

@@ -4,16 +4,19 @@ The cookie holds a random session id, never the API token: signing out (or a res
 leaked cookie does not leak the token. A cookie is sent by the browser on its own, so every state-changing call
 authenticated by one must also carry the session's CSRF token in a header (a page on another site can make the
 browser send the cookie, but cannot read the CSRF token). A bearer header is never sent on its own: requests that
-carry one need no CSRF token.
+carry one need no CSRF token. Failed sign-ins are limited per client address (:class:`SignInLimit`).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import math
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,9 @@ from aiohttp import web
 COOKIE = "vcflash_session"
 CSRF_HEADER = "X-CSRF-Token"
 MAX_SESSIONS = 256  # signed-in browsers at once; the oldest session goes first
+MAX_SIGNIN_FAILURES = 10  # failed sign-ins a client address may make in SIGNIN_WINDOW_S, then 429
+SIGNIN_WINDOW_S = 60.0
+MAX_SIGNIN_CLIENTS = 4096  # addresses whose failures are counted at once; the least recent goes first
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,63 @@ class Sessions:
     def reads(self, request: web.Request) -> bool:
         """Whether a session may read this request (the thumbnail and recording GETs an <img> or a fetch makes)."""
         return request.method in ("GET", "HEAD") and self.session(request) is not None
+
+
+class SignInLimit:
+    """Failed sign-ins per client address: at most `max_failures` in any `window_s`, then refused until the oldest
+    of them is `window_s` old. A success resets nothing (behind a shared address, one user signing in must not
+    let another carry on guessing). IPv6 clients count per /64, the block one host usually holds. At most
+    `max_clients` addresses are tracked: expired ones go first, then the least recently failing."""
+
+    def __init__(
+        self,
+        max_failures: int = MAX_SIGNIN_FAILURES,
+        window_s: float = SIGNIN_WINDOW_S,
+        max_clients: int = MAX_SIGNIN_CLIENTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_failures < 1 or window_s <= 0 or max_clients < 1:
+            raise ValueError(
+                f"max_failures and max_clients must be >= 1 and window_s > 0, got {max_failures}, {max_clients}, "
+                f"{window_s}"
+            )
+        self.max_failures, self.window_s, self.max_clients, self.clock = max_failures, window_s, max_clients, clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # least recently failing first
+
+    def retry_after(self, address: str | None) -> int:
+        """Whole seconds until `address` may try again; 0 when it may now."""
+        failures = self._failures.get(_client(address))
+        if failures is None or len(failures) < self.max_failures:
+            return 0
+        wait = failures[0] + self.window_s - self.clock()
+        return math.ceil(wait) if wait > 0 else 0
+
+    def failed(self, address: str | None) -> None:
+        key, now = _client(address), self.clock()
+        failures = self._failures.pop(key, None)
+        if failures is None:
+            while self._failures and next(iter(self._failures.values()))[-1] + self.window_s <= now:
+                self._failures.popitem(last=False)  # expired: every failure older than the window
+            while len(self._failures) >= self.max_clients:
+                self._failures.popitem(last=False)
+            failures = deque(maxlen=self.max_failures)
+        failures.append(now)
+        self._failures[key] = failures
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+
+def _client(address: str | None) -> str:
+    """The key an address is counted under: itself, or its /64 for IPv6."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or ""
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        return str(mapped) if mapped is not None else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def error(kind: type[web.HTTPException], message: str, **kwargs: Any) -> web.HTTPException:

@@ -38,15 +38,22 @@ export async function getJSON(path) {
   return (await check(await fetch(path, { credentials: "same-origin" }))).json();
 }
 
-// A state-changing call; the response, checked (4xx/5xx throw ApiError with the server's message).
-export async function send(method, path, body) {
+// A state-changing call; the response, checked (4xx/5xx throw ApiError with the server's message). The body is
+// sent as JSON unless another type is given (then as it is).
+export async function send(method, path, body, type = "application/json") {
   const headers = { "X-CSRF-Token": csrf };
   const init = { method, headers, credentials: "same-origin" };
   if (body !== undefined) {
-    headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
+    headers["Content-Type"] = type;
+    init.body = type === "application/json" ? JSON.stringify(body) : body;
   }
   return check(await fetch(path, init));
+}
+
+// A state-changing call made as the page goes away: the browser finishes it after the page is gone.
+export function sendOnLeave(method, path) {
+  const init = { method, headers: { "X-CSRF-Token": csrf }, credentials: "same-origin", keepalive: true };
+  fetch(path, init).catch(() => {});
 }
 
 // Running streams and the names memory holds, for pickers.

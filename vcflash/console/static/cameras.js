@@ -1,6 +1,7 @@
 // Cameras: every running stream with its state, rate, drops and last thumbnail (polled every 2 s); add a camera
-// by URL, remove one. URLs come from the server redacted: a camera's password never reaches the page.
+// by URL, remove one, or publish this browser's camera (publish.js). URLs come from the server redacted: a camera's password never reaches the page.
 import { el, enc, formatTime, getJSON, send, thumbnailURL } from "./api.js";
+import * as publisher from "./publish.js";
 
 const POLL_MS = 2000;
 
@@ -8,7 +9,8 @@ export function show(view) {
   const cards = new Map(); // name -> {card, img, info}
   const list = el("section", { class: "cameras", id: "cameras" });
   const notice = el("p", { class: "error", role: "alert", hidden: true });
-  view.append(el("h1", {}, "Cameras"), notice, list, addForm(refresh));
+  const forms = el("div", { class: "forms" }, addForm(refresh), publisher.control(refresh));
+  view.append(el("h1", {}, "Cameras"), notice, list, forms);
 
   async function refresh() {
     let data;

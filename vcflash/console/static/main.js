@@ -3,6 +3,7 @@
 import { send, start } from "./api.js";
 import * as cameras from "./cameras.js";
 import * as chat from "./chat.js";
+import * as publisher from "./publish.js";
 import * as timeline from "./timeline.js";
 
 const pages = { cameras, timeline, chat };
@@ -23,6 +24,7 @@ function route() {
 }
 
 async function signOut() {
+  await publisher.stop().catch(() => {}); // signed out, the page could no longer end it
   await send("POST", "/console/signout");
   location.assign("/console/signin");
 }
