@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,19 +36,11 @@ from ingest.recording import Recordings, StreamRecording
 from ingest.spec import StreamSpec
 from vcflash.serve.settings import IngestSettings
 
+sys.path[:0] = [str(Path(__file__).resolve().parent)]
+from bench_ingest import SOURCE_FPS as FPS  # noqa: E402 - the sibling benchmark's camera-like 1080p25 stream
+from bench_ingest import make_1080p  # noqa: E402
+
 log = logging.getLogger("bench_record")
-FPS = 25
-
-
-def make_1080p(path: Path, seconds: int) -> Path:
-    """bench_ingest's camera-like 1080p25 H.264 at 4 Mb/s (noise, so it compresses like a real picture), GOP 25."""
-    command = (
-        f"ffmpeg -nostdin -loglevel error -y -f lavfi -i testsrc2=size=1920x1080:rate={FPS},"
-        f"noise=alls=10:allf=t -t {seconds} -c:v libx264 -preset veryfast -b:v 4M -maxrate 4M -bufsize 8M "
-        f"-g {FPS} -keyint_min {FPS} -sc_threshold 0 -pix_fmt yuv420p"
-    )
-    subprocess.run([*command.split(), str(path)], check=True)
-    return path
 
 
 class Timed:
