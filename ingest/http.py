@@ -44,7 +44,15 @@ from ingest.spec import StreamSpec
 from ingest.streams import Streams
 from ingest.webrtc import OfferError, WebRTCSession, WebRTCSettings, check_offer
 from protos.clip import check_stream_name
-from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound, Unavailable, excerpt
+from vcflash.serve.errors import (
+    AlreadyExists,
+    Exhausted,
+    FailedPrecondition,
+    Invalid,
+    NotFound,
+    Unavailable,
+    excerpt,
+)
 from vcflash.serve.settings import IngestSettings
 
 logger = logging.getLogger(__name__)
@@ -53,11 +61,12 @@ SDP = "application/sdp"
 JPEG = "image/jpeg"
 MP4 = "video/mp4"
 _REPLACE_WAIT_S = 2.0  # how long a new offer waits for the ended session's stream to finish
-# The neutral errors as HTTP statuses (serve.rpc maps them to gRPC codes), most specific first.
-_HTTP_STATUS: tuple[tuple[type[Exception], type[web.HTTPException]], ...] = (
+# The neutral errors as HTTP statuses (serve.rpc maps them to gRPC codes), most specific first; the console's too.
+HTTP_STATUS: tuple[tuple[type[Exception], type[web.HTTPException]], ...] = (
     (Unavailable, web.HTTPServiceUnavailable),
     (NotFound, web.HTTPNotFound),
     (AlreadyExists, web.HTTPConflict),
+    (FailedPrecondition, web.HTTPConflict),
     (Exhausted, web.HTTPServiceUnavailable),
     (Invalid, web.HTTPBadRequest),
 )
@@ -568,7 +577,7 @@ def _error(kind: type[web.HTTPException], message: str, **kwargs: Any) -> web.HT
 
 def _http_error(e: Exception, name: str) -> web.HTTPException:
     """A neutral error as its HTTP status; anything else is a bug (500, logged, no detail for the sender)."""
-    for kind, status in _HTTP_STATUS:
+    for kind, status in HTTP_STATUS:
         if isinstance(e, kind):
             return _error(status, str(e))
     logger.error("whip stream setup failed stream=%s", name, exc_info=e)

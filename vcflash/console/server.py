@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ingest.http import WHIP, WhipServer
+from ingest.http import HTTP_STATUS, WHIP, WhipServer
 from ingest.pipeline import StreamStatus
 from ingest.spec import StreamSpec
 from ingest.streams import Streams
@@ -44,11 +44,6 @@ from protos.clip import check_stream_name
 from reasoner.engine import AskParams, AskResult, Reasoner
 from vcflash.console.sessions import Sessions, SignInLimit, error
 from vcflash.serve.errors import (
-    AlreadyExists,
-    Exhausted,
-    FailedPrecondition,
-    Invalid,
-    NotFound,
     Unavailable,
     excerpt,
 )
@@ -74,15 +69,6 @@ ASSETS = {  # the only files /console/static serves, and their types
     "publish.js": "text/javascript",
     "console.css": "text/css",
 }
-# The neutral errors as HTTP statuses, most specific first (as ingest.http's, plus FailedPrecondition).
-_HTTP_STATUS: tuple[tuple[type[Exception], type[web.HTTPException]], ...] = (
-    (Unavailable, web.HTTPServiceUnavailable),
-    (NotFound, web.HTTPNotFound),
-    (AlreadyExists, web.HTTPConflict),
-    (FailedPrecondition, web.HTTPConflict),
-    (Exhausted, web.HTTPServiceUnavailable),
-    (Invalid, web.HTTPBadRequest),
-)
 _DONE = object()
 
 
@@ -205,10 +191,7 @@ class Console:
         own logic; the session and its CSRF header stand in for the bearer token."""
         self.sessions.authorize(request)
         name = request.match_info["name"]
-        try:
-            response = await self.whip.offer(request, name)
-        except web.HTTPException as e:
-            raise _as_json(e) from None
+        response = await _json_errors(self.whip.offer(request, name))
         response.headers["Location"] = f"/v1/console/whip/{name}"
         log.info("event=console_whip_published stream=%s", name)
         return response
@@ -217,10 +200,7 @@ class Console:
         self.sessions.authorize(request)
         name = request.match_info["name"]
         _check(check_stream_name, name)
-        try:
-            response = await self.whip.stop(name)
-        except web.HTTPException as e:
-            raise _as_json(e) from None
+        response = await _json_errors(self.whip.stop(name))
         log.info("event=console_whip_stopped stream=%s", name)
         return response
 
@@ -447,7 +427,7 @@ def _check(check: Callable[[str], None], value: str) -> None:
 
 
 def _message(e: Exception) -> str:
-    return str(e) if any(isinstance(e, kind) for kind, _ in _HTTP_STATUS) else "internal error (see the server log)"
+    return str(e) if any(isinstance(e, kind) for kind, _ in HTTP_STATUS) else "internal error (see the server log)"
 
 
 def _as_json(e: web.HTTPException) -> web.HTTPException:
@@ -459,11 +439,19 @@ def _as_json(e: web.HTTPException) -> web.HTTPException:
     return e
 
 
+async def _json_errors(call: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+    """A WHIP handler's answer, its plain-text HTTP errors turned into the console's JSON ones."""
+    try:
+        return await call
+    except web.HTTPException as e:
+        raise _as_json(e) from None
+
+
 def _http_error(e: Exception) -> web.HTTPException:
     """A neutral error as its HTTP status; anything else is a bug: 500, logged, no detail for the browser."""
     if isinstance(e, web.HTTPException):
         return e
-    for kind, status in _HTTP_STATUS:
+    for kind, status in HTTP_STATUS:
         if isinstance(e, kind):
             return error(status, str(e))
     log.error("event=console_request_failed", exc_info=e)
