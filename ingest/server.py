@@ -147,7 +147,7 @@ async def start_whip(
     settings: Settings, streams: Streams, extend: Callable[[web.Application], None] | None = None
 ) -> web.AppRunner | None:
     """The WHIP endpoint (POST/DELETE /whip/{stream}) next to the gRPC server, when VCFLASH_HTTP_PORT is set;
-    `extend(app)` adds routes to it before it starts (the all-in-one server's web console)."""
+    `extend(app)` adds routes to it before it starts (the web console)."""
     s = settings.server
     if not s.http_port:
         return None
@@ -173,7 +173,8 @@ class ServesStreams(MemoryService):
         self.http = await start_whip(self.settings, self.streams, self.extend_http)
 
     def extend_http(self, app: web.Application) -> None:
-        """More routes on the HTTP port, added before it starts; the all-in-one server adds the web console."""
+        """More routes on the HTTP port, added before it starts: the all-in-one server and `vcflash ingest`
+        (`vcflash.console.split`) add the web console."""
 
     async def delete_stream(self, stream_id: str) -> None:
         """Memory.DeleteStream: refused while the stream runs here; see `Streams.delete_memory`."""

@@ -37,6 +37,7 @@ def test_services_gpus_healthchecks_and_settings() -> None:
             assert all(k.startswith("VCFLASH_") for k in service["environment"]), name  # settings only via env
             assert service["environment"]["VCFLASH_REDIS_URL"] == "redis://redis:6379/0"
     assert services["ingest"]["environment"]["VCFLASH_ENCODER_ADDRESS"] == "encoder:50052"
+    assert services["ingest"]["environment"]["VCFLASH_REASONER_ADDRESS"] == "reasoner:50053"  # the console's chat
     for dockerfile in ("docker/Dockerfile.gpu", "docker/Dockerfile.ingest"):
         assert (ROOT / dockerfile).is_file()
 

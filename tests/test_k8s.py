@@ -274,15 +274,17 @@ def test_ports_match_what_the_cli_listens_on(
             assert annotations.get("prometheus.io/path") == "/metrics", at
             data = [m for m in c.get("volumeMounts", []) if m["mountPath"] == str(server.data_dir)]
             assert data, f"{at}: VCFLASH_DATA_DIR {server.data_dir} is not a mounted volume (root fs is read-only)"
-            if command == "ingest":  # the encoder it dials is the encoder Service, on the encoder's port
-                target = settings.link.encoder_address
-                match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", target)
-                assert match, f"{at}: VCFLASH_ENCODER_ADDRESS {target} is not dns:///<service>:<port>"
-                service = find(docs, "Service", match[1])
-                assert service["spec"].get("clusterIP") == "None", "client-side balancing needs a headless Service"
-                assert int(match[2]) in [p["port"] for p in service["spec"]["ports"]]
-                behind = [x["args"][0] for pod in selected(docs, service["spec"]["selector"]) for x in containers(pod)]
-                assert behind == ["encoder"], f"{target} reaches {behind}"
+            if command == "ingest":  # the encoder (and the reasoner its web console asks) it dials: their Services
+                link = settings.link
+                for target, peer in ((link.encoder_address, "encoder"), (link.reasoner_address, "reasoner")):
+                    match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", target)
+                    assert match, f"{at}: VCFLASH_{peer.upper()}_ADDRESS {target} is not dns:///<service>:<port>"
+                    service = find(docs, "Service", match[1])
+                    assert service["spec"].get("clusterIP") == "None", "client-side balancing needs a headless Service"
+                    assert int(match[2]) in [p["port"] for p in service["spec"]["ports"]]
+                    pods = selected(docs, service["spec"]["selector"])
+                    behind = [x["args"][0] for pod in pods for x in containers(pod)]
+                    assert behind == [peer], f"{target} reaches {behind}"
     assert seen == {"ingest", "encoder", "reasoner"}
 
 
@@ -386,6 +388,16 @@ def test_services_budgets_and_policies_select_pods_that_exist(
     to_grpc = [r for r in rules if {"port": 50052, "protocol": "TCP"} in r["ports"]]
     assert len(to_grpc) == 1 and len(to_grpc[0].get("from", [])) == 1, "the encoder's gRPC is open to others"
     assert [w["metadata"]["name"] for w in selected(docs, to_grpc[0]["from"][0]["podSelector"])] == ["vcflash-ingest"]
+    # ingest reaches the reasoner's gRPC (the web console's chat) by a rule of its own, not only as a client
+    rules = policies["vcflash-reasoner"]["spec"]["ingress"]
+    from_ingest = [
+        r
+        for r in rules
+        if {"port": 50053, "protocol": "TCP"} in r["ports"]
+        and [w["metadata"]["name"] for p in r.get("from", []) for w in selected(docs, p["podSelector"])]
+        == ["vcflash-ingest"]
+    ]
+    assert len(from_ingest) == 1, "ingest cannot reach the reasoner's gRPC"
     if has_in_cluster_redis(docs):
         peers = selected(docs, policies["vcflash-redis"]["spec"]["ingress"][0]["from"][0]["podSelector"])
         assert {w["metadata"]["name"] for w in peers} == {"vcflash-encoder", "vcflash-reasoner", "vcflash-ingest"}

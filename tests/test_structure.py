@@ -92,7 +92,7 @@ def test_no_import_cycles() -> None:
     assert not cycles, "\n".join(cycles)
 
 
-@pytest.mark.parametrize("module", ["ingest.server", "ingest", "vcflash.cli"])
+@pytest.mark.parametrize("module", ["ingest.server", "ingest", "vcflash.cli", "vcflash.console.split"])
 def test_ingest_and_the_cli_start_without_torch(module: str) -> None:
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

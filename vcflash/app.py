@@ -17,6 +17,7 @@ from memory.retention import sweep_forever
 from reasoner.engine import Reasoner
 from reasoner.server import reasoner_entries
 from vcflash.console import add_console
+from vcflash.console.answers import LocalAnswers
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.settings import Settings
 
@@ -58,4 +59,5 @@ class App(ServesStreams):
         return services, [encoder.run(), *sweeps]
 
     def extend_http(self, app: web.Application) -> None:
-        add_console(app, self.streams, self.reasoner, self.settings.server)  # the web console, on the WHIP port
+        # the web console, on the WHIP port, its chat asking this process's reasoner
+        add_console(app, self.streams, LocalAnswers(self.reasoner), self.settings.server)

@@ -118,6 +118,24 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_tower(args: argparse.Namespace) -> int:
+    from vcflash.pretrain import PretrainConfig, pretrain_tower
+
+    cfg = PretrainConfig(
+        model=args.model,
+        out=Path(args.out),
+        steps=args.steps,
+        clips=args.clips,
+        lr=args.lr,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        threads=args.threads,
+    )
+    summary = pretrain_tower(cfg, report=lambda line: print(line, file=sys.stderr, flush=True), progress=True)
+    print(json.dumps({"out": str(cfg.out), "held_out": summary["evals"][-1]}))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hico.train import TrainConfig, train
 
@@ -217,6 +235,7 @@ def service_settings(args: argparse.Namespace) -> Settings:
         dtype=getattr(args, "dtype", None),
         data_dir=Path(args.data_dir) if args.data_dir else None,
         frame_size=getattr(args, "frame_size", None),
+        reasoner_address=getattr(args, "reasoner", None),
         media_root=Path(args.media_root).resolve() if getattr(args, "media_root", None) else None,
     )
 
@@ -232,10 +251,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from vcflash.app import App
 
         service = App(settings)
-    elif args.command == "ingest":
-        from ingest.server import IngestService
+    elif args.command == "ingest":  # with the web console, its chat asking the reasoner service
+        from vcflash.console.split import IngestWithConsole
 
-        service = IngestService(settings)
+        service = IngestWithConsole(settings)
     elif args.command == "encoder":
         from encoder_svc.server import EncoderService
 
@@ -685,6 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     service("up", "run ingest, encoder, memory and reasoner in one process (gRPC server)", model=True)
     ingest = service("ingest", "split deployment: streams in, clips to the encoder service", model=False)
     ingest.add_argument("--frame-size", type=int, help="the encoder's input size S (default VCFLASH_FRAME_SIZE or 448)")
+    ingest.add_argument(
+        "--reasoner",
+        help="the reasoner the web console's chat asks (default: VCFLASH_REASONER_ADDRESS or 127.0.0.1:50053)",
+    )
     service("encoder", "split deployment: clips -> visual tokens -> memory", model=True)
     service("reasoner", "split deployment: Ask and memory inspection", model=True)
 
@@ -817,6 +840,19 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--fps", type=csv(int), default=(1,) * 9 + (10,), help="frame rates drawn from 1 x9, 10")
     dataset.add_argument("--seed", type=int, default=0)
     dataset.set_defaults(func=cmd_make_dataset)
+
+    tower = sub.add_parser(
+        "pretrain-tower", help="teach a tiny model's vision tower the shapes scenes from per-patch labels (stage 0)"
+    )
+    tower.add_argument("--model", required=True, help="base checkpoint (make-tiny-checkpoint --preset shapes)")
+    tower.add_argument("--out", required=True, help="the base with the trained tower, in the official layout")
+    tower.add_argument("--steps", type=int, default=1500)
+    tower.add_argument("--clips", type=int, default=16, help="rendered 4-frame scenes a step")
+    tower.add_argument("--lr", type=float, default=1e-3)
+    tower.add_argument("--seed", type=int, default=0)
+    tower.add_argument("--eval-every", type=int, default=250)
+    tower.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    tower.set_defaults(func=cmd_pretrain_tower)
 
     fit = sub.add_parser("train", help="fine-tune a checkpoint on LLaVA / VideoChat-Flash format JSON lines")
     fit.add_argument("data", help="JSON lines: a video path and `conversations` of human/gpt turns per line")

@@ -28,6 +28,7 @@ from vcflash.media import write_video
 COLOURS = {"red": (215, 35, 35), "green": (35, 175, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+LABELS = {"shape": SHAPES, "colour": tuple(COLOURS), "direction": tuple(DIRECTIONS)}  # what a sprite is, per patch
 CATEGORIES = ("colour", "shape", "count", "direction", "presence", "order", "list", "describe")
 FREE_TEXT = ("list", "describe")  # answers without a fixed set of choices
 SIZE = (320, 240)  # width, height: the test video's size
@@ -91,6 +92,18 @@ class Background:
         return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _draw(draw: ImageDraw.ImageDraw, s: Sprite, t: float, fill: tuple[int, int, int] | float) -> None:
+    cx, cy = s.centre(t)
+    h = s.size / 2
+    box = (cx - h, cy - h, cx + h, cy + h)
+    if s.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif s.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:  # an upright triangle
+        draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
+
+
 @dataclass(frozen=True)
 class Scene:
     seconds: float
@@ -105,19 +118,25 @@ class Scene:
         image = Image.fromarray(self.background.render(width, height) if background is None else background)
         draw = ImageDraw.Draw(image)
         for s in self.sprites:
-            if not s.visible(t):
-                continue
-            cx, cy = s.centre(t)
-            h = s.size / 2
-            box = (cx - h, cy - h, cx + h, cy + h)
-            colour = COLOURS[s.colour]
-            if s.shape == "circle":
-                draw.ellipse(box, fill=colour)
-            elif s.shape == "square":
-                draw.rectangle(box, fill=colour)
-            else:  # an upright triangle
-                draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=colour)
+            if s.visible(t):
+                _draw(draw, s, t, COLOURS[s.colour])
         return np.asarray(image)
+
+    def patch_labels(self, t: float, grid: int, key: str) -> np.ndarray:
+        """What covers each cell of a grid x grid patch grid over the squashed frame at time t, as area fractions
+        [1 + K, grid, grid]: background first, then each of the K kinds of `key` (`LABELS`: shape, colour or the
+        direction it moves). The dense labels that teach a vision tower what the scenes show (`vcflash.pretrain`)."""
+        kinds = LABELS[key]
+        maps = []
+        for kind in kinds:
+            mask = Image.new("F", self.size, 0.0)
+            draw = ImageDraw.Draw(mask)
+            for s in self.sprites:
+                if s.visible(t) and getattr(s, key) == kind:
+                    _draw(draw, s, t, 1.0)
+            maps.append(np.asarray(mask.resize((grid, grid), Image.Resampling.BOX)))  # the mean over each cell
+        covered = np.stack(maps)
+        return np.concatenate([np.clip(1.0 - covered.sum(0, keepdims=True), 0.0, 1.0), covered])
 
     def frames(self) -> Iterator[np.ndarray]:
         background = self.background.render(*self.size)

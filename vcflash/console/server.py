@@ -12,11 +12,15 @@ see :mod:`vcflash.console.sessions`):
   ``POST /whip/{name}`` (the same WHIP session logic, names, limits and SDP checks); ``DELETE`` ends it.
 - ``GET /v1/console/streams/{name}/clips?start=T&end=T&limit=N``: the stored clips overlapping a wall-clock range.
 - ``POST /v1/console/ask``: ``{streams, question, start?, end?}``, answered as NDJSON lines (``{"text": ...}``
-  while the answer is generated, then ``{"result": ...}`` with the evidence, or ``{"error": ...}``).
+  while the answer is generated, then ``{"result": ...}`` with the evidence, or ``{"error": ...}``); 503 with a JSON
+  error while the reasoner cannot be reached.
+- ``GET /v1/console/health``: whether the reasoner answers (``{"reasoner": {"available", "error"}}``).
 
 Handlers only translate: streams come and go through the same registry (`ingest.streams.Streams`) as
-Ingest.AddStream, a browser publishes through the app's `WhipServer`, and questions go to the same `Reasoner` as
-Reasoner.Ask. Thumbnails and recordings are the existing ``/v1/streams/...`` GETs, which accept a console session.
+Ingest.AddStream, a browser publishes through the app's `WhipServer`, and questions go to an `Answers`
+(`vcflash.console.answers`): the in-process `Reasoner` in `vcflash up`, the reasoner service over gRPC in the split
+deployment's ingest (`vcflash.console.split`). Thumbnails and recordings are the existing ``/v1/streams/...`` GETs,
+which accept a console session.
 """
 
 from __future__ import annotations
@@ -26,8 +30,7 @@ import contextlib
 import json
 import logging
 import math
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -41,7 +44,7 @@ from ingest.streams import Streams
 from memory.records import ClipMeta
 from memory.store import UnknownStream
 from protos.clip import check_stream_name
-from reasoner.engine import AskParams, AskResult, Reasoner
+from vcflash.console.answers import Answer, Answers, Question
 from vcflash.console.sessions import Sessions, SignInLimit, error
 from vcflash.serve.errors import (
     Unavailable,
@@ -69,14 +72,14 @@ ASSETS = {  # the only files /console/static serves, and their types
     "publish.js": "text/javascript",
     "console.css": "text/css",
 }
-_DONE = object()
 
 
 class Console:
-    """The console's handlers over the server's stream registry and, in the all-in-one server, its reasoner."""
+    """The console's handlers over the server's stream registry, and the answers of a reasoner (in this process, or
+    the reasoner service)."""
 
-    def __init__(self, streams: Streams, reasoner: Reasoner | None, sessions: Sessions, whip: WhipServer) -> None:
-        self.streams, self.reasoner, self.sessions, self.whip = streams, reasoner, sessions, whip
+    def __init__(self, streams: Streams, answers: Answers, sessions: Sessions, whip: WhipServer) -> None:
+        self.streams, self.answers, self.sessions, self.whip = streams, answers, sessions, whip
         self.signins = SignInLimit()
         static = resources.files("vcflash.console") / "static"
         self.assets = {name: (static / name).read_bytes() for name in ASSETS}
@@ -137,6 +140,12 @@ class Console:
         self.sessions.authorize(request)
         session = self.sessions.session(request)
         return web.json_response({"csrf": session.csrf if session else None})
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        """Whether questions can be asked now: the reasoner answers (null: not checked yet), else why not."""
+        self.sessions.authorize(request)
+        state = self.answers.state()
+        return web.json_response({"reasoner": {"available": state.available, "error": state.error}})
 
     async def list_streams(self, request: web.Request) -> web.StreamResponse:
         self.sessions.authorize(request)
@@ -232,28 +241,28 @@ class Console:
         )
 
     async def ask(self, request: web.Request) -> web.StreamResponse:
-        """The answer as it is generated, one JSON object a line; errors before the first line are 4xx."""
+        """The answer as it is generated, one JSON object a line; errors before the first line are 4xx, or 503 while
+        the reasoner cannot be reached."""
         self.sessions.authorize(request)
-        if self.reasoner is None:
-            raise error(web.HTTPServiceUnavailable, "this server answers no questions (ask the reasoner's console)")
         body = await _json_body(request, {"streams", "question", "start", "end"})
         names = body.get("streams")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise error(web.HTTPBadRequest, "streams must be a list of stream names")
         for name in names:
             _check(check_stream_name, name)
-        params = AskParams(
-            stream_ids=names,
-            question=_string(body, "question", self.reasoner.limits.max_question_chars),
+        question = Question(
+            streams=names,
+            question=_string(body, "question", self.answers.max_question_chars),
             start=_number(body.get("start"), "start"),
             end=_number(body.get("end"), "end"),
-            clock="wall",
         )
-        events = _run(self.reasoner, params)
+        events = self.answers.ask(question)
         try:
-            first = await anext(events)  # validation and unknown streams fail here, before any answer
+            first = await anext(events)  # validation, unknown streams, a reasoner away: here, before any answer
         except Exception as e:
             await events.aclose()
+            if isinstance(e, Unavailable):
+                log.warning("event=console_ask_unavailable error=%s", e)
             raise _http_error(e) from None
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
         _secure(response.headers)
@@ -311,36 +320,7 @@ class Console:
         }
 
 
-async def _run(reasoner: Reasoner, params: AskParams) -> AsyncIterator[str | AskResult]:
-    """`Reasoner.ask` in a worker thread, its items as they come (as Reasoner.Ask runs it); closing the iterator
-    stops generation at the next piece."""
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue[Any] = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def run() -> None:
-        try:
-            for item in reasoner.ask(params):
-                loop.call_soon_threadsafe(items.put_nowait, item)
-                if cancelled.is_set():
-                    break
-        except Exception as exc:  # noqa: BLE001 - raised in the consumer
-            loop.call_soon_threadsafe(items.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(items.put_nowait, _DONE)
-
-    worker = loop.run_in_executor(None, run)
-    try:
-        while (item := await items.get()) is not _DONE:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-        await worker
-
-
-def _line(item: str | AskResult) -> bytes:
+def _line(item: str | Answer) -> bytes:
     if isinstance(item, str):
         return json.dumps({"text": item}).encode() + b"\n"
     result = {
@@ -483,11 +463,11 @@ def _secure(headers: Any) -> None:
     headers.setdefault("Cache-Control", "no-store")
 
 
-def add_console(app: web.Application, streams: Streams, reasoner: Reasoner | None, server: ServerSettings) -> Console:
-    """Mount the console on `app` (the WHIP app, before it starts), signing in with the server's API token; a
-    session may then also GET the app's thumbnails and recordings."""
+def add_console(app: web.Application, streams: Streams, answers: Answers, server: ServerSettings) -> Console:
+    """Mount the console on `app` (the WHIP app, before it starts), signing in with the server's API token, its chat
+    asking `answers`; a session may then also GET the app's thumbnails and recordings."""
     sessions = Sessions(server.api_token or "", server.console_session_s, secure=server.tls_cert is not None)
-    console = Console(streams, reasoner, sessions, app[WHIP])
+    console = Console(streams, answers, sessions, app[WHIP])
     app[WHIP].session_reads = sessions.reads
     app.middlewares.append(security_headers)
     r = app.router
@@ -498,6 +478,7 @@ def add_console(app: web.Application, streams: Streams, reasoner: Reasoner | Non
     r.add_post("/console/signout", console.signout)
     r.add_get("/console/static/{name}", console.asset)
     r.add_get("/v1/console/session", console.session)
+    r.add_get("/v1/console/health", console.health)
     r.add_get("/v1/console/streams", console.list_streams)
     r.add_post("/v1/console/streams", console.add_stream)
     r.add_delete("/v1/console/streams/{name}", console.remove_stream)

@@ -185,10 +185,11 @@ class ReasonerSettings(Section):
 
 @dataclass(frozen=True)
 class LinkSettings(Section):
-    """Ingest's link to a remote encoder (split deployment)."""
+    """Ingest's links to the remote encoder and, for its web console's chat, the reasoner (split deployment)."""
 
     encoder_address: str = "127.0.0.1:50052"
-    tls_ca: Path | None = None  # CA of the encoder's certificate; None: plaintext
+    reasoner_address: str = "127.0.0.1:50053"  # where the console's chat asks (VCFLASH_REASONER_ADDRESS, as clients)
+    tls_ca: Path | None = None  # CA of the encoder's and the reasoner's certificates; None: plaintext
     max_unacked_clips: int = setting(64, lo=1)  # clips kept for resending until stored
     link_backoff: Backoff = field(default_factory=lambda: Backoff(max_s=10.0))
 

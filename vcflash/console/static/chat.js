@@ -1,6 +1,6 @@
 // Chat: pick cameras and an optional time range (UTC), ask; the answer streams in (one JSON object a line) and
 // its evidence shows as thumbnails, each a link to that moment on the timeline, played.
-import { ApiError, el, enc, formatTime, send, streamNames, thumbnailURL } from "./api.js";
+import { ApiError, el, enc, formatTime, getJSON, send, streamNames, thumbnailURL } from "./api.js";
 
 const turns = []; // this page load's questions and answers, kept while other pages are shown
 
@@ -10,6 +10,7 @@ export function show(view) {
   const to = el("input", { name: "to", type: "datetime-local", step: "1" });
   const question = el("textarea", { name: "question", rows: "3", required: true, placeholder: "What happened?" });
   const log = el("section", { class: "turns", id: "turns" });
+  const notice = el("p", { class: "error", id: "reasoner-state", role: "status" });
   const form = el(
     "form",
     { class: "card ask", id: "ask" },
@@ -18,7 +19,7 @@ export function show(view) {
     el("label", {}, "Question ", question),
     el("button", { type: "submit" }, "Ask"),
   );
-  view.append(el("h1", {}, "Chat"), log, form);
+  view.append(el("h1", {}, "Chat"), notice, log, form);
   for (const turn of turns) log.append(turn.node);
 
   streamNames().then((names) => {
@@ -27,6 +28,11 @@ export function show(view) {
       cameras.append(el("label", { class: "check" }, el("input", { type: "checkbox", name: "stream", value: name }), ` ${name}`));
     }
   });
+
+  // the split deployment's reasoner is another service: say so when it is away (cameras and timelines work on)
+  getJSON("/v1/console/health").then(({ reasoner }) => {
+    if (reasoner.available === false) notice.textContent = `The reasoner is unavailable (${reasoner.error}): questions fail until it is back.`;
+  }, () => {});
 
   form.addEventListener("submit", (event) => {
     event.preventDefault();
