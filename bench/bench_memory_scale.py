@@ -3,12 +3,16 @@
     python bench/bench_memory_scale.py                       # 1k, 10k, 100k clips; embedded and Redis
     python bench/bench_memory_scale.py --sizes 1000,1000000  # 1M clips: ~8.4 GB of tiny tokens per backend
 
-One stream is filled with tiny clips (64 tokens x D=64, fp16, 4 s each at 1 fps) through `MemoryStore.put`, and at
-each size it measures, side by side:
+Each size gets its own store (a file, a Redis key prefix) holding one stream of tiny clips (64 tokens x D=64, fp16,
+4 s each at 1 fps) written through `MemoryStore.put`; all stay open to the end. At each size it measures:
 
 - select: `Reasoner.select` of a 512-frame Ask (128 of the stream's clips, uniform) without a range and over the
   middle tenth, tokens fetched; the selection an Ask makes before the LLM (no model is loaded: uniform selection
-  does not use it). Median wall ms of --repeat after one warm-up.
+  does not use it). Timed once every size is written, in --repeat rounds that each select once from every size
+  (after one warm-up round), so a change in other processes' load weighs on all sizes alike: median wall ms, the
+  fastest round's, and the median of the thread's CPU ms (which leaves out the time other processes held the
+  cores, though not their use of the shared caches).
+  (The middle tenth of 1,000 clips is 100 clips, all picked; from 10,000 clips on it picks 128.)
 - Redis commands per select (INFO commandstats before and after) and the slowest Redis call (SLOWLOG, threshold
   1 ms), separately while the stream was written up to this size and while it was asked, with how many calls
   took over 1 ms out of how many. SLOWLOG times are wall time inside Redis: on a loaded machine they include
@@ -16,11 +20,12 @@ each size it measures, side by side:
 - write: `MemoryStore.put` plus the `ClipIndex.add` the encoder makes, median ms over the last --writes clips
   before the size is reached.
 - catch-up: a reasoner's index (split deployment), in step with the store, after one more clip is written by
-  another process: `ClipIndex.sync_stream`, median of --repeat rounds (FAISS's flat index grows by doubling, so a
+  another process: `ClipIndex.sync_stream`, median of --rounds rounds (FAISS's flat index grows by doubling, so a
   single round may include one amortised copy of it).
 
-Wall times on a shared machine: other processes' load is printed with the results. FAISS threads as set by
-`memory.index` (VCFLASH_FAISS_THREADS). Redis without persistence, started by the benchmark on loopback.
+Wall times on a shared machine: the 1-minute load average when each size was asked is printed with its row. FAISS
+threads as set by `memory.index` (VCFLASH_FAISS_THREADS). Redis without persistence, started by the benchmark on
+loopback.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +74,6 @@ class Clips:
         return ClipRecord(meta, self.tokens[i], self.vectors[i])
 
 
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 class RedisProbe:
     """Commands issued and the slowest call, read from the server itself."""
 
@@ -110,84 +106,135 @@ class RedisProbe:
         return worst["duration"] / 1e3, command.split()[0], len(entries)
 
 
-def bench_backend(name: str, open_store: Callable[[], MemoryStore], url: str | None, args: argparse.Namespace) -> list:
-    clips = Clips()
-    probe = RedisProbe(url)
-    rows = []
-    with open_store() as store, open_store() as reader:
-        index = ClipIndex()  # the encoder's, fed on every write
-        reasoner = Reasoner(None, store, index, ReasonerSettings())  # type: ignore[arg-type]  # uniform: no model
-        written = 0
+def bench_backend(
+    name: str, open_store: Callable[[int], MemoryStore], url: str | None, args: argparse.Namespace
+) -> list:
+    """One store per size (`open_store(size)` opens it), each filled and measured in turn; then the selects of every
+    size timed in alternation, so the load of other processes weighs on every size alike."""
+    rows, selects = [], []
+    with ExitStack() as stack:
         for size in args.sizes:
-            probe.reset_slowlog()
-            write_ms = []
-            t_fill = time.perf_counter()
-            calls_before = probe.calls()
-            untimed: list[int] = []  # indexed in one batch before the timed writes (keeps the fill short)
-            while written < size:
-                record = clips(written)
-                if written < size - args.writes:
-                    store.put(record)
-                    untimed.append(written)
-                else:
-                    if untimed:
-                        index.add(STREAM, np.array(untimed), np.stack([clips(s).vector for s in untimed]))
-                        untimed = []
-                    t0 = time.perf_counter()
-                    store.put(record)
-                    index.add(STREAM, np.array([written]), record.vector[None])
-                    write_ms.append((time.perf_counter() - t0) * 1e3)
-                written += 1
-            log.info("%s: %d clips written in %.0f s", name, size, time.perf_counter() - t_fill)
-            slowest_writing = probe.slowest(), probe.calls() - calls_before
-            probe.reset_slowlog()
-            calls_before = probe.calls()
-            whole = AskParams([STREAM], "q", max_frames=512)
-            span = 4.0 * size
-            tenth = AskParams([STREAM], "q", start=0.45 * span, end=0.55 * span, max_frames=512)
-            row = {"backend": name, "clips": size, "write": statistics.median(write_ms)}
-            for label, params in (("select", whole), ("select tenth", tenth)):
-                try:
-                    before = probe.calls()
-                    segments = reasoner.select(params)
-                    row[f"{label} commands"] = probe.calls() - before
-                    assert len(segments[0].evidence) == min(128, size if label == "select" else size // 10)
-                    row[label] = median_ms(lambda p=params: reasoner.select(p), args.repeat)
-                except Exception as e:  # noqa: BLE001 - reported in the table (a Redis timeout, say)
-                    row[label] = f"fails: {type(e).__name__}"
-            # The split deployment's reasoner: its own index, caught up with the store, then one more clip written.
-            theirs = ClipIndex()
-            theirs.sync_stream(reader, STREAM)
-            catch_up = []
-            for _ in range(args.rounds):
-                store.put(clips(written))
-                index.add(STREAM, np.array([written]), clips(written).vector[None])
-                written += 1
-                t0 = time.perf_counter()
-                theirs.sync_stream(reader, STREAM)
-                catch_up.append((time.perf_counter() - t0) * 1e3)
-            assert len(theirs) == written
-            row["catch-up"] = statistics.median(catch_up)
-            row["slowest redis"] = (slowest_writing, (probe.slowest(), probe.calls() - calls_before))
+            store, reader = (stack.enter_context(open_store(size)) for _ in range(2))
+            row, select = bench_size(name, size, store, reader, RedisProbe(url), args)
             rows.append(row)
+            selects.append((row, select))
+        for label in ("select", "select tenth"):
+            timed = [(row, select[label]) for row, select in selects if label in select]
+            for (row, _), (wall, cpu) in zip(timed, interleaved_ms([fn for _, fn in timed], args.repeat), strict=True):
+                row[label], row[f"{label} fastest"], row[f"{label} cpu"] = (
+                    statistics.median(wall),
+                    min(wall),
+                    statistics.median(cpu),
+                )
+        for row in rows:
             log.info("%s", row)
     return rows
 
 
+def interleaved_ms(fns: list[Callable[[], object]], repeat: int) -> list[tuple[list[float], list[float]]]:
+    """(wall ms, this thread's CPU ms) of each of `fns` in `repeat` rounds that call each once, after one warm-up
+    round. CPU time leaves out the time other processes held the cores; wall time does not."""
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in fns]
+    for round_ in range(repeat + 1):
+        for fn, (wall, cpu) in zip(fns, times, strict=True):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            if round_:
+                wall.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.thread_time() - c0) * 1e3)
+    return times
+
+
+def bench_size(
+    name: str, size: int, store: MemoryStore, reader: MemoryStore, probe: RedisProbe, args: argparse.Namespace
+) -> tuple[dict, dict[str, Callable[[], object]]]:
+    """Fill `store` to `size` clips and measure its writes, one select of each kind (checked, Redis commands
+    counted) and the index catch-up; returns the row and the selects to time."""
+    clips = Clips()
+    index = ClipIndex()  # the encoder's, fed on every write
+    reasoner = Reasoner(None, store, index, ReasonerSettings())  # type: ignore[arg-type]  # uniform: no model
+    probe.reset_slowlog()
+    write_ms = []
+    t_fill = time.perf_counter()
+    calls_before = probe.calls()
+    untimed: list[int] = []  # indexed in one batch before the timed writes (keeps the fill short)
+    for written in range(size):
+        record = clips(written)
+        if written < size - args.writes:
+            store.put(record)
+            untimed.append(written)
+            continue
+        if untimed:
+            index.add(STREAM, np.array(untimed), np.stack([clips(s).vector for s in untimed]))
+            untimed = []
+        t0 = time.perf_counter()
+        store.put(record)
+        index.add(STREAM, np.array([written]), record.vector[None])
+        write_ms.append((time.perf_counter() - t0) * 1e3)
+    log.info("%s: %d clips written in %.0f s", name, size, time.perf_counter() - t_fill)
+    slowest_writing = probe.slowest(), probe.calls() - calls_before
+    probe.reset_slowlog()
+    calls_before = probe.calls()
+    span = 4.0 * size
+    asks = {
+        "select": AskParams([STREAM], "q", max_frames=512),
+        "select tenth": AskParams([STREAM], "q", start=0.45 * span, end=0.55 * span, max_frames=512),
+    }
+    row: dict = {"backend": name, "clips": size, "write": statistics.median(write_ms)}
+    selects = {}
+    for label, params in asks.items():
+        try:
+            before = probe.calls()
+            segments = reasoner.select(params)
+            row[f"{label} commands"] = probe.calls() - before
+            assert len(segments[0].evidence) == min(128, size if label == "select" else size // 10)
+            selects[label] = lambda p=params: reasoner.select(p)
+        except Exception as e:  # noqa: BLE001 - reported in the table (a Redis timeout, say)
+            row[label] = f"fails: {type(e).__name__}"
+    # The split deployment's reasoner: its own index, caught up with the store, then one more clip written.
+    theirs = ClipIndex()
+    theirs.sync_stream(reader, STREAM)
+    catch_up = []
+    for written in range(size, size + args.rounds):
+        store.put(clips(written))
+        index.add(STREAM, np.array([written]), clips(written).vector[None])
+        t0 = time.perf_counter()
+        theirs.sync_stream(reader, STREAM)
+        catch_up.append((time.perf_counter() - t0) * 1e3)
+    assert len(theirs) == size + args.rounds
+    row["catch-up"] = statistics.median(catch_up)
+    row["slowest redis"] = (slowest_writing, (probe.slowest(), probe.calls() - calls_before))
+    row["load"] = os.getloadavg()[0]  # other processes' load while this size was measured
+    return row, selects
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as lscpu prints it) where /proc/cpuinfo has one, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def report(rows: list, args: argparse.Namespace) -> None:
-    def ms(v: object) -> str:
-        return v if isinstance(v, str) else f"{v:.2f}"
+    def ms(r: dict, label: str) -> str:
+        v = r[label]
+        return v if isinstance(v, str) else f"{v:.2f} ({r[f'{label} fastest']:.2f}); {r[f'{label} cpu']:.2f}"
 
     print(
-        f"\n{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"\n{platform.node()}, {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f}"
     )
     print(
-        "\n| backend | clips | select 512 frames, whole stream (ms) | select, middle tenth (ms) "
+        "\n| backend | clips | select 512 frames, whole stream: wall median (fastest); CPU median (ms) "
+        "| select, middle tenth (ms) "
         "| Redis commands per select (whole / tenth) | write + index add (ms) | index catch-up, 1 new clip (ms) "
-        "| slowest Redis call: writing / asking |"
+        "| slowest Redis call: writing / asking | load average |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
         redis_cols = (
             f"{r.get('select commands', '-')} / {r.get('select tenth commands', '-')}"
@@ -203,8 +250,8 @@ def report(rows: list, args: argparse.Namespace) -> None:
             else "—"
         )
         print(
-            f"| {r['backend']} | {r['clips']:,} | {ms(r['select'])} | {ms(r['select tenth'])} | {redis_cols} "
-            f"| {r['write']:.3f} | {r['catch-up']:.2f} | {slowest} |"
+            f"| {r['backend']} | {r['clips']:,} | {ms(r, 'select')} | {ms(r, 'select tenth')} | {redis_cols} "
+            f"| {r['write']:.3f} | {r['catch-up']:.2f} | {slowest} | {r['load']:.1f} |"
         )
 
 
@@ -224,13 +271,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if "embedded" in args.backends:
-            rows += bench_backend("embedded", lambda: EmbeddedStore(root / "memory.sqlite3"), None, args)
+            rows += bench_backend("embedded", lambda n: EmbeddedStore(root / f"memory-{n}.sqlite3"), None, args)
         if "redis" in args.backends:
             (root / "redis").mkdir()
             with redis_server(root / "redis", appendonly=False) as url:
 
-                def open_redis() -> MemoryStore:
-                    return RedisStore(url, prefix="bench", socket_timeout_s=args.timeout_s)
+                def open_redis(size: int) -> MemoryStore:
+                    return RedisStore(url, prefix=f"bench{size}", socket_timeout_s=args.timeout_s)
 
                 rows += bench_backend("Redis", open_redis, url, args)
     report(rows, args)

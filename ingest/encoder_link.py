@@ -1,15 +1,29 @@
-"""Ingest's side of the split deployment: send clips to the encoder service, resend until acknowledged.
+"""Ingest's side of the split deployment: send clips to the encoder service(s), resend until acknowledged.
 
-A clip stays in the unacknowledged window until the encoder says it is stored. When the encoder goes
-away (a crash, a restart), the link reconnects with backoff and resends the whole window, in order;
-memory writes are idempotent, so a clip stored just before a crash is not duplicated. While the
-window is full the link stops taking clips, so the ingest queue fills and its drops are counted.
+`VCFLASH_ENCODER_ADDRESS` names one encoder (`host:port`), every address a DNS name resolves to
+(`dns:///vcflash-encoder:50052`: a headless Service's ready pods, resolved again every `VCFLASH_ENCODER_RESOLVE_S`),
+or a comma-separated list of either (`127.0.0.1:50052,127.0.0.1:50062`). Each address is a *lane*: its own channel
+and one `EncodeClips` stream. This is client-side load balancing done here rather than by a gRPC LB policy, since
+gRPC's (pick_first, round_robin) place whole calls, and we need each *stream's* clips on one encoder:
+
+- sticky: a stream's clips go to the encoder it was given while that encoder's lane is up;
+- spread: a stream not yet placed goes to the up lane with the fewest streams, ties taken round-robin;
+- failover: when a lane fails (the encoder died, restarts, or left DNS), every clip it had not acknowledged,
+  and its streams, go to the other up lanes, in order; with none up they wait until one is.
+
+A clip stays in the unacknowledged window until an encoder says it is stored. Memory writes are idempotent by
+(stream, seq) (the store's put is a no-op for a clip it holds), so a clip a dead encoder stored just before it
+died, then sent again elsewhere, is stored once. While the window is full the link stops taking clips, so the
+ingest queue fills and its drops are counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
@@ -21,6 +35,97 @@ from vcflash.serve.settings import LinkSettings
 from vcflash.serve.tls import aio_channel
 
 log = logging.getLogger(__name__)
+DNS = "dns:///"
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"encoder address {address!r} needs a port (dns:///name:port)")
+    return host.strip("[]"), int(port)
+
+
+async def resolve(address: str) -> dict[str, str | None] | None:
+    """The lanes `address` names: target -> the host name to verify TLS against (None: the target's own).
+
+    None when a DNS name does not resolve right now (the caller keeps the lanes it has)."""
+    targets: dict[str, str | None] = {}
+    loop = asyncio.get_running_loop()
+    for part in (p.strip() for p in address.split(",")):
+        if not part:
+            continue
+        if not part.startswith(DNS):
+            targets[part] = None  # gRPC resolves it itself, one connection
+            continue
+        host, port = split_host_port(part[len(DNS) :])
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            log.warning("event=encoder_resolve_failed name=%s error=%s", host, e)
+            return None
+        for *_, sockaddr in infos:
+            ip = str(sockaddr[0])
+            targets[f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"] = host
+    return targets
+
+
+class Lane:
+    """One encoder: a channel, an `EncodeClips` stream, the clips waiting to go to it and those it holds."""
+
+    def __init__(self, link: EncoderLink, target: str, tls_name: str | None) -> None:
+        self.link, self.target, self.tls_name = link, target, tls_name
+        self.up = False
+        self.outbox: asyncio.Queue[Clip] = asyncio.Queue()  # bounded by the link's window
+        self.inflight: dict[tuple[str, int], Clip] = {}  # written, not acknowledged; insertion order = send order
+        self.attempt = 0  # failures since this encoder last acknowledged a clip
+        self.task: asyncio.Task[None] | None = None
+
+    def take_all(self) -> list[Clip]:
+        """Every clip this lane holds, in send order: those it sent first, then those waiting to go."""
+        clips = list(self.inflight.values())
+        self.inflight.clear()
+        while not self.outbox.empty():
+            clips.append(self.outbox.get_nowait())
+        return clips
+
+    async def run(self) -> None:
+        s = self.link.settings
+        options: list[tuple[str, object]] = [
+            ("grpc.max_send_message_length", self.link.max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", int(s.link_backoff.initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(s.link_backoff.max_s * 1000)),
+        ]
+        if s.tls_ca is not None and self.tls_name:  # dialled by address: verify the certificate for the name
+            options.append(("grpc.ssl_target_name_override", self.tls_name))
+        while True:
+            try:
+                async with aio_channel(self.target, s.tls_ca, options) as channel:
+                    await channel.channel_ready()  # gRPC retries the connection (backoff above) until it is up
+                    call = pb_grpc.EncoderStub(channel).EncodeClips(
+                        metadata=(("authorization", f"Bearer {self.link.token}"),)
+                    )
+                    self.link.lane_up(self)
+                    sender = asyncio.create_task(self._send(call))
+                    try:
+                        async for ack in call:
+                            self.attempt = 0  # healthy again
+                            self.link.ack(self, ack)
+                        raise ConnectionError("the encoder closed the stream")
+                    finally:
+                        sender.cancel()
+            except (grpc.aio.AioRpcError, ConnectionError) as e:
+                detail = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
+                delay = s.link_backoff.delay(self.attempt)
+                self.attempt += 1
+                self.link.lane_down(self, detail, delay)
+                await asyncio.sleep(delay)
+
+    async def _send(self, call: grpc.aio.StreamStreamCall) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the reader sees the failure
+            while True:
+                clip = await self.outbox.get()
+                self.inflight[(clip.stream_id, clip.seq)] = clip  # before the write: a failure mid-write resends it
+                await call.write(clip_request(clip))
 
 
 class EncoderLink:
@@ -42,72 +147,132 @@ class EncoderLink:
         self.token, self.max_message_bytes = token, max_message_bytes
         self.accepts = accepts  # clips of streams removed meanwhile are not sent (or resent)
         self.on_stored, self.on_rejected = on_stored, on_rejected
-        self.unacked: dict[tuple[str, int], Clip] = {}  # insertion order = send order
+        self.unacked: dict[tuple[str, int], Clip] = {}  # every clip taken and not yet acknowledged, on any lane
         self.window = asyncio.Semaphore(settings.max_unacked_clips)
+        self.lanes: dict[str, Lane] = {}  # by target
+        self.placed: dict[str, Lane] = {}  # stream -> the lane its clips go to
+        self.pending: list[Clip] = []  # clips waiting for a lane to be up
         self.reconnects = 0
+        self._turn = 0  # round-robin among lanes with equally many streams
 
     async def run(self) -> None:
-        """Forever: connect, resend the window, stream new clips, read acks; back off on failure."""
-        attempt = 0  # failures since the encoder last acknowledged a clip
-        address = self.settings.encoder_address
-        options = [("grpc.max_send_message_length", self.max_message_bytes)]
-        while True:
-            try:
-                async with aio_channel(address, self.settings.tls_ca, options) as channel:
-                    call = pb_grpc.EncoderStub(channel).EncodeClips(
-                        metadata=(("authorization", f"Bearer {self.token}"),)
-                    )
-                    sender = asyncio.create_task(self._send(call))
-                    try:
-                        async for ack in call:
-                            attempt = 0  # healthy again
-                            self._ack(ack)
-                        raise ConnectionError("the encoder closed the stream")
-                    finally:
-                        sender.cancel()
-            except (grpc.aio.AioRpcError, ConnectionError) as e:
-                self.reconnects += 1
-                delay = self.settings.link_backoff.delay(attempt)
-                attempt += 1
-                detail = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
-                log.warning(
-                    "event=encoder_unreachable address=%s unacked=%d retry_s=%.1f error=%s",
-                    address,
-                    len(self.unacked),
-                    delay,
-                    detail,
-                )
-                await asyncio.sleep(delay)
+        """Forever: keep the lanes (resolving the address), take clips from the queue and place them."""
+        resolver = asyncio.create_task(self._resolve_forever())
+        try:
+            while True:
+                await self.window.acquire()
+                try:
+                    clip = await self.clips.get()
+                except asyncio.CancelledError:
+                    self.window.release()
+                    raise
+                if self.accepts is not None and not self.accepts(clip.stream_id):
+                    self.window.release()
+                    continue
+                self.unacked[(clip.stream_id, clip.seq)] = clip
+                self._place(clip)
+        finally:
+            resolver.cancel()
+            for lane in self.lanes.values():
+                if lane.task is not None:
+                    lane.task.cancel()
 
-    async def _send(self, call: grpc.aio.StreamStreamCall) -> None:
-        for key, clip in list(self.unacked.items()):  # what the last connection left unacknowledged
-            if self.accepts is not None and not self.accepts(clip.stream_id):
-                del self.unacked[key]
-                self.window.release()
-                continue
-            await call.write(clip_request(clip))
+    async def _resolve_forever(self) -> None:
+        attempt = 0
         while True:
-            await self.window.acquire()
-            try:
-                clip = await self.clips.get()
-            except asyncio.CancelledError:
+            targets = await resolve(self.settings.encoder_address)
+            if targets is not None:
+                self.set_lanes(targets)
+            if DNS not in self.settings.encoder_address:
+                return  # fixed addresses: the lanes never change
+            if targets:
+                attempt = 0
+                await asyncio.sleep(self.settings.encoder_resolve_s)
+            else:  # nothing to send to: look again soon
+                await asyncio.sleep(self.settings.link_backoff.delay(attempt))
+                attempt += 1
+
+    def set_lanes(self, targets: dict[str, str | None]) -> None:
+        """Open a lane for each new target; close those of targets gone (their clips and streams move on)."""
+        for target in [t for t in self.lanes if t not in targets]:
+            lane = self.lanes.pop(target)
+            if lane.task is not None:
+                lane.task.cancel()
+            log.info("event=encoder_removed address=%s", target)
+            self.lane_down(lane, "no longer resolved", None)
+        for target, tls_name in targets.items():
+            if target not in self.lanes:
+                lane = self.lanes[target] = Lane(self, target, tls_name)
+                lane.task = asyncio.create_task(lane.run())
+                if len(targets) > 1 or len(self.lanes) > 1:
+                    log.info("event=encoder_added address=%s", target)
+
+    def lane_up(self, lane: Lane) -> None:
+        lane.up = True
+        waiting, self.pending = self.pending, []
+        for clip in waiting:
+            self._place(clip)
+
+    def lane_down(self, lane: Lane, error: str, retry_s: float | None) -> None:
+        """The lane's encoder is gone: its streams are placed again and its clips follow them (in order)."""
+        self.reconnects += 1
+        lane.up = False
+        for stream in [s for s, held in self.placed.items() if held is lane]:
+            del self.placed[stream]
+        clips = lane.take_all()
+        log.warning(
+            "event=encoder_unreachable address=%s moved=%d unacked=%d retry_s=%s error=%s",
+            lane.target,
+            len(clips),
+            len(self.unacked),
+            "-" if retry_s is None else f"{retry_s:.1f}",
+            error,
+        )
+        for clip in clips:
+            self._place(clip)
+
+    def _place(self, clip: Clip) -> None:
+        """Hand `clip` to its stream's lane, placing the stream first if it has none up; or keep it pending."""
+        key = (clip.stream_id, clip.seq)
+        if self.accepts is not None and not self.accepts(clip.stream_id):  # removed while it waited
+            if self.unacked.pop(key, None) is not None:
                 self.window.release()
-                raise
-            if self.accepts is not None and not self.accepts(clip.stream_id):
-                self.window.release()
-                continue
-            self.unacked[(clip.stream_id, clip.seq)] = clip
-            await call.write(clip_request(clip))
+            return
+        lane = self.placed.get(clip.stream_id)
+        if lane is None or not lane.up:
+            lane = self._choose(clip.stream_id)
+        if lane is None:
+            self.pending.append(clip)
+        else:
+            lane.outbox.put_nowait(clip)
+
+    def _choose(self, stream_id: str) -> Lane | None:
+        up = [lane for lane in self.lanes.values() if lane.up]
+        if not up:
+            return None
+        if self.accepts is not None:  # streams removed since no longer weigh on their lane
+            for stream in [s for s in self.placed if not self.accepts(s)]:
+                del self.placed[stream]
+        load = Counter(lane.target for lane in self.placed.values())
+        start = self._turn % len(up)
+        self._turn += 1
+        lane = min(up[start:] + up[:start], key=lambda candidate: load[candidate.target])
+        self.placed[stream_id] = lane
+        if len(self.lanes) > 1:
+            log.info("event=stream_placed stream=%s encoder=%s", stream_id, lane.target)
+        return lane
 
     async def drain(self, stream_id: str, timeout_s: float = 10.0) -> None:
-        """Wait until no clip of `stream_id` is at the encoder unacknowledged (so deleting its memory
+        """Wait until no clip of `stream_id` is at an encoder unacknowledged (so deleting its memory
         afterwards leaves nothing behind); gives up after `timeout_s` (an encoder that is down)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while any(key[0] == stream_id for key in self.unacked) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
 
-    def _ack(self, ack: pb.EncodeClipAck) -> None:
-        if self.unacked.pop((ack.stream_id, ack.seq), None) is None:
+    def ack(self, lane: Lane, ack: pb.EncodeClipAck) -> None:
+        key = (ack.stream_id, ack.seq)
+        lane.inflight.pop(key, None)
+        if self.unacked.pop(key, None) is None:
             return  # a duplicate ack after a resend
         self.window.release()
         if ack.stored:

@@ -6,6 +6,7 @@ keeps their specs in memory so a restarted server resumes every active stream.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +20,7 @@ from ingest.encoder_link import EncoderLink
 from ingest.http import create_whip_app, start_http
 from ingest.pipeline import IngestManager, StreamStatus
 from ingest.recording import Recordings
+from ingest.shards import resolve_shard
 from ingest.spec import StreamSpec
 from ingest.streams import Streams
 from memory.index import ClipIndex
@@ -33,6 +35,7 @@ from vcflash.serve.rpc import handle_errors
 from vcflash.serve.settings import Settings
 from vcflash.serve.tls import server_ssl_context
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ingest"].full_name
 DEFAULT_FRAME_SIZE = 448  # the encoder's S for the released 2B/7B res448 models
 
@@ -139,7 +142,11 @@ def ingest_entry(
     recordings = Recordings(
         settings.server.data_dir / "recordings", i.record_segment_s, i.record_max_bytes, i.max_recording_range_s
     )
-    streams = Streams(manager, store, Retention(m.retention_max_age_s, m.retention_max_bytes), index, recordings)
+    shard = resolve_shard(i.ingest_shard, i.ingest_shards)
+    if shard.count > 1:
+        log.info("event=ingest_shard shard=%d shards=%d", shard.index, shard.count)
+    retention = Retention(m.retention_max_age_s, m.retention_max_bytes)
+    streams = Streams(manager, store, retention, index, recordings, shard)
     return (pb_grpc.add_IngestServicer_to_server, IngestServicer(streams), SERVICE_NAME), streams
 
 

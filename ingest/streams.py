@@ -6,6 +6,10 @@ its clip numbering and media clock after its last stored clip, so a clip's `(str
 and its media time never goes back. Removing a stream reaches that durable side too, whether or not the
 stream still runs here: a stream stopped earlier, a WHIP sender that left, or one known only from memory
 after a restart.
+
+With sharded ingest (`ingest.shards`) a registry holds one shard's part of the streams: it starts, resumes,
+restarts and removes only the streams its shard owns, and refuses the others with `FailedPrecondition` naming
+the owning shard; listing shows its own.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from ingest.clock import MediaClock
 from ingest.pipeline import ENDED, FrameSource, IngestManager, StreamState, StreamStatus
 from ingest.recording import Recordings
+from ingest.shards import Shard
 from ingest.spec import StreamSpec
 from memory.index import ClipIndex
 from memory.records import Retention
@@ -43,8 +48,10 @@ class Streams:
         default_retention: Retention,
         index: ClipIndex | None = None,
         recordings: Recordings | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.manager, self.store, self.index = manager, store, index
+        self.shard = shard or Shard()  # which streams this registry may run: all of them unless sharded
         self.recordings = recordings  # where streams with `spec.record` keep their video; None: nowhere
         self.default_retention = default_retention
         self.stored: Counter[str] = Counter()  # clips stored per stream, since this process started it
@@ -59,6 +66,10 @@ class Streams:
         return stream_id in self.manager.names()
 
     def status(self, stream_id: str) -> StreamStatus:
+        """`NotFound` if this server does not hold the stream, `FailedPrecondition` naming the owning shard if
+        another shard owns it."""
+        if stream_id not in self.manager.names():
+            self.shard.check(stream_id)
         return self.manager.worker(stream_id).status()
 
     async def memory_error(self) -> str:
@@ -86,18 +97,21 @@ class Streams:
 
         `replace`: an ended stream of this name (a WHIP sender that left and publishes again) is replaced
         and continued; otherwise the name must be free. `source` gives the frames (a WebRTC session).
+        `FailedPrecondition` naming the owner when another shard owns the name.
         """
+        self.shard.check(stream_id)
         status = await self._start(stream_id, spec, source, replace)
         await asyncio.to_thread(self.store.set_retention, stream_id, retention or self.default_retention)
         return status
 
     async def resume(self) -> list[str]:
         """Restart the streams that were active when the server last stopped; a stored config that no longer
-        passes (a lower limit, a bad value) leaves its stream stopped, not the server."""
+        passes (a lower limit, a bad value) leaves its stream stopped, not the server. A shard resumes only the
+        streams it owns."""
         configs = await asyncio.to_thread(self.store.stream_configs)
         started = []
         for stream_id, config in sorted(configs.items()):
-            if not config.get("active") or stream_id in self.manager.names():
+            if not config.get("active") or stream_id in self.manager.names() or not self.shard.owns(stream_id):
                 continue
             try:
                 await self._start(stream_id, StreamSpec.from_config(config))
@@ -112,6 +126,7 @@ class Streams:
         the retry an operator asks for once a camera that refused its credentials is fixed (a live source gives
         up after `refused_tries`). `FailedPrecondition` while the stream still runs (it retries by itself) and
         for a WHIP stream (its sender publishes again instead)."""
+        self.shard.check(stream_id)
         worker = self.manager.worker(stream_id)
         state = worker.status().state
         if state not in ENDED:
@@ -128,8 +143,10 @@ class Streams:
         run that was not resumed) is still reached in memory: its config is marked inactive, or with
         `delete_memory` everything memory holds of it is deleted. `NotFound` only when the stream is neither
         held here nor in memory (without `delete_memory`: has no config). Returns the last status of the
-        stream it stopped, None when there was none.
+        stream it stopped, None when there was none. `FailedPrecondition` for a stream another shard owns (it
+        may be running there).
         """
+        self.shard.check(stream_id)
         status, spec = None, None
         if stream_id in self.manager.names():
             spec = self.manager.worker(stream_id).spec
@@ -145,7 +162,9 @@ class Streams:
 
     async def delete_memory(self, stream_id: str) -> None:
         """Memory.DeleteStream on a server that runs streams: refused (`FailedPrecondition`) while the stream
-        is live here, since its next clips would bring it back; an ended stream is removed and deleted."""
+        is live here, since its next clips would bring it back; an ended stream is removed and deleted. Another
+        shard's stream is refused too: only its owner knows whether it runs."""
+        self.shard.check(stream_id)
         if stream_id in self.manager.names():
             state = self.status(stream_id).state
             if state not in ENDED:

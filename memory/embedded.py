@@ -4,6 +4,11 @@ WAL with synchronous=NORMAL survives a process crash and costs no fsync per clip
 last few commits, never corrupt the file). One connection behind a lock serialises writers of this process;
 blobs come last in each row so range scans never read their overflow pages.
 
+A clip row is ~8 KB (its tokens inline), so at 1M clips the table's pages outgrow any cache. Metadata reads by seq
+(a pick) go to a covering index (clips_meta, ~40 clips a page) instead; only the tokens an Ask uses come from the
+rows. The file records its layout's version (PRAGMA user_version): an older file is brought up to date on open,
+in one transaction, and one from a newer version is refused.
+
 Picks (an Ask's clips) never scan a stream: each stream's clip times sit in RAM (memory.timeline, loaded from the
 file on first use, then kept in step by every write and eviction of this process), so a pick finds its positions
 in O(log n) and reads only the picked rows by primary key. A write by another process on the same file (`PRAGMA
@@ -71,7 +76,14 @@ CREATE TABLE IF NOT EXISTS clips (
 );
 CREATE INDEX IF NOT EXISTS clips_media ON clips (stream_id, media_start, seq);
 CREATE INDEX IF NOT EXISTS clips_wall ON clips (stream_id, wall_start, seq);
+CREATE INDEX IF NOT EXISTS clips_meta ON clips (stream_id, seq, wall_start, wall_end, media_start, media_end,
+    frame_media_times);
 """
+# PRAGMA user_version of the layout above. 0: a file from before versions (no clips_meta), brought up on open.
+SCHEMA_VERSION = 1
+# Per connection. A pick's few hundred pages (meta index leaves, token rows and their overflow pages) and every
+# B-tree's interior pages stay cached at any stream size; the default 2 MB is evicted by one Ask at 1M clips.
+CACHE_KIB = 65_536
 
 META_COLUMNS = "stream_id, seq, wall_start, wall_end, media_start, media_end, frame_media_times"
 # Per clock: a clip's start and end columns, and the stream's column holding its longest clip on that clock.
@@ -118,11 +130,9 @@ class EmbeddedStore(MemoryStore):
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA secure_delete = FAST")  # zero deleted rows where it costs no extra I/O
-        self._conn.executescript(f"BEGIN; {SCHEMA} COMMIT;")
+        self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         with self._tx() as db:
-            self._add_spans(db)
-            self._add_counters(db)
-            self._add_thumbnails(db)
+            self._migrate(db)
         self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         log.info("embedded memory at %s (%s tokens)", self.path, self.token_format)
 
@@ -164,6 +174,25 @@ class EmbeddedStore(MemoryStore):
         }
         self._timelines[stream_id] = timelines
         return timelines
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Create the layout, or bring an older file up to it, in the caller's one transaction: a crash or an error
+        part way leaves the file as it was. Each step is idempotent and only does work on a file that lacks it."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        older = version < SCHEMA_VERSION and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'clips'").fetchone()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"memory at {self.path} has schema version {version}; this vcflash reads up to {SCHEMA_VERSION}"
+            )
+        for statement in SCHEMA.split(";"):  # not executescript: it commits first
+            db.execute(statement)
+        self._add_spans(db)
+        self._add_counters(db)
+        self._add_thumbnails(db)
+        if version < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if older:
+            log.info("memory at %s: migrated from schema version %d to %d", self.path, version, SCHEMA_VERSION)
 
     def _add_spans(self, db: sqlite3.Connection) -> None:
         """Give a file written before streams kept their longest clip (media_span, wall_span) those columns."""
@@ -335,7 +364,9 @@ class EmbeddedStore(MemoryStore):
     @staticmethod
     def _metas(db: sqlite3.Connection, stream_id: str, seqs: Sequence[int]) -> dict[int, ClipMeta]:
         rows = db.execute(
-            f"SELECT {META_COLUMNS} FROM clips WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?))",
+            # covering: ~40 clips a page, never the ~8 KB rows (whose pages outgrow any cache at 1M clips)
+            f"SELECT {META_COLUMNS} FROM clips INDEXED BY clips_meta "
+            "WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?))",
             (stream_id, json.dumps(sorted({int(s) for s in seqs}))),
         ).fetchall()
         return {r[1]: _meta(r) for r in rows}

@@ -404,13 +404,25 @@ def test_services_budgets_and_policies_select_pods_that_exist(
 
 
 @pytest.mark.parametrize("variant", variant_names())
-def test_ingest_runs_one_replica_until_sharded_ingest_exists(
-    renders: dict[str, list[dict[str, Any]]], variant: str
+def test_each_ingest_pod_is_the_shard_of_its_ordinal(
+    renders: dict[str, list[dict[str, Any]]], variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ingest = find(renders[variant], "StatefulSet", "vcflash-ingest")
-    assert ingest["spec"]["replicas"] == 1
-    assert "sharded ingest is not implemented yet" in (K8S / "base" / "ingest.yaml").read_text()
-    assert "sharded ingest is not implemented yet" in README.split("## Kubernetes", 1)[1]
+    """The shard comes from the pod name's ordinal and the shard count is the replicas: pod i of N owns the streams
+    hashing to i, and a pod past N (replicas raised alone) refuses to start."""
+    from ingest.shards import resolve_shard
+
+    docs = renders[variant]
+    ingest = find(docs, "StatefulSet", "vcflash-ingest")
+    replicas, name = ingest["spec"]["replicas"], ingest["metadata"]["name"]
+    assert replicas == 1  # the default; README "Sharded ingest" says how to scale
+    (container,) = [c for c in containers(ingest) if is_vcflash(c)]
+    settings, _ = cli_settings(container, container_env(docs, container), monkeypatch)
+    assert (settings.ingest.ingest_shard, settings.ingest.ingest_shards) == ("auto", replicas)
+    for ordinal in range(replicas):
+        shard = resolve_shard(settings.ingest.ingest_shard, settings.ingest.ingest_shards, f"{name}-{ordinal}")
+        assert (shard.index, shard.count) == (ordinal, replicas)
+    with pytest.raises(ValueError, match="VCFLASH_INGEST_SHARDS"):
+        resolve_shard(settings.ingest.ingest_shard, settings.ingest.ingest_shards, f"{name}-{replicas}")
 
 
 @pytest.mark.parametrize("variant", variant_names())

@@ -236,6 +236,9 @@ def service_settings(args: argparse.Namespace) -> Settings:
         data_dir=Path(args.data_dir) if args.data_dir else None,
         frame_size=getattr(args, "frame_size", None),
         reasoner_address=getattr(args, "reasoner", None),
+        encoder_address=getattr(args, "encoder", None),
+        ingest_shard=getattr(args, "shard", None),
+        ingest_shards=getattr(args, "shards", None),
         media_root=Path(args.media_root).resolve() if getattr(args, "media_root", None) else None,
     )
 
@@ -707,6 +710,21 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--reasoner",
         help="the reasoner the web console's chat asks (default: VCFLASH_REASONER_ADDRESS or 127.0.0.1:50053)",
+    )
+    ingest.add_argument(
+        "--encoder",
+        help="the encoder(s) clips go to: host:port, dns:///name:port (every address of the name) or a "
+        "comma-separated list (default: VCFLASH_ENCODER_ADDRESS or 127.0.0.1:50052)",
+    )
+    ingest.add_argument(
+        "--shard",
+        help="this process's shard, 0..SHARDS-1, or 'auto': the host name's trailing -<ordinal> "
+        "(default: VCFLASH_INGEST_SHARD or 0)",
+    )
+    ingest.add_argument(
+        "--shards",
+        type=int,
+        help="ingest processes sharing the streams by a hash of their names (default: VCFLASH_INGEST_SHARDS or 1)",
     )
     service("encoder", "split deployment: clips -> visual tokens -> memory", model=True)
     service("reasoner", "split deployment: Ask and memory inspection", model=True)

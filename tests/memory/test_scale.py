@@ -21,6 +21,7 @@ import redis
 import memory.index as index_module
 import memory.redis_store as redis_store
 from memory import ClipIndex, EmbeddedStore, MemoryStore, RedisStore, Retention
+from memory.embedded import SCHEMA_VERSION as EMBEDDED_SCHEMA
 from memory.retention import follow
 from tests.memory.conftest import make_clip
 
@@ -155,6 +156,84 @@ def test_embedded_pick_reads_the_picked_rows_only(tmp_path) -> None:
     for label in ("all", "range", "stats"):
         assert steps["big", label] <= 1.2 * steps["small", label], (label, steps)
     store.close()
+
+
+def test_embedded_pick_reads_metadata_from_the_covering_index(tmp_path) -> None:
+    """A pick reads the narrow clips_meta index, never the clip rows (~8 KB each: their tokens are inline)."""
+    with EmbeddedStore(tmp_path / "m.sqlite3") as store:
+        fill(store, 10)
+        store.pick("cam", None, None, uniform(4))  # loads the stream's times
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        store.pick("cam", None, None, uniform(4))
+        store._conn.set_trace_callback(None)
+        reads = [s for s in statements if "FROM clips" in s]
+        assert reads
+        for statement in reads:
+            plan = " ".join(row[3] for row in store._conn.execute(f"EXPLAIN QUERY PLAN {statement}"))
+            assert "USING COVERING INDEX clips_meta" in plan, plan
+
+
+def old_layout(path) -> None:
+    """Turn a store file into the layout written before schema versions: no covering index of clip metadata."""
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX clips_meta")
+        db.execute("PRAGMA user_version = 0")
+
+
+def schema(path) -> tuple[int, bool]:
+    """(user_version, whether the covering meta index exists) of a store file."""
+    with sqlite3.connect(path) as db:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        indexed = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'clips_meta'").fetchone() is not None
+    return version, indexed
+
+
+def test_an_embedded_file_from_before_schema_versions_is_migrated_on_open(tmp_path) -> None:
+    path = tmp_path / "m.sqlite3"
+    with EmbeddedStore(path) as store:
+        fill(store, 300)
+        fill(store, 7, "door")
+        store.set_retention("door", Retention(max_age_s=3600.0))
+        before = {s: (store.clips(s), store.stats(s), store.tokens(s, range(5))) for s in ("cam", "door")}
+    old_layout(path)
+    assert schema(path) == (0, False)
+    with EmbeddedStore(path) as store:
+        assert schema(path) == (EMBEDDED_SCHEMA, True)
+        for stream_id, (clips, stats, tokens) in before.items():
+            assert store.clips(stream_id) == clips and store.stats(stream_id) == stats
+            picked = store.pick(stream_id, None, None, lambda n: range(n))
+            assert picked.clips == clips and store.metas(stream_id, range(300)) == {m.seq: m for m in clips}
+            assert np.array_equal(store.tokens(stream_id, range(5)), tokens)
+        fill(store, 1, first=300)  # and it keeps working
+        assert store.pick("cam", None, None, uniform(2)).count == 301
+
+
+def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.sqlite3"
+    with EmbeddedStore(path) as store:
+        fill(store, 20)
+    old_layout(path)
+
+    def crash(self, db) -> None:  # the last step, after the covering index was built
+        raise OSError("disk full")
+
+    monkeypatch.setattr(EmbeddedStore, "_add_thumbnails", crash)
+    with pytest.raises(OSError, match="disk full"):
+        EmbeddedStore(path)
+    assert schema(path) == (0, False)  # one transaction: the index built before the failure is gone too
+    monkeypatch.undo()
+    with EmbeddedStore(path) as store:
+        assert schema(path) == (EMBEDDED_SCHEMA, True) and len(store.clips("cam")) == 20
+
+
+def test_a_file_from_a_newer_version_is_refused(tmp_path) -> None:
+    path = tmp_path / "m.sqlite3"
+    EmbeddedStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {EMBEDDED_SCHEMA + 1}")
+    with pytest.raises(RuntimeError, match="schema version"):
+        EmbeddedStore(path)
 
 
 def test_stats_come_from_counters(make_store) -> None:

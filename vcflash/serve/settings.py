@@ -156,11 +156,21 @@ class IngestSettings(Section):
     # live sources; waits capped at 1 s so a camera is read again within about a second of its return (a source
     # refusing its credentials gives up after `refused_tries`, so fast retries cannot lock a camera account)
     reconnect: Backoff = field(default_factory=lambda: Backoff(max_s=1.0))
+    # sharded ingest (ingest/shards.py): this process runs the streams whose name hashes to `ingest_shard` of
+    # `ingest_shards`; "auto" takes the shard from the host name's trailing -<ordinal> (a StatefulSet pod)
+    ingest_shard: str = "0"
+    ingest_shards: int = setting(1, lo=1, hi=4096)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.fps > self.max_fps:
             raise ValueError(f"VCFLASH_FPS ({self.fps:g}) must be <= VCFLASH_MAX_FPS ({self.max_fps:g})")
+        shard = self.ingest_shard.strip().lower()
+        if shard != "auto" and not (shard.isdigit() and int(shard) < self.ingest_shards):
+            raise ValueError(
+                f"VCFLASH_INGEST_SHARD must be 'auto' or a number in 0..{self.ingest_shards - 1} "
+                f"(VCFLASH_INGEST_SHARDS={self.ingest_shards}), got {self.ingest_shard!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -187,11 +197,25 @@ class ReasonerSettings(Section):
 class LinkSettings(Section):
     """Ingest's links to the remote encoder and, for its web console's chat, the reasoner (split deployment)."""
 
+    # one encoder (host:port), every address a name resolves to (dns:///name:port, resolved again every
+    # `encoder_resolve_s`), or a comma-separated list of either: see ingest/encoder_link.py
     encoder_address: str = "127.0.0.1:50052"
+    encoder_resolve_s: float = setting(30.0, lo=0.1)
     reasoner_address: str = "127.0.0.1:50053"  # where the console's chat asks (VCFLASH_REASONER_ADDRESS, as clients)
     tls_ca: Path | None = None  # CA of the encoder's and the reasoner's certificates; None: plaintext
     max_unacked_clips: int = setting(64, lo=1)  # clips kept for resending until stored
     link_backoff: Backoff = field(default_factory=lambda: Backoff(max_s=10.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parts = [p.strip() for p in self.encoder_address.split(",")]
+        for part in parts:
+            name = part.removeprefix("dns:///")
+            if not part or (part != name and not name.rpartition(":")[2].isdigit()):
+                raise ValueError(
+                    "VCFLASH_ENCODER_ADDRESS must be host:port, dns:///name:port or a comma-separated list of them, "
+                    f"got {self.encoder_address!r}"
+                )
 
 
 @dataclass(frozen=True)
