@@ -446,10 +446,10 @@ def make_tiny_checkpoint(
 
 def tiny_checkpoint_dir() -> Path:
     """The checkpoint the model name `tiny` stands for: the tiny model trained on synthetic shapes scenes that
-    ships with the package (`hico/weights/tiny`), so it answers questions about them, offline and at once.
-
-    Until those weights ship (issue 10), `tiny` is the random tiny checkpoint, as `tiny-random`."""
+    ships with the package (`hico/weights/tiny`), so it answers questions about them, offline and at once. A
+    checkout without them (a partial copy) falls back to the random tiny checkpoint, as `tiny-random`."""
     if not (TINY_WEIGHTS / "model.safetensors").is_file():
+        log.warning("the trained tiny model is missing (%s): using a random tiny checkpoint", TINY_WEIGHTS)
         return random_tiny_checkpoint_dir()
     return TINY_WEIGHTS
 

@@ -152,15 +152,23 @@ class Qwen2Attention(nn.Module):
         out = self.attention_fn(q, k, v, x.shape[1] > 1)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states [B, S, D] -> queries [B, H, S, hd] after RoPE."""
+        return apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states [B, S, D] -> keys [B, Hkv, S, hd] after RoPE (as cached)."""
+        return apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
+
     def last_token_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Head-mean attention of the last token over all tokens, [S]: the visual-drop ranking."""
+        """Head-mean attention of each sequence's last token over all its tokens, [B, S]: the visual-drop
+        ranking (B = 1 in dropout; `hico.relevance` scores a batch of windows with it)."""
         # VideoChat-Flash: the scores of the official rank-and-drop step (softmax in float32).
-        q = apply_rope(self._heads(self.q_proj(x[:, -1:]), self.num_heads), cos[-1:], sin[-1:])
-        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
-        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        w = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [1, H, 1, S]
+        q = self.queries(x[:, -1:], cos[-1:], sin[-1:])
+        k = self.keys(x, cos, sin).repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        w = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, 1, S]
         w = w.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        return w[0, :, 0].mean(0)
+        return w[:, :, 0].mean(1)
 
 
 class Qwen2MLP(nn.Module):
@@ -246,10 +254,36 @@ class Qwen2Model(nn.Module):
             keep_idx = uniform_keep(counts[stage], keep)
         else:
             # Ranked with the *next* layer's norm and q/k projections, from the last prompt token.
-            layer = self.layers[rank_layer]
-            scores = layer.self_attn.last_token_attention(layer.input_layernorm(h), cos, sin)
+            scores = self.rank(rank_layer, h, cos, sin)[0]
             keep_idx = attention_keep(scores[visual], keep)
         return keep_visual(h, visual, keep_idx)
+
+    def rank(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Text-guided dropout's score at `layer`: the head-mean attention [B, S] of each sequence's last token,
+        from layer `layer`'s input norm and q/k projections applied to `h` [B, S, D], the hidden state entering
+        that layer."""
+        block = self.layers[layer]
+        return block.self_attn.last_token_attention(block.input_layernorm(h), cos, sin)
+
+    def attention_at(self, inputs_embeds: torch.Tensor, layer: int) -> torch.Tensor:
+        """`rank` at `layer` on fresh prompts [B, S, D] (no cache, no dropout), running only the layers below it:
+        [B, S] float in the model's dtype. The windowed relevance scan (`hico.relevance`) calls this."""
+        return self.rank(layer, *self.hidden_at(inputs_embeds, layer))
+
+    def hidden_at(
+        self, inputs_embeds: torch.Tensor, layer: int, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The hidden states [B, S, D] entering `layer` of fresh prompts (no cache, no dropout), running only the
+        layers below it, with the RoPE cos and sin of `positions` [S] (default 0..S-1) they were computed with."""
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"scoring layer {layer} is out of range for an LLM of {len(self.layers)} layers")
+        h = inputs_embeds
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for block in self.layers[:layer]:
+            h = block(h, cos, sin, None)
+        return h, cos, sin
 
 
 class Qwen2ForCausalLM(nn.Module):

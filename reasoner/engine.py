@@ -1,8 +1,14 @@
-"""Ask over memory: pick clips, build the timestamped prompt, run the LLM on stored tokens.
+"""Ask over memory: pick clips, build the timestamped prompt, run the LLM on stored tokens; Search: rank moments.
 
 No frame is decoded or encoded here: the visual tokens come straight from memory. With one stream
 and no wall-clock anchors, the prompt is exactly the official one for the same sampled frames, so
 the answer equals the offline model's.
+
+Selection, when a range holds more clips than the frame budget: "uniform" (the official sampler over clips),
+"retrieval" (a uniform backbone plus the FAISS heuristic's hits), "scan" (coarse-to-fine: every clip in range
+scored by the model's own attention, `hico.relevance`, then the best packed with their neighbours, a uniform
+backbone and the latest clips) or "index" (the same packing, scores from the key index, `reasoner.keys`). All but
+"uniform" also rank moments (`Moment`), which Ask returns beside the answer and Search returns alone.
 """
 
 from __future__ import annotations
@@ -21,15 +27,23 @@ from hico.config import DropConfig
 from hico.generation import Generated, generate_text
 from hico.model import VideoChatFlashModel
 from hico.prompt import PromptVideo, build_prompt, describe, find_marker
+from hico.relevance import clip_keys, default_layer, key_scores, question_query, scan_clips
 from memory.index import ClipIndex
 from memory.records import ClipMeta, Clock
-from memory.store import MemoryStore
+from memory.store import MemoryStore, Picked
+from reasoner.keys import KeyIndex
 from vcflash.serve.errors import Invalid, NotFound, excerpt
 from vcflash.serve.settings import ReasonerSettings
 
 log = logging.getLogger(__name__)
 
-Selection = Literal["uniform", "retrieval"]
+Selection = Literal["uniform", "retrieval", "scan", "index"]
+SELECTIONS: tuple[Selection, ...] = ("uniform", "retrieval", "scan", "index")
+SCORED: tuple[Selection, ...] = ("scan", "index")  # the model's own relevance: coarse-to-fine
+MOMENTS = 10  # moments an Ask returns
+MAX_MOMENTS = 100  # the most a Search may ask for
+SCAN_WINDOW = 16  # clips per window of the relevance scan (64 frames, the official sampler's minimum)
+SCAN_BATCH = 8  # windows prefilled together
 
 
 class AskError(Invalid):
@@ -97,15 +111,28 @@ class AskParams:
             raise AskError(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}")
         if self.dropout is not None and len(self.dropout) > 64:  # its parse error would quote it whole
             raise AskError(f"dropout spec {excerpt(self.dropout)} is too long (expected TYPE:LAYERS:RATIOS)")
-        if self.selection not in ("uniform", "retrieval"):
+        if self.selection not in SELECTIONS:
             raise AskError(f"unknown selection {excerpt(self.selection)}")
 
 
 @dataclass(frozen=True)
 class Evidence:
     clip: ClipMeta
-    retrieved: bool = False
-    score: float = 0.0
+    retrieved: bool = False  # chosen for its score (a hit or a hit's neighbour), not for coverage
+    score: float = 0.0  # the clip's relevance, when the selection scored it
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A run of consecutive clips of one stream that ranked for a question; `score` is its best clip's."""
+
+    first: ClipMeta
+    last: ClipMeta
+    score: float
+
+    @property
+    def stream_id(self) -> str:
+        return self.first.stream_id
 
 
 @dataclass
@@ -117,6 +144,15 @@ class AskResult:
     prompt_tokens: int
     new_tokens: int
     duration_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+    moments: list[Moment] = field(default_factory=list)  # ranked, best first ("retrieval" and "scan")
+
+
+@dataclass
+class SearchResult:
+    moments: list[Moment]  # best first
+    clips_scored: int  # clips the ranking looked at (the scan: every clip in range)
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
@@ -147,6 +183,47 @@ def select_clips(backbone: list[ClipMeta], budget: int, hits: Sequence[tuple[Cli
     if len(chosen) == len(backbone):
         return list(chosen.values())
     return sorted(chosen.values(), key=lambda e: e.clip.media_start)
+
+
+def pack(n: int, budget: int, scores: np.ndarray, *, neighbours: int = 1) -> dict[int, str]:
+    """Coarse-to-fine: which of n scored clips (positions in time order) fill a budget of clips, and why.
+
+    All n when they fit ("all"). Otherwise the newest budget // 8 ("recent": what is happening now), a uniform
+    backbone of budget // 4 ("backbone": coverage of the whole range), then the best-scoring clips ("hit"), each
+    followed by its temporal neighbours up to `neighbours` clips away ("neighbour": context before and after),
+    until the budget is full. Returns {position: why}, ascending by position (time order). NaN scores rank last.
+    """
+    if n <= budget:
+        return dict.fromkeys(range(n), "all")
+    chosen: dict[int, str] = dict.fromkeys(range(n - budget // 8, n), "recent")
+    for i in uniform_pick(n, budget // 4):
+        chosen.setdefault(i, "backbone")
+    ranked = np.argsort(-np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf), kind="stable")
+    around = [0] + [d * s for d in range(1, neighbours + 1) for s in (-1, 1)]
+    for hit in ranked.tolist():
+        if len(chosen) >= budget:
+            break
+        for d in around:
+            j = hit + d
+            if len(chosen) < budget and 0 <= j < n and j not in chosen:
+                chosen[j] = "hit" if d == 0 else "neighbour"
+    return dict(sorted(chosen.items()))
+
+
+def rank_moments(scored: Sequence[tuple[ClipMeta, float]], limit: int) -> list[Moment]:
+    """The best `limit` clips as moments, best first: top clips that follow each other (consecutive seqs of one
+    stream) join into one moment scored by its best clip, so a moment may span several clips."""
+    finite = [(m, s) for m, s in scored if np.isfinite(s)]
+    top = sorted(finite, key=lambda ms: -ms[1])[:limit]
+    top.sort(key=lambda ms: (ms[0].stream_id, ms[0].seq))
+    moments: list[Moment] = []
+    for meta, score in top:
+        last = moments[-1] if moments else None
+        if last is not None and last.stream_id == meta.stream_id and last.last.seq + 1 == meta.seq:
+            moments[-1] = Moment(last.first, meta, max(last.score, score))
+        else:
+            moments.append(Moment(meta, meta, score))
+    return sorted(moments, key=lambda m: -m.score)
 
 
 @dataclass
@@ -185,6 +262,7 @@ class Reasoner:
         self.model, self.store, self.index = model, store, index
         self.limits = limits or ReasonerSettings()
         self.model_lock = model_lock or threading.Lock()
+        self.keys = KeyIndex()
 
     def ask(self, p: AskParams) -> Iterator[str | AskResult]:
         """Yield answer text pieces, then the AskResult. Raises AskError, NotFound (unknown stream)
@@ -192,7 +270,8 @@ class Reasoner:
         t0 = time.perf_counter()
         p.validate(self.limits)  # every size first: nothing below sees an oversized input
         drop = self._resolve_drop(p.dropout)
-        segments = self.select(p)
+        moments: list[Moment] = []
+        segments = self.select(p, moments)
         timings = {"select": time.perf_counter() - t0}
         if not segments:
             where = ", ".join(p.stream_ids)  # known streams: select refused unknown names
@@ -234,6 +313,7 @@ class Reasoner:
             new_tokens=len(out.ids),
             duration_s=sum(s.duration_s for s in segments),
             timings=timings,
+            moments=moments,
         )
 
     def _resolve_drop(self, dropout: str | None) -> DropConfig | None:
@@ -242,51 +322,199 @@ class Reasoner:
         except ValueError as e:
             raise AskError(str(e)) from e
 
-    def select(self, p: AskParams) -> list[Segment]:
-        """Validate the question and pick each stream's clips, with their tokens from memory.
+    def select(self, p: AskParams, moments: list[Moment] | None = None) -> list[Segment]:
+        """Validate the question and pick each stream's clips, with their tokens from memory; `moments`, when
+        given, receives the moments the selection ranked (best first, all streams together).
 
-        Reads only what it uses: the store finds how many clips overlap the range and which sit at the uniform
-        positions from its time index, then reads those clips' metadata and tokens (MemoryStore.pick), so the
-        cost follows the budget, not the memory's size. Retrieval adds one FAISS search (over the range's seqs,
-        when a range is given) and the hits' metadata.
+        Uniform and retrieval read only what they use: the store finds how many clips overlap the range and which
+        sit at the uniform positions from its time index, then reads those clips' metadata and tokens
+        (MemoryStore.pick), so the cost follows the budget, not the memory's size. Retrieval adds one FAISS search
+        (over the range's seqs, when a range is given) and the hits' metadata. The scan reads every clip in range
+        (metadata, and tokens a batch of windows at a time) and prefills them up to the scoring layer.
         """
+        self._check_streams(p)
+        budget = max(1, p.max_frames // 4 // len(p.stream_ids))  # clips per stream
+        segments = []
+        scored: list[tuple[ClipMeta, float]] = []
+        for stream_id in p.stream_ids:
+            if p.selection in SCORED:
+                segment = self._select_scan(p, stream_id, budget, scored)
+            else:
+                segment = self._select_uniform(p, stream_id, budget, scored)
+            if segment is not None:
+                segments.append(segment)
+        if moments is not None:
+            moments.extend(rank_moments(scored, MOMENTS))
+        return segments
+
+    def _check_streams(self, p: AskParams) -> None:
         p.validate(self.limits)
         known = set(self.store.streams())
         unknown = [s for s in p.stream_ids if s not in known]
         if unknown:
             raise NotFound(f"unknown stream(s): {', '.join(excerpt(s) for s in unknown[:4])}")
-        budget = max(1, p.max_frames // 4 // len(p.stream_ids))  # clips per stream
-        segments = []
+
+    def _segment(self, stream_id: str, picked: Picked, evidence: list[Evidence]) -> Segment:
+        tokens = torch.from_numpy(self.store.tokens(stream_id, [e.clip.seq for e in evidence]))
+        first, last = picked.first or picked.clips[0], picked.last or picked.clips[-1]
+        return Segment(stream_id, evidence, last.media_end - first.media_start, tokens)
+
+    def _select_uniform(
+        self, p: AskParams, stream_id: str, budget: int, scored: list[tuple[ClipMeta, float]]
+    ) -> Segment | None:
+        """Uniform, or the heuristic retrieval: a uniform backbone plus the FAISS hits."""
         retrieval = p.selection == "retrieval" and self.index is not None
         ranged = p.start is not None or p.end is not None
+        picked = self.store.pick(
+            stream_id,
+            p.start,
+            p.end,
+            lambda n: uniform_pick(n, backbone_size(n, budget, retrieval)),
+            clock=p.clock,
+            with_seqs=retrieval and ranged,  # the range's seqs restrict the search
+        )
+        if not picked.clips:
+            return None
+        hits: list[tuple[ClipMeta, float]] = []
+        if retrieval and picked.count > budget:
+            hits = self._heuristic_hits(p, stream_id, picked, budget)
+            scored.extend(hits)
+            if not hits:  # nothing indexed yet: the whole budget uniform, as without retrieval
+                picked = self.store.pick(stream_id, p.start, p.end, lambda n: uniform_pick(n, budget), clock=p.clock)
+        return self._segment(stream_id, picked, select_clips(picked.clips, budget, hits))
+
+    def _heuristic_hits(self, p: AskParams, stream_id: str, picked: Picked, k: int) -> list[tuple[ClipMeta, float]]:
+        """The FAISS heuristic's best k clips of the range (`picked.seqs`, or the whole stream), best first."""
+        assert self.index is not None
+        stale = self.index.sync_stream(self.store, stream_id)
+        query = self._question_vector(p.question)
+        found = self.index.search(stream_id, query, k=k + stale, among=picked.seqs)
+        metas = self.store.metas(stream_id, [seq for seq, _ in found])
+        return [(metas[seq], score) for seq, score in found if seq in metas][:k]  # evicted since: left out
+
+    def _score_range(self, p: AskParams, stream_id: str) -> tuple[Picked, np.ndarray, np.ndarray]:
+        """Every clip that overlaps the range: (the pick, their seqs int64 [n] and relevance float32 [n], in time
+        order). The scan reads every clip's metadata (`picked.clips`); the key index only their seqs (`picked.clips`
+        empty), so a caller reads the metadata of the clips it keeps (`_metas`)."""
+        if p.selection == "index":
+            picked = self.store.pick(stream_id, p.start, p.end, lambda n: [], clock=p.clock, with_seqs=True)
+            seqs = picked.seqs if picked.seqs is not None else np.empty(0, np.int64)
+            return picked, seqs, self.index_scores(stream_id, seqs.tolist(), p.question)
+        picked = self.store.pick(stream_id, p.start, p.end, range, clock=p.clock)
+        seqs = np.array([m.seq for m in picked.clips], dtype=np.int64)
+        return picked, seqs, self.score_clips(stream_id, picked.clips, p.question)
+
+    def _metas(self, stream_id: str, picked: Picked, seqs: np.ndarray, positions: Sequence[int]) -> list[ClipMeta]:
+        """The metadata of the clips at `positions` (evicted since the pick: left out)."""
+        if len(picked.clips) == len(seqs):
+            return [picked.clips[i] for i in positions]
+        held = self.store.metas(stream_id, [int(seqs[i]) for i in positions])
+        return [held[int(seqs[i])] for i in positions if int(seqs[i]) in held]
+
+    def _top(
+        self, stream_id: str, picked: Picked, seqs: np.ndarray, scores: np.ndarray, k: int
+    ) -> list[tuple[ClipMeta, float]]:
+        """The k best-scoring clips with their scores, for `rank_moments` (the best k of several streams are among
+        each stream's best k)."""
+        order = np.argsort(-np.nan_to_num(scores.astype(np.float64), nan=-np.inf), kind="stable")[:k]
+        by_seq = {m.seq: m for m in self._metas(stream_id, picked, seqs, sorted(order.tolist()))}
+        return [(by_seq[int(seqs[i])], float(scores[i])) for i in order if int(seqs[i]) in by_seq]
+
+    def index_scores(self, stream_id: str, seqs: Sequence[int], question: str) -> np.ndarray:
+        """The key index's relevance of clips (float32 [n]): one query for the question against their keys, the keys
+        of clips not indexed yet built from memory's tokens first (`KeyIndex.built` counts them)."""
+        if not len(seqs):
+            return np.empty(0, np.float32)
+        layer = default_layer(self.model.config.text)
+
+        def build(missing: list[int]) -> torch.Tensor:
+            tokens = torch.from_numpy(self.store.tokens(stream_id, missing))
+            return clip_keys(self.model, tokens, layer)
+
+        generation = self.store.stats(stream_id).generation  # a stream deleted and made again restarts its seqs
+        with self.model_lock:
+            keys = self.keys.get(stream_id, list(seqs), build, generation)
+            query = question_query(self.model, question, layer)
+        return key_scores(query, keys).numpy()
+
+    def score_clips(self, stream_id: str, metas: Sequence[ClipMeta], question: str) -> np.ndarray:
+        """The model's relevance of consecutive clips (`hico.relevance.scan_clips`), their tokens read from memory
+        a batch of windows at a time; a clip evicted meanwhile scores NaN."""
+        seqs = [m.seq for m in metas]
+        lost: set[int] = set()
+
+        def load(a: int, b: int) -> torch.Tensor:
+            try:
+                return torch.from_numpy(self.store.tokens(stream_id, seqs[a:b]))
+            except KeyError:  # evicted while scanning: zeros in its place, scored NaN below
+                held = self.store.metas(stream_id, seqs[a:b])
+                rows = [self.store.tokens(stream_id, [s])[0] if s in held else None for s in seqs[a:b]]
+                shape = next(r for r in rows if r is not None).shape if any(r is not None for r in rows) else None
+                if shape is None:
+                    raise
+                lost.update(a + i for i, r in enumerate(rows) if r is None)
+                return torch.from_numpy(np.stack([np.zeros(shape, np.float16) if r is None else r for r in rows]))
+
+        if not metas:
+            return np.empty(0, np.float32)
+        size = min(SCAN_WINDOW, len(metas))
+        clip_s = float(np.median([m.media_end - m.media_start for m in metas]))
+        scores = scan_clips(
+            self.model,
+            len(metas),
+            load,
+            question,
+            window=SCAN_WINDOW,
+            batch_size=SCAN_BATCH,
+            duration_s=round(clip_s * size, 2),
+            hold=lambda: self.model_lock,  # released between batches: the encoder may share the model
+        ).numpy()
+        scores[list(lost)] = np.nan
+        return scores
+
+    def _select_scan(
+        self, p: AskParams, stream_id: str, budget: int, scored: list[tuple[ClipMeta, float]]
+    ) -> Segment | None:
+        """Coarse-to-fine: score every clip in range, then `pack` the budget (all of them when they fit)."""
+        picked, seqs, scores = self._score_range(p, stream_id)
+        if not len(seqs):
+            return None
+        scored.extend(self._top(stream_id, picked, seqs, scores, MOMENTS))
+        packed = pack(len(seqs), budget, scores)
+        metas = {m.seq: m for m in self._metas(stream_id, picked, seqs, list(packed))}
+        evidence = [
+            Evidence(metas[int(seqs[i])], retrieved=why in ("hit", "neighbour"), score=float(np.nan_to_num(scores[i])))
+            for i, why in packed.items()
+            if int(seqs[i]) in metas
+        ]
+        if not evidence:
+            return None
+        return self._segment(stream_id, picked, evidence)
+
+    def search(self, p: AskParams, limit: int = MOMENTS) -> SearchResult:
+        """The moments of the streams' range that best answer the question, best first, without generating.
+
+        "retrieval" ranks with the FAISS heuristic, "index" with the key index, any other selection with the
+        model's scan (every clip in range). Raises AskError, NotFound (unknown stream) or MemoryUnavailable, as
+        Ask."""
+        t0 = time.perf_counter()
+        if not 1 <= limit <= MAX_MOMENTS:
+            raise AskError(f"limit must be in [1, {MAX_MOMENTS}], got {limit}")
+        self._check_streams(p)
+        scored: list[tuple[ClipMeta, float]] = []
+        count = 0
         for stream_id in p.stream_ids:
-            picked = self.store.pick(
-                stream_id,
-                p.start,
-                p.end,
-                lambda n: uniform_pick(n, backbone_size(n, budget, retrieval)),
-                clock=p.clock,
-                with_seqs=retrieval and ranged,  # the range's seqs restrict the search
-            )
-            if not picked.clips:
-                continue
-            hits: list[tuple[ClipMeta, float]] = []
-            if retrieval and picked.count > budget:
-                assert self.index is not None
-                stale = self.index.sync_stream(self.store, stream_id)
-                query = self._question_vector(p.question)
-                found = self.index.search(stream_id, query, k=budget + stale, among=picked.seqs)
-                metas = self.store.metas(stream_id, [seq for seq, _ in found])
-                hits = [(metas[seq], score) for seq, score in found if seq in metas]  # evicted since: left out
-                if not hits:  # nothing indexed yet: the whole budget uniform, as without retrieval
-                    picked = self.store.pick(
-                        stream_id, p.start, p.end, lambda n: uniform_pick(n, budget), clock=p.clock
-                    )
-            evidence = select_clips(picked.clips, budget, hits)
-            tokens = torch.from_numpy(self.store.tokens(stream_id, [e.clip.seq for e in evidence]))
-            first, last = picked.first or picked.clips[0], picked.last or picked.clips[-1]
-            segments.append(Segment(stream_id, evidence, last.media_end - first.media_start, tokens))
-        return segments
+            if p.selection == "retrieval" and self.index is not None:
+                ranged = p.start is not None or p.end is not None
+                picked = self.store.pick(stream_id, p.start, p.end, lambda n: [], clock=p.clock, with_seqs=ranged)
+                if picked.count:
+                    scored.extend(self._heuristic_hits(p, stream_id, picked, limit))
+            else:
+                picked, seqs, scores = self._score_range(p, stream_id)
+                scored.extend(self._top(stream_id, picked, seqs, scores, limit))
+            count += picked.count
+        note = "" if count else f"no clips from {', '.join(p.stream_ids)} in the requested range"
+        return SearchResult(rank_moments(scored, limit), count, {"total": time.perf_counter() - t0}, note)
 
     def _question_vector(self, question: str) -> np.ndarray:
         """The question in the clips' space: the mean of its token embeddings (the LLM input space)."""

@@ -1,4 +1,4 @@
-"""The Reasoner gRPC service: Ask streams the answer, then the evidence."""
+"""The Reasoner gRPC service: Ask streams the answer, then the evidence; Search ranks moments."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from memory.retention import follow_forever
 from memory.server import MemoryService, clip_info, time_range
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from reasoner.engine import AskParams, AskResult, Reasoner
+from reasoner.engine import MOMENTS, AskParams, AskResult, Moment, Reasoner, SearchResult
 from vcflash.serve.errors import Invalid
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.rpc import handle_errors
@@ -49,12 +49,25 @@ def check_generation(g: pb.Generation) -> None:
         raise bad("repetition_penalty", "> 0")
 
 
+SELECTIONS = {
+    pb.SELECTION_UNIFORM: "uniform",
+    pb.SELECTION_RETRIEVAL: "retrieval",
+    pb.SELECTION_SCAN: "scan",
+    pb.SELECTION_INDEX: "index",
+}
+
+
+def selection(value: int) -> str:
+    if value not in SELECTIONS:
+        raise Invalid(f"unknown selection {value} (UNIFORM is 0, RETRIEVAL 1, SCAN 2, INDEX 3)")
+    return SELECTIONS[value]
+
+
 def ask_params(r: pb.AskRequest) -> AskParams:
     g = r.generation
     check_generation(g)
     start, end, clock = time_range(r.range)
-    if r.selection not in (pb.SELECTION_UNIFORM, pb.SELECTION_RETRIEVAL):
-        raise Invalid(f"unknown selection {r.selection} (SELECTION_UNIFORM is 0, SELECTION_RETRIEVAL 1)")
+    chosen = selection(r.selection)
     return AskParams(
         stream_ids=list(r.stream_ids),
         question=r.question,
@@ -62,7 +75,7 @@ def ask_params(r: pb.AskRequest) -> AskParams:
         end=end,
         clock=clock,
         max_frames=r.max_frames or 512,
-        selection="retrieval" if r.selection == pb.SELECTION_RETRIEVAL else "uniform",
+        selection=chosen,  # type: ignore[arg-type]
         dropout=r.dropout or None,
         max_new_tokens=g.max_new_tokens or None,
         do_sample=g.do_sample,
@@ -73,6 +86,34 @@ def ask_params(r: pb.AskRequest) -> AskParams:
         seed=g.seed if g.HasField("seed") else None,
         history=[(t.question, t.answer) for t in r.history],
         anchors=r.wall_clock_anchors,
+    )
+
+
+def search_params(r: pb.SearchRequest) -> tuple[AskParams, int]:
+    """The search as the engine takes it (an Ask's params, checked the same way) and the moments wanted."""
+    start, end, clock = time_range(r.range)
+    chosen = selection(r.selection)
+    chosen = chosen if chosen in ("retrieval", "index") else "scan"
+    params = AskParams(list(r.stream_ids), r.question, start=start, end=end, clock=clock, selection=chosen)
+    return params, r.limit or MOMENTS
+
+
+def moment(m: Moment) -> pb.Moment:
+    return pb.Moment(
+        stream_id=m.stream_id,
+        media_start=m.first.media_start,
+        media_end=m.last.media_end,
+        wall_start=m.first.wall_start,
+        wall_end=m.last.wall_end,
+        score=m.score,
+        first_seq=m.first.seq,
+        last_seq=m.last.seq,
+    )
+
+
+def search_response(r: SearchResult) -> pb.SearchResponse:
+    return pb.SearchResponse(
+        moments=[moment(m) for m in r.moments], clips_scored=r.clips_scored, timings_s=r.timings, note=r.note
     )
 
 
@@ -87,6 +128,7 @@ def ask_result(r: AskResult) -> pb.AskResult:
         duration_s=r.duration_s,
         timings_s=r.timings,
         note=r.note,
+        moments=[moment(m) for m in r.moments],
     )
 
 
@@ -97,6 +139,12 @@ class ReasonerServicer(pb_grpc.ReasonerServicer):
             "vcflash_ask_seconds",
             "Ask latency, request to final message",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+        self.search_latency = Histogram(
+            "vcflash_search_seconds",
+            "Search latency",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
 
@@ -132,6 +180,12 @@ class ReasonerServicer(pb_grpc.ReasonerServicer):
             finally:
                 cancelled.set()
                 await worker
+
+    @handle_errors
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        params, limit = search_params(request)
+        with self.search_latency.time():
+            return search_response(await asyncio.to_thread(self.reasoner.search, params, limit))
 
 
 class ReasonerService(MemoryService):

@@ -47,6 +47,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, impo
         ["streams", "ls", "--help"],
         ["memory", "ls", "--help"],
         ["ask-live", "--help"],
+        ["search", "--help"],
         ["wait", "--address", "127.0.0.1:1", "--timeout", "0.2"],
         ["--version"],
     ],

@@ -119,6 +119,28 @@ def test_the_split_console_lists_cameras_and_asks_the_reasoner(split: tuple[Depl
         assert status == code and "error" in json.loads(body), (question, status, body)
 
 
+def test_the_split_ingest_serves_the_openai_chat_api_asking_the_reasoner(split: tuple[Deployment, str]) -> None:
+    """Issue 15: /v1/chat/completions on ingest's HTTP port answers as `ask-live` against the reasoner."""
+    import openai
+
+    from vcflash.client import Client
+
+    d, base = split
+    with Client(f"127.0.0.1:{d.ports['reasoner']}", TOKEN) as c:
+        live = list(c.ask(["cam"], "What moves?", max_new_tokens=16))[-1]
+    client = openai.OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    assert "vcflash/cam" in [m.id for m in client.models.list()]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What moves?"}]}]
+    messages[0]["content"].append({"type": "video_url", "video_url": {"url": "vcflash://cam"}})  # type: ignore[attr-defined]
+    answer = client.chat.completions.create(model="vcflash", messages=messages, max_tokens=16)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content == live.answer
+    assert [m["seq"] for m in answer.model_extra["vcflash"]["moments"]] == [e.clip.seq for e in live.evidence]
+    with pytest.raises(openai.NotFoundError):  # the reasoner's NOT_FOUND, across gRPC
+        client.chat.completions.create(model="vcflash/nope", messages=[{"role": "user", "content": "q"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong-token-0123456789", max_retries=0).models.list()
+
+
 @pytest.mark.skipif(_playwright() is None, reason="playwright is not installed (pip install -e '.[test]')")
 @pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is missing (apt-get install chromium)")
 def test_the_split_console_in_headless_chromium(split: tuple[Deployment, str], tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from reasoner.engine import Reasoner
 from reasoner.server import reasoner_entries
 from vcflash.console import add_console
 from vcflash.console.answers import LocalAnswers
+from vcflash.openai_api import add_openai_api
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.settings import Settings
 
@@ -59,5 +60,7 @@ class App(ServesStreams):
         return services, [encoder.run(), *sweeps]
 
     def extend_http(self, app: web.Application) -> None:
-        # the web console, on the WHIP port, its chat asking this process's reasoner
-        add_console(app, self.streams, LocalAnswers(self.reasoner), self.settings.server)
+        # the web console and the OpenAI-compatible chat API, on the WHIP port, asking this process's reasoner
+        answers = LocalAnswers(self.reasoner)
+        add_console(app, self.streams, answers, self.settings.server)
+        add_openai_api(app, answers, self.settings, self.store)

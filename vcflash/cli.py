@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy: commands that only talk gRPC never load torch or transformers
+    from collections.abc import Sequence
+
     from protos.vcflash.v1 import vcflash_pb2 as pb
     from vcflash.client import Client
     from vcflash.serve.settings import Settings
@@ -125,6 +127,7 @@ def cmd_pretrain_tower(args: argparse.Namespace) -> int:
         model=args.model,
         out=Path(args.out),
         steps=args.steps,
+        labels=args.labels,
         clips=args.clips,
         lr=args.lr,
         seed=args.seed,
@@ -593,6 +596,7 @@ def cmd_ask_live(args: argparse.Namespace) -> int:
             wall_clock=wall,
             max_frames=args.max_frames,
             retrieval=args.retrieval,
+            selection=args.selection,
             dropout=args.compress or "",
             max_new_tokens=args.max_new_tokens,
         ):
@@ -623,6 +627,67 @@ def cmd_ask_live(args: argparse.Namespace) -> int:
                 f"wall {wall_clock(clip.wall_start)}-{wall_clock(clip.wall_end)[11:]} UTC"
                 + (f"  retrieved ({e.score:.2f})" if e.retrieved else "")
             )
+        if result.moments:
+            print("moments:")
+            print_moments(result.moments)
+    return 0
+
+
+def print_moments(moments: Sequence[pb.Moment]) -> None:
+    """One line per ranked moment (`pb.Moment`), best first."""
+    from hico.prompt import wall_clock
+
+    for i, m in enumerate(moments, 1):
+        seqs = f"#{m.first_seq}" + (f"-{m.last_seq}" if m.last_seq != m.first_seq else "")
+        print(
+            f"  {i:>2}. {m.stream_id} {seqs}  media {m.media_start:.1f}-{m.media_end:.1f} s  "
+            f"wall {wall_clock(m.wall_start)}-{wall_clock(m.wall_end)[11:]} UTC  score {m.score:.4g}"
+        )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """`vcflash search`: the ranked moments of a running server's memory, without an answer."""
+    start, end, wall = parse_range(args.start, args.end, args.wall)
+    with client(args, reasoner=True) as c:
+        response = c.search(
+            args.stream,
+            args.question,
+            start=start,
+            end=end,
+            wall_clock=wall,
+            limit=args.limit,
+            selection=args.selection,
+        )
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        record = MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        print(json.dumps(record, indent=2))
+        return 0
+    if response.note:
+        print(f"({response.note})")
+    print(f"{len(response.moments)} moments from {response.clips_scored} clips, best first:")
+    print_moments(response.moments)
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """An MCP server over a running vcflash (vcflash.mcp_server): stdio, or streamable HTTP with --http-port."""
+    try:
+        import mcp  # noqa: F401
+    except ImportError:
+        print("vcflash: error: vcflash mcp needs the MCP SDK: pip install 'vcflash[mcp]'", file=sys.stderr)
+        return 2
+    from vcflash.mcp_server import Tools, build, serve_http
+    from vcflash.serve.settings import ClientSettings
+
+    with client(args) as c, client(args, reasoner=True) as reasoner:
+        server = build(Tools(c, reasoner))
+        if args.http_port is None:
+            server.run("stdio")
+        else:
+            token = ClientSettings.from_env(api_token=args.token).token()
+            serve_http(server, token, args.host, args.http_port)
     return 0
 
 
@@ -819,11 +884,46 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument(
         "--retrieval", action="store_true", help="uniform backbone plus the clips closest to the question"
     )
+    live.add_argument(
+        "--selection",
+        choices=["uniform", "retrieval", "scan", "index"],
+        help="clips over the budget: uniform (default), retrieval (as --retrieval), scan (every clip scored by "
+        "the model's attention; the best with their neighbours, a uniform backbone and the latest clips) or index "
+        "(as scan, scored by the key index)",
+    )
     live.add_argument("--compress", help="visual dropout: off, recommended or TYPE:LAYERS:RATIOS")
     live.add_argument("--max-new-tokens", type=int, default=512)
     live.add_argument("--json", action="store_true", help="print only the result (answer, evidence, timings) as JSON")
     connection(live)
     live.set_defaults(func=cmd_ask_live)
+
+    search = sub.add_parser("search", help="rank the moments of a running server's memory for a question (no answer)")
+    search.add_argument("question")
+    search.add_argument("--stream", action="append", required=True, help="stream name; repeat for several cameras")
+    search.add_argument("--from", dest="start", help="start: media seconds, or an ISO date-time (wall clock; UTC)")
+    search.add_argument("--to", dest="end", help="end: media seconds, or an ISO date-time (wall clock; no zone: UTC)")
+    search.add_argument("--wall", action="store_true", help="read numbers in --from/--to as Unix seconds (wall clock)")
+    search.add_argument("--limit", type=int, default=10, help="moments to return, 1-100 (10)")
+    search.add_argument(
+        "--selection",
+        choices=["scan", "index", "retrieval"],
+        default="scan",
+        help="scan: the model's attention over every clip in range (default); index: the same score from per-clip "
+        "keys; retrieval: the FAISS heuristic",
+    )
+    search.add_argument("--json", action="store_true", help="print the moments as JSON")
+    connection(search)
+    search.set_defaults(func=cmd_search)
+
+    mcp = sub.add_parser(
+        "mcp", help="MCP server over a running vcflash (tools: list_cameras, camera_status, ask, get_thumbnails)"
+    )
+    mcp.add_argument(
+        "--http-port", type=int, help="serve streamable HTTP at http://HOST:PORT/mcp (bearer token) instead of stdio"
+    )
+    mcp.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
+    connection(mcp)
+    mcp.set_defaults(func=cmd_mcp)
 
     health = sub.add_parser("health", help="gRPC health check of a running server (exit 0 when SERVING)")
     health.add_argument("--address", help="server address (default: VCFLASH_ADDRESS or 127.0.0.1:50051)")
@@ -864,7 +964,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tower.add_argument("--model", required=True, help="base checkpoint (make-tiny-checkpoint --preset shapes)")
     tower.add_argument("--out", required=True, help="the base with the trained tower, in the official layout")
-    tower.add_argument("--steps", type=int, default=1500)
+    tower.add_argument("--steps", type=int, default=1000)
+    tower.add_argument("--labels", type=csv(str), default=("shape", "colour"), help="of shape,colour,direction")
     tower.add_argument("--clips", type=int, default=16, help="rendered 4-frame scenes a step")
     tower.add_argument("--lr", type=float, default=1e-3)
     tower.add_argument("--seed", type=int, default=0)

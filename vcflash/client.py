@@ -5,6 +5,8 @@ with Client("127.0.0.1:50051") as c:   # token: VCFLASH_API_TOKEN or the local s
     c.add_stream("lobby", "rtsp://cam/stream", fps=1)
     for piece in c.ask(["lobby"], "When did the van leave?"):
         print(piece, end="")          # text pieces, then the final AskResult
+    for m in c.search(["lobby"], "the white van leaves").moments:  # ranked moments, no answer generated
+        print(m.stream_id, m.wall_start, m.wall_end, m.score)
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ def resolve_range(
         )
     start, end = (wall_seconds(t) if isinstance(t, datetime) else t for t in (start, end))
     return start, end, wall_clock or any(dated)
+
+
+SELECTIONS = {
+    "uniform": pb.SELECTION_UNIFORM,
+    "retrieval": pb.SELECTION_RETRIEVAL,
+    "scan": pb.SELECTION_SCAN,
+    "index": pb.SELECTION_INDEX,
+}
 
 
 def time_range(start: float | datetime | None, end: float | datetime | None, wall_clock: bool) -> pb.TimeRange:
@@ -227,6 +237,7 @@ class Client:
         wall_clock: bool = False,
         max_frames: int = 512,
         retrieval: bool = False,
+        selection: str | None = None,
         dropout: str = "",
         max_new_tokens: int = 512,
         history: Sequence[tuple[str, str]] = (),
@@ -234,13 +245,15 @@ class Client:
         timeout_s: float | None = 600.0,
     ) -> Iterator[str | pb.AskResult]:
         """Yield the answer's text pieces as they are generated, then the final AskResult. The question is about
-        the clips that overlap [start, end); see resolve_range for the clocks."""
+        the clips that overlap [start, end); see resolve_range for the clocks. `selection` ("uniform",
+        "retrieval", "scan" or "index"; `retrieval=True` is "retrieval") picks the clips when the range exceeds
+        max_frames; "retrieval" and "scan" also rank moments (`AskResult.moments`)."""
         request = pb.AskRequest(
             stream_ids=list(stream_ids),
             question=question,
             range=time_range(start, end, wall_clock),
             max_frames=max_frames,
-            selection=pb.SELECTION_RETRIEVAL if retrieval else pb.SELECTION_UNIFORM,
+            selection=SELECTIONS[selection or ("retrieval" if retrieval else "uniform")],
             dropout=dropout,
             generation=pb.Generation(max_new_tokens=max_new_tokens),
             history=[pb.Turn(question=q, answer=a) for q, a in history],
@@ -248,3 +261,28 @@ class Client:
         )
         for event in self.reasoner.Ask(request, metadata=self.metadata, timeout=timeout_s):
             yield event.text if event.WhichOneof("event") == "text" else event.result
+
+    def search(
+        self,
+        stream_ids: Sequence[str],
+        question: str,
+        *,
+        start: float | datetime | None = None,
+        end: float | datetime | None = None,
+        wall_clock: bool = False,
+        limit: int = 10,
+        selection: str = "scan",
+        timeout_s: float | None = 120.0,
+    ) -> pb.SearchResponse:
+        """The moments of the streams' [start, end) that best answer the question, best first (`.moments`: stream,
+        media and wall-clock start/end, score), without generating an answer. `selection` "scan" (the model's
+        attention over every clip in range), "index" (the same score from per-clip keys) or "retrieval" (the FAISS
+        heuristic)."""
+        request = pb.SearchRequest(
+            stream_ids=list(stream_ids),
+            question=question,
+            range=time_range(start, end, wall_clock),
+            limit=limit,
+            selection=SELECTIONS[selection],
+        )
+        return self.reasoner.Search(request, metadata=self.metadata, timeout=timeout_s)  # type: ignore[no-any-return]

@@ -3,9 +3,9 @@
 The released VideoChat-Flash starts from a UMT tower pretrained on millions of videos; the tiny model's tower starts
 from nothing, and trained only through the answers' loss it learns colours in a few hundred steps but shapes not in
 thousands (README, Fine-tuning). So before `vcflash train`, the tower learns for every patch of every frame which
-shape and which colour covers it and which way that shape moves: the area fractions of background and each kind
-(`Scene.patch_labels`) as soft targets of linear heads (cross-entropy), which are thrown away afterwards. Motion is
-seen across a clip's 4 frames (the tower attends over all of them). Scenes are drawn and rendered on the
+shape and which colour covers it (and, with `labels` direction, which way it moves, seen across a clip's 4 frames):
+the area fractions of background and each kind (`Scene.patch_labels`) as soft targets of linear heads
+(cross-entropy), which are thrown away afterwards. Scenes are drawn and rendered on the
 fly (no video files), 4-frame clips of 4 s at 1 fps, as the encoder sees them. The output is the base checkpoint
 with the trained tower, in the official layout, for `vcflash train --train projector,llm`.
 """
@@ -34,7 +34,8 @@ CLIP_SECONDS = 4.0  # one clip of 4 frames at 1 fps
 class PretrainConfig:
     model: str  # the base (`make-tiny-checkpoint --preset shapes`)
     out: Path
-    steps: int = 1500
+    steps: int = 1000
+    labels: tuple[str, ...] = ("shape", "colour")  # of LABELS
     clips: int = 16  # scenes a step
     lr: float = 1e-3
     seed: int = 0
@@ -49,10 +50,12 @@ class Batch:
     labels: dict[str, torch.Tensor]  # per LABELS key: [B, 4·G·G, 1 + K] area fractions, tokens in (t, h, w) order
 
 
-def clip_batch(scenes: list[Scene], frames: int, image_size: int, grid: int) -> Batch:
+def clip_batch(
+    scenes: list[Scene], frames: int, image_size: int, grid: int, keys: tuple[str, ...] = tuple(LABELS)
+) -> Batch:
     """Render each scene's first `frames` seconds at 1 fps, squashed as the encoder squashes, with its labels."""
     pixels: list[np.ndarray] = []
-    labels: dict[str, list[np.ndarray]] = {key: [] for key in LABELS}
+    labels: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     for scene in scenes:
         background = scene.background.render(*scene.size)
         for t in range(frames):
@@ -89,13 +92,16 @@ def pretrain_tower(cfg: PretrainConfig, report: Callable[[str], None] = log.info
     vision = model.config.vision
     frames, grid = vision.num_frames, vision.image_size // vision.patch_size
     tower = model.vision_tower.requires_grad_(True)
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(vision.hidden_size, 1 + len(v)) for k, v in LABELS.items()})
+    if unknown := set(cfg.labels) - set(LABELS):
+        raise ValueError(f"unknown labels {sorted(unknown)}; choose from {', '.join(LABELS)}")
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(vision.hidden_size, 1 + len(LABELS[k])) for k in cfg.labels})
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=cfg.lr)
     train_seq, test_seq = np.random.SeedSequence(cfg.seed).spawn(2)  # independent streams: no test scene trained on
     rng, test_rng = np.random.default_rng(train_seq), np.random.default_rng(test_seq)
 
     def draw(r: np.random.Generator, n: int) -> Batch:
-        return clip_batch([random_scene(r, CLIP_SECONDS, 1) for _ in range(n)], frames, vision.image_size, grid)
+        scenes = [random_scene(r, CLIP_SECONDS, 1) for _ in range(n)]
+        return clip_batch(scenes, frames, vision.image_size, grid, cfg.labels)
 
     def loss_of(b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         features = tower(b.pixels)  # [B, 4·G·G, C]

@@ -2,9 +2,12 @@
 
 `Answers` is all the console knows of a reasoner. `vcflash up` gives it `LocalAnswers` (the in-process `Reasoner`,
 run in a worker thread); the split deployment's ingest gives it `vcflash.console.remote.RemoteAnswers` (the
-reasoner service over gRPC). Either yields the answer's text pieces as they are generated, then one `Answer`, and
-raises the neutral errors (`vcflash.serve.errors`) the console turns into HTTP statuses: `Unavailable` (503) when
-the reasoner cannot be reached.
+reasoner service over gRPC). The OpenAI-compatible chat API (`vcflash.openai_api`) asks the same `Answers`. Both turn
+a `Question` into the one `AskRequest` (`ask_request`) that gRPC's Reasoner.Ask takes: the remote one sends it, the
+local one maps it with the same function Reasoner.Ask uses (`reasoner.server.ask_params`), so every front door gets
+the same checks, limits and defaults. Either yields the answer's text pieces as they are generated, then one
+`Answer`, and raises the neutral errors (`vcflash.serve.errors`) the console turns into HTTP statuses:
+`Unavailable` (503) when the reasoner cannot be reached.
 
 Nothing here imports the model (torch): the ingest image has none.
 """
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memory.records import ClipMeta
+from protos.vcflash.v1 import vcflash_pb2 as pb
+from vcflash.serve.errors import Invalid, excerpt
 
 if TYPE_CHECKING:
     from reasoner.engine import AskResult, Reasoner
@@ -27,12 +32,26 @@ _DONE = object()
 
 @dataclass(frozen=True)
 class Question:
-    """A chat question: streams, the question, and an optional range on the wall clock (Unix seconds)."""
+    """A chat question: streams, the question, and an optional range on the wall clock (Unix seconds; the media
+    clock's seconds with `clock="media"`). The rest are Reasoner.Ask's own options, with its defaults (512 frames,
+    uniform selection, greedy decoding, the reasoner's answer length): what `vcflash ask-live` sends."""
 
     streams: Sequence[str]
     question: str
     start: float | None = None
     end: float | None = None
+    clock: str = "wall"  # "wall" or "media"
+    history: Sequence[tuple[str, str]] = ()  # earlier (question, answer) turns
+    max_frames: int = 512
+    retrieval: bool = False
+    max_new_tokens: int | None = None  # None: the reasoner's default
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    # a local video file (checked to be under the media root) instead of the streams: answered offline by the
+    # in-process model, as `vcflash ask` (LocalAnswers only; the reasoner service answers from memory only)
+    video: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,30 @@ class Answer:
     frames: int
     duration_s: float
     note: str = ""
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+
+def ask_request(q: Question) -> pb.AskRequest:
+    """The Reasoner.Ask request for a question: what the reasoner service is sent, and what the in-process reasoner
+    maps with Reasoner.Ask's own `ask_params`."""
+    clock = pb.CLOCK_MEDIA if q.clock == "media" else pb.CLOCK_WALL
+    return pb.AskRequest(
+        stream_ids=list(q.streams),
+        question=q.question,
+        range=pb.TimeRange(start=q.start, end=q.end, clock=clock),
+        max_frames=q.max_frames,
+        selection=pb.SELECTION_RETRIEVAL if q.retrieval else pb.SELECTION_UNIFORM,
+        generation=pb.Generation(
+            max_new_tokens=q.max_new_tokens or 0,
+            do_sample=q.do_sample,
+            temperature=q.temperature,
+            top_p=q.top_p,
+            seed=q.seed,
+        ),
+        history=[pb.Turn(question=question, answer=answer) for question, answer in q.history],
+        wall_clock_anchors=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,8 +118,8 @@ class Answers(Protocol):
 
 
 class LocalAnswers:
-    """The all-in-one server's reasoner, in this process: `Reasoner.ask` in a worker thread, as Reasoner.Ask runs
-    it (512 frames, uniform selection, wall-clock anchors)."""
+    """The all-in-one server's reasoner, in this process: `Reasoner.ask` in a worker thread, on the parameters
+    Reasoner.Ask would make of the same request (`ask_request`, then `reasoner.server.ask_params`)."""
 
     def __init__(self, reasoner: Reasoner) -> None:
         self.reasoner = reasoner
@@ -86,22 +129,20 @@ class LocalAnswers:
         return ReasonerState(True)
 
     async def ask(self, question: Question) -> AsyncIterator[str | Answer]:
-        from reasoner.engine import AskParams  # the model's side: only `vcflash up` gets here
+        from reasoner.server import ask_params  # the model's side: only `vcflash up` gets here
 
-        params = AskParams(
-            stream_ids=list(question.streams),
-            question=question.question,
-            start=question.start,
-            end=question.end,
-            clock="wall",
-        )
+        request = ask_request(question)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()
         cancelled = threading.Event()
 
         def run() -> None:
             try:
-                for item in self.reasoner.ask(params):
+                if question.video is not None:
+                    items_of: Iterator[Any] = self._file(question, request)
+                else:  # Reasoner.Ask's own checks and defaults
+                    items_of = self.reasoner.ask(ask_params(request))
+                for item in items_of:
                     loop.call_soon_threadsafe(items.put_nowait, item)
                     if cancelled.is_set():
                         break
@@ -120,7 +161,44 @@ class LocalAnswers:
             cancelled.set()
             await worker
 
+    def _file(self, q: Question, request: pb.AskRequest) -> Iterator[str | Answer]:
+        """A video file answered offline, as `vcflash ask` does (decode, encode, the official prompt), under the
+        model lock the encoder and Reasoner.Ask share, with Reasoner.Ask's limits on the question, the history, the
+        frames and the sampling settings. The whole text comes at once: the offline path does not stream."""
+        import av
+
+        from reasoner.engine import AskParams
+        from reasoner.server import check_generation
+
+        check_generation(request.generation)
+        limits = self.reasoner.limits
+        AskParams(
+            stream_ids=["file"],
+            question=q.question,
+            max_frames=q.max_frames,
+            max_new_tokens=q.max_new_tokens,
+            history=list(q.history),
+        ).validate(limits)
+        extra = {k: v for k, v in (("temperature", q.temperature), ("top_p", q.top_p)) if v is not None}
+        assert q.video is not None
+        try:
+            with self.reasoner.model_lock:
+                a = self.reasoner.model.answer(
+                    q.video,
+                    q.question,
+                    list(q.history),
+                    max_new_tokens=q.max_new_tokens or min(512, limits.max_new_tokens),
+                    do_sample=q.do_sample,
+                    max_num_frames=q.max_frames,
+                    seed=q.seed,
+                    **extra,
+                )
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise Invalid(f"the video file cannot be answered: {excerpt(e, 200)}") from None
+        yield a.text
+        yield Answer(a.text, [], a.num_frames, a.duration_s, "", a.prompt_tokens, len(a.token_ids))
+
 
 def _answer(r: AskResult) -> Answer:
     evidence = [Evidence(e.clip, e.retrieved, e.score) for e in r.evidence]
-    return Answer(r.answer, evidence, r.frames, r.duration_s, r.note)
+    return Answer(r.answer, evidence, r.frames, r.duration_s, r.note, r.prompt_tokens, r.new_tokens)

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from memory.records import ClipMeta
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from vcflash.console.answers import Answer, Evidence, Question, ReasonerState
+from vcflash.console.answers import Answer, Evidence, Question, ReasonerState, ask_request
 from vcflash.serve.errors import AlreadyExists, Exhausted, FailedPrecondition, Invalid, NotFound, Unavailable
 from vcflash.serve.tls import aio_channel
 
@@ -83,15 +83,12 @@ class RemoteAnswers:
         return ReasonerState(self.available, self.error, self.address)
 
     async def ask(self, question: Question) -> AsyncIterator[str | Answer]:
-        """As Reasoner.Ask of `vcflash ask-live` (512 frames, uniform selection, wall-clock anchors), on the wall
-        clock."""
-        request = pb.AskRequest(
-            stream_ids=list(question.streams),
-            question=question.question,
-            range=pb.TimeRange(start=question.start, end=question.end, clock=pb.CLOCK_WALL),
-            wall_clock_anchors=True,
-        )
-        call = self.reasoner.Ask(request, metadata=self.metadata, timeout=ASK_TIMEOUT_S)
+        """Reasoner.Ask with the question's request (`ask_request`: by default as `vcflash ask-live` asks)."""
+        if question.video is not None:
+            raise Invalid(
+                "a video file is answered offline only by `vcflash up`: the reasoner service answers from memory"
+            )
+        call = self.reasoner.Ask(ask_request(question), metadata=self.metadata, timeout=ASK_TIMEOUT_S)
         try:
             async for event in call:
                 if event.WhichOneof("event") == "text":
@@ -162,7 +159,7 @@ def _details(e: grpc.aio.AioRpcError) -> str:
 
 def _answer(r: pb.AskResult) -> Answer:
     evidence = [Evidence(_clip(e.clip), e.retrieved, e.score) for e in r.evidence]
-    return Answer(r.answer, evidence, r.frames, r.duration_s, r.note)
+    return Answer(r.answer, evidence, r.frames, r.duration_s, r.note, r.prompt_tokens, r.new_tokens)
 
 
 def _clip(c: pb.ClipInfo) -> ClipMeta:

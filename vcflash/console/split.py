@@ -1,4 +1,5 @@
-"""`vcflash ingest` with the web console: the split deployment's console, on ingest's HTTP port.
+"""`vcflash ingest` with the web console and the OpenAI-compatible chat API (`vcflash.openai_api`): the split
+deployment's console, on ingest's HTTP port.
 
 Ingest runs the cameras and reads the memory (clips, thumbnails, recordings), so the cameras and timeline pages are
 served as in `vcflash up`, by the same `Console`; only the chat differs: it asks the reasoner service over gRPC
@@ -14,11 +15,12 @@ from aiohttp import web
 from ingest.server import IngestService
 from vcflash.console.remote import RemoteAnswers
 from vcflash.console.server import add_console
+from vcflash.openai_api import add_openai_api
 from vcflash.serve.lifecycle import ServiceEntry
 
 
 class IngestWithConsole(IngestService):
-    """The ingest service, and on its HTTP port (VCFLASH_HTTP_PORT; 0: neither) the web console."""
+    """The ingest service, and on its HTTP port (VCFLASH_HTTP_PORT; 0: neither) the web console and the chat API."""
 
     answers: RemoteAnswers | None = None
 
@@ -40,6 +42,7 @@ class IngestWithConsole(IngestService):
     def extend_http(self, app: web.Application) -> None:
         if self.answers is not None:
             add_console(app, self.streams, self.answers, self.settings.server)
+            add_openai_api(app, self.answers, self.settings, self.store)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await super().stop(grace_s)

@@ -16,10 +16,14 @@ class Selection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SELECTION_UNIFORM: _ClassVar[Selection]
     SELECTION_RETRIEVAL: _ClassVar[Selection]
+    SELECTION_SCAN: _ClassVar[Selection]
+    SELECTION_INDEX: _ClassVar[Selection]
 CLOCK_MEDIA: Clock
 CLOCK_WALL: Clock
 SELECTION_UNIFORM: Selection
 SELECTION_RETRIEVAL: Selection
+SELECTION_SCAN: Selection
+SELECTION_INDEX: Selection
 
 class TimeRange(_message.Message):
     __slots__ = ("start", "end", "clock")
@@ -343,7 +347,7 @@ class AskResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., result: _Optional[_Union[AskResult, _Mapping]] = ...) -> None: ...
 
 class AskResult(_message.Message):
-    __slots__ = ("answer", "evidence", "frames", "visual_tokens", "prompt_tokens", "new_tokens", "duration_s", "timings_s", "note")
+    __slots__ = ("answer", "evidence", "frames", "visual_tokens", "prompt_tokens", "new_tokens", "duration_s", "timings_s", "note", "moments")
     class TimingsSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +364,7 @@ class AskResult(_message.Message):
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_S_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
     answer: str
     evidence: _containers.RepeatedCompositeFieldContainer[Evidence]
     frames: int
@@ -369,7 +374,8 @@ class AskResult(_message.Message):
     duration_s: float
     timings_s: _containers.ScalarMap[str, float]
     note: str
-    def __init__(self, answer: _Optional[str] = ..., evidence: _Optional[_Iterable[_Union[Evidence, _Mapping]]] = ..., frames: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., duration_s: _Optional[float] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., note: _Optional[str] = ...) -> None: ...
+    moments: _containers.RepeatedCompositeFieldContainer[Moment]
+    def __init__(self, answer: _Optional[str] = ..., evidence: _Optional[_Iterable[_Union[Evidence, _Mapping]]] = ..., frames: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., duration_s: _Optional[float] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., note: _Optional[str] = ..., moments: _Optional[_Iterable[_Union[Moment, _Mapping]]] = ...) -> None: ...
 
 class Evidence(_message.Message):
     __slots__ = ("clip", "retrieved", "score")
@@ -380,3 +386,56 @@ class Evidence(_message.Message):
     retrieved: bool
     score: float
     def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., retrieved: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("stream_ids", "question", "range", "limit", "selection")
+    STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    stream_ids: _containers.RepeatedScalarFieldContainer[str]
+    question: str
+    range: TimeRange
+    limit: int
+    selection: Selection
+    def __init__(self, stream_ids: _Optional[_Iterable[str]] = ..., question: _Optional[str] = ..., range: _Optional[_Union[TimeRange, _Mapping]] = ..., limit: _Optional[int] = ..., selection: _Optional[_Union[Selection, str]] = ...) -> None: ...
+
+class Moment(_message.Message):
+    __slots__ = ("stream_id", "media_start", "media_end", "wall_start", "wall_end", "score", "first_seq", "last_seq")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_START_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_END_FIELD_NUMBER: _ClassVar[int]
+    WALL_START_FIELD_NUMBER: _ClassVar[int]
+    WALL_END_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    media_start: float
+    media_end: float
+    wall_start: float
+    wall_end: float
+    score: float
+    first_seq: int
+    last_seq: int
+    def __init__(self, stream_id: _Optional[str] = ..., media_start: _Optional[float] = ..., media_end: _Optional[float] = ..., wall_start: _Optional[float] = ..., wall_end: _Optional[float] = ..., score: _Optional[float] = ..., first_seq: _Optional[int] = ..., last_seq: _Optional[int] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("moments", "clips_scored", "timings_s", "note")
+    class TimingsSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    CLIPS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_S_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    moments: _containers.RepeatedCompositeFieldContainer[Moment]
+    clips_scored: int
+    timings_s: _containers.ScalarMap[str, float]
+    note: str
+    def __init__(self, moments: _Optional[_Iterable[_Union[Moment, _Mapping]]] = ..., clips_scored: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., note: _Optional[str] = ...) -> None: ...

@@ -583,6 +583,11 @@ class ReasonerStub:
                 request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AskRequest.SerializeToString,
                 response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AskResponse.FromString,
                 _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/vcflash.v1.Reasoner/Search',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchResponse.FromString,
+                _registered_method=True)
 
 
 class ReasonerServicer:
@@ -597,6 +602,13 @@ class ReasonerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Search(self, request, context):
+        """The moments that best answer a question, ranked, without generating an answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReasonerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -604,6 +616,11 @@ def add_ReasonerServicer_to_server(servicer, server):
                     servicer.Ask,
                     request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AskRequest.FromString,
                     response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AskResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -635,6 +652,33 @@ class Reasoner:
             '/vcflash.v1.Reasoner/Ask',
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AskRequest.SerializeToString,
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcflash.v1.Reasoner/Search',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
