@@ -46,6 +46,7 @@ import numpy as np
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ask import cpu_name  # noqa: E402 - the CPU's model name, as the sibling benchmark prints it
 from bench_memory import redis_server  # noqa: E402 - the sibling benchmark's private redis-server
 
 from memory import ClipIndex, ClipMeta, ClipRecord, EmbeddedStore, MemoryStore, RedisStore, clip_vector  # noqa: E402
@@ -208,24 +209,13 @@ def bench_size(
     return row, selects
 
 
-def cpu_model() -> str:
-    """The CPU's model name (as lscpu prints it) where /proc/cpuinfo has one, else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def report(rows: list, args: argparse.Namespace) -> None:
     def ms(r: dict, label: str) -> str:
         v = r[label]
         return v if isinstance(v, str) else f"{v:.2f} ({r[f'{label} fastest']:.2f}); {r[f'{label} cpu']:.2f}"
 
     print(
-        f"\n{platform.node()}, {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"\n{platform.node()}, {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f}"
     )
     print(

@@ -27,9 +27,9 @@ import torch
 
 # The shipped tiny model, seed 0 throughout: a data set, a base, stage 0 (`pretrain-tower`: the tower learns what the
 # scenes show from per-patch labels) and stage 1 (`train`: projector and LLM on the questions, the tower frozen).
-# hico/weights/tiny/training.json and pretrain_tower.json hold the configs that produced it; README, Fine-tuning.
+# hico/weights/tiny/training.json and provenance.json say how the shipped weights were made; README, Fine-tuning.
 DATASET = ["--videos", "1500", "--test-videos", "200", "--seed", "0"]
-TOWER = ["--steps", "2500", "--clips", "16", "--lr", "1e-3", "--seed", "0"]
+TOWER = ["--steps", "1000", "--labels", "shape,colour", "--clips", "16", "--lr", "1e-3", "--seed", "0"]
 RECIPE = [
     "--train", "projector,llm",
     "--lr", "1e-3",

@@ -158,10 +158,8 @@ def test_ask_tiny_json(runs: dict[str, Run], paths: Paths) -> None:
     assert record["dropout"] is None  # the tiny checkpoint ships with compression off, like the release
     assert {"decode_video", "encode", "prefill", "generate"} <= record["timings_s"].keys()
     assert all(v >= 0 for v in record["timings_s"].values())
-    # --model tiny made its checkpoint under VCFLASH_CACHE
-    made = paths.cache("basic") / "tiny-224"
-    assert (made / "config.json").is_file() and (made / "model.safetensors").is_file()
-    assert json.loads((made / "config.json").read_text())["mm_vision_tower"] == "umt-large"
+    # --model tiny is the trained tiny model shipped in the package: nothing is made under VCFLASH_CACHE
+    assert not paths.cache("basic").exists() or not any(paths.cache("basic").iterdir())
 
 
 def test_ask_max_frames_and_compress_spec(main_in_process, runs: dict[str, Run], paths: Paths) -> None:

@@ -25,7 +25,7 @@ from hico.checkpoint import make_tiny_checkpoint
 from ingest.shards import shard_of
 from tests.conftest import free_port
 from tests.memory.cluster_server import RedisClusterServer, cluster
-from tests.test_split import TOKEN, VCFLASH, serving, wait_for
+from tests.test_split import TOKEN, VCFLASH, Deployment, serving, wait_for
 from vcflash.client import Client
 from vcflash.media import write_test_video
 
@@ -33,7 +33,9 @@ ENCODERS, SHARDS, STREAMS_PER_SHARD = 3, 2, 3
 CLIPS = 12  # a 12 s file sampled at 4 fps, realtime: a clip a second
 
 
-class ScaleOut:
+class ScaleOut(Deployment):
+    """test_split's deployment (kill, stop, client) with N encoders and ingest shards on a Redis Cluster."""
+
     def __init__(self, tmp: Path, redis: RedisClusterServer) -> None:
         self.tmp = tmp
         self.checkpoint = make_tiny_checkpoint(tmp / "tiny")
@@ -71,22 +73,6 @@ class ScaleOut:
         if self.procs[name].poll() is not None:
             raise RuntimeError(f"{name} exited: {self.log(name)[-2000:]}")
         return serving(self.ports[name])
-
-    def kill(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait(10)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    def client(self, name: str) -> Client:
-        return Client(f"127.0.0.1:{self.ports[name]}", TOKEN)
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")

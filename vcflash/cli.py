@@ -196,7 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"vcflash: skipping a bad video: {line}", file=sys.stderr)
     if args.live:
         with client(args, reasoner=True) as c:
-            answers = answer_live(c, samples, args.max_frames, progress=sys.stderr.isatty())
+            answers = answer_live(
+                c, samples, args.max_frames, progress=sys.stderr.isatty(), anchors=not args.no_anchors
+            )
     else:
         model = load_for_answers(args)
         answers = answer_offline(model, samples, args.max_frames, progress=sys.stderr.isatty())
@@ -1010,6 +1012,9 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--model", help="hub id, local dir or tiny (offline)")
     qa.add_argument("--adapter", help="a LoRA adapter directory to apply to --model")
     qa.add_argument("--live", action="store_true", help="stream each video into a running server and ask-live")
+    qa.add_argument(
+        "--no-anchors", action="store_true", help="--live without the wall-clock span in the prompt (the offline one)"
+    )
     qa.add_argument("--data-root", help="video paths are relative to this (default: the file's directory)")
     qa.add_argument("--max-frames", type=int, default=512)
     qa.add_argument("--device", default="cpu")

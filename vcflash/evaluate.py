@@ -94,10 +94,12 @@ def answer_live(
     fps: float = 1.0,
     timeout_s: float = 300.0,
     progress: bool = False,
+    anchors: bool = True,
 ) -> list[str | None]:
     """Stream each distinct video into the server (as fast as it decodes, sampled at `fps`), wait until every clip
-    is in memory, ask its questions with `ask-live`'s defaults (wall-clock anchors on), then remove the stream
-    and its memory. The server must read the videos (`--media-root` above them)."""
+    is in memory, ask its questions with `ask-live`'s defaults (wall-clock anchors on unless `anchors` is off:
+    then the prompt is the offline one), then remove the stream and its memory. The server must read the videos
+    (`--media-root` above them)."""
     from tqdm.auto import tqdm
 
     groups: dict[tuple, list[int]] = {}
@@ -124,7 +126,7 @@ def answer_live(
                 *history, (question, _) = samples[i].turns
                 pieces = [
                     e
-                    for e in client.ask([name], question, max_frames=max_frames, history=history)
+                    for e in client.ask([name], question, max_frames=max_frames, history=history, anchors=anchors)
                     if isinstance(e, str)
                 ]
                 answers[i] = "".join(pieces).strip()
