@@ -29,7 +29,7 @@ from vcflash.media import write_test_video
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What moves across the screen?"
-TOOLS = {"list_cameras", "camera_status", "ask", "get_thumbnails"}
+TOOLS = {"list_cameras", "camera_status", "ask", "search", "get_thumbnails"}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def structured(result: Any) -> dict[str, Any]:
 
 async def exercise(client: Client, served: Served) -> None:
     tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == TOOLS  # search and alerts: not until they exist
+    assert set(tools) == TOOLS  # alerts: not until they exist
     ask = tools["ask"]
     assert set(ask.input_schema["required"]) == {"question", "cameras"}
     assert ask.input_schema["properties"]["cameras"]["type"] == "array"
@@ -118,6 +118,14 @@ async def exercise(client: Client, served: Served) -> None:
     arguments = {"question": QUESTION, "cameras": ["lobby"], "max_new_tokens": 24}
     got = structured(await client.call_tool("ask", arguments | {"start": start.isoformat(), "end": end.isoformat()}))
     assert got["answer"] == ranged.answer and [m["seq"] for m in got["moments"]] == [1]
+
+    found = served.client.search(["lobby"], QUESTION, limit=2)  # `vcflash search`
+    got = structured(await client.call_tool("search", {"question": QUESTION, "cameras": ["lobby"], "limit": 2}))
+    assert [(m["first_seq"], m["last_seq"], m["score"]) for m in got["moments"]] == [
+        (m.first_seq, m.last_seq, m.score) for m in found.moments
+    ]
+    assert got["moments"] and len(got["moments"]) <= 2 and got["clips_scored"] == found.clips_scored == 3
+    assert all(m["start"].endswith("Z") and m["wall_start"] < m["wall_end"] for m in got["moments"])
 
     shots = await client.call_tool("get_thumbnails", {"camera": "lobby", "limit": 2})
     assert not shots.is_error

@@ -163,6 +163,40 @@ class Tools:
             "note": result.note,
         }
 
+    def search(
+        self,
+        question: Annotated[str, Field(description="What to find, in plain language (e.g. 'a red van leaving').")],
+        cameras: Annotated[
+            list[str], Field(description="The cameras to search (1 to 8 names from list_cameras).", min_length=1)
+        ],
+        start: Time = None,
+        end: Time = None,
+        limit: Annotated[int, Field(description="Most moments to return (1 to 100).", ge=1, le=100)] = 10,
+    ) -> dict[str, Any]:
+        """Find the moments between start and end (UTC; both optional: the whole memory) that best match the
+        question, best first, without writing an answer: each moment's camera, UTC start and end, score (the
+        model's attention to it) and clips (first and last seq). Use it for "when did X happen"; pass a moment's
+        start and end to get_thumbnails to look at it, or to ask to ask about it."""
+        t0, t1 = _when(start, "start"), _when(end, "end")
+        try:
+            found = self.reasoner.search(cameras, question, start=t0, end=t1, wall_clock=True, limit=limit)
+        except grpc.RpcError as e:
+            raise _tool_error(e) from None
+        moments = [
+            {
+                "camera": m.stream_id,
+                "start": _iso(m.wall_start),
+                "end": _iso(m.wall_end),
+                "wall_start": m.wall_start,
+                "wall_end": m.wall_end,
+                "score": m.score,
+                "first_seq": m.first_seq,
+                "last_seq": m.last_seq,
+            }
+            for m in found.moments
+        ]
+        return {"moments": moments, "clips_scored": found.clips_scored}
+
     def get_thumbnails(
         self,
         camera: Camera,
@@ -245,7 +279,7 @@ def build(tools: Tools) -> Any:
 
     server = MCPServer("vcflash", instructions=INSTRUCTIONS, version=_version())
     read = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
-    for fn in (tools.list_cameras, tools.camera_status, tools.ask):
+    for fn in (tools.list_cameras, tools.camera_status, tools.ask, tools.search):
         server.add_tool(fn, annotations=read)  # JSON results, with their output schema
     server.add_tool(tools.get_thumbnails, annotations=read, structured_output=False)  # text, then images
     return server
