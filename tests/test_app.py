@@ -9,6 +9,7 @@ under a second; streams that must still be running use realtime=True at 8 fps (a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -125,6 +126,24 @@ def wait_for(check: Callable[[], T], what: str, timeout_s: float = 20.0, every_s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(every_s)
+
+
+@contextlib.contextmanager
+def serving_stream(
+    model: VideoChatFlash, video: Path, data_dir: Path, stream: str, **settings: Any
+) -> Iterator[tuple[Served, str]]:
+    """An App on a free HTTP port whose stream `stream` has stored every clip of `video` (at 1 fps); yields it and
+    its HTTP base URL, and stops it afterwards."""
+    port = free_port()
+    runner = LoopThread()
+    s = start_app(runner, model, http_port=port, data_dir=data_dir, **settings)
+    try:
+        s.client.add_stream(stream, str(video), fps=1, realtime=False)
+        wait_done(s.client, stream)
+        yield s, f"http://127.0.0.1:{port}"
+    finally:
+        s.stop()
+        runner.close()
 
 
 def wait_done(client: Client, name: str, timeout_s: float = 20.0) -> pb.StreamStatus:

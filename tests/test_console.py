@@ -24,7 +24,7 @@ from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
 from tests.ingest.test_rtsp import RtspServer
 from tests.ingest.test_rtsp import missing as gstreamer_missing
-from tests.test_app import TOKEN, LoopThread, Served, free_port, start_app, wait_done, wait_for
+from tests.test_app import TOKEN, Served, free_port, serving_stream, wait_done, wait_for
 from vcflash.console.server import ASSETS
 from vcflash.media import write_test_video
 
@@ -47,16 +47,8 @@ def served(
     model: VideoChatFlash, video: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Served, str]]:
     """An App with recordings, holding stream `stored` (3 clips); yields it and its HTTP base URL."""
-    port = free_port()
-    runner = LoopThread()
-    s = start_app(runner, model, http_port=port, data_dir=tmp_path_factory.mktemp("data"), record_segment_s=2.0)
-    try:
-        s.client.add_stream("stored", str(video), fps=1, realtime=False)
-        wait_done(s.client, "stored")
-        yield s, f"http://127.0.0.1:{port}"
-    finally:
-        s.stop()
-        runner.close()
+    with serving_stream(model, video, tmp_path_factory.mktemp("data"), "stored", record_segment_s=2.0) as served:
+        yield served
 
 
 # ---------------------------------------------------------------- the API, without a browser

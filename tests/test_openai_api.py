@@ -18,7 +18,7 @@ import pytest
 
 from hico import VideoChatFlash
 from hico.checkpoint import make_tiny_checkpoint
-from tests.test_app import TOKEN, LoopThread, Served, free_port, start_app, wait_done
+from tests.test_app import TOKEN, Served, serving_stream
 from vcflash.media import write_test_video
 from vcflash.openai_api import ChatApi, StopFilter
 from vcflash.serve.settings import Settings
@@ -51,16 +51,8 @@ def served(
     model: VideoChatFlash, video: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Served, str]]:
     """An App holding stream `lobby` (3 clips); yields it and its HTTP base URL."""
-    port = free_port()
-    runner = LoopThread()
-    s = start_app(runner, model, http_port=port, data_dir=tmp_path_factory.mktemp("data"))
-    try:
-        s.client.add_stream("lobby", str(video), fps=1, realtime=False)
-        wait_done(s.client, "lobby")
-        yield s, f"http://127.0.0.1:{port}"
-    finally:
-        s.stop()
-        runner.close()
+    with serving_stream(model, video, tmp_path_factory.mktemp("data"), "lobby") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
