@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,28 @@ class Frames:
     pixels: np.ndarray  # uint8 [T, S, S, 3]
     duration_s: float
 
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.nbytes
+
+
+class BytesLRU:
+    """Values by key, the least recently used dropped once they hold more than `max_bytes` (`nbytes` of each)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self._bytes = max_bytes, 0
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = compute()
+        self._bytes += value.nbytes
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            self._bytes -= self._items.popitem(last=False)[1].nbytes
+        return value
+
 
 class FrameCache:
     """Sampled, squashed frames per (video, range), least recently used dropped past `max_bytes`.
@@ -224,25 +246,17 @@ class FrameCache:
     frames later gives the same pixels as preprocessing the decoded ones."""
 
     def __init__(self, image_size: int, max_frames: int, max_bytes: int = 1 << 30) -> None:
-        self.image_size, self.max_frames, self.max_bytes = image_size, max_frames, max_bytes
-        self._items: OrderedDict[tuple, Frames] = OrderedDict()
-        self._bytes = 0
+        self.image_size, self.max_frames = image_size, max_frames
+        self._lru = BytesLRU(max_bytes)
 
     def get(self, sample: Sample) -> Frames:
         """Raises FileNotFoundError or VideoError (hico.video) for a video that cannot be used."""
-        key = sample.video_key
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        video = sample_video(sample, self.max_frames)
-        pixels = np.stack([squash_resize(f, self.image_size) for f in video.frames])
-        item = Frames(pixels, video.duration_s)
-        self._items[key] = item
-        self._bytes += pixels.nbytes
-        while self._bytes > self.max_bytes and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= old.pixels.nbytes
-        return item
+
+        def load() -> Frames:
+            video = sample_video(sample, self.max_frames)
+            return Frames(np.stack([squash_resize(f, self.image_size) for f in video.frames]), video.duration_s)
+
+        return self._lru.get(sample.video_key, load)
 
 
 VIDEO_ERRORS = (FileNotFoundError, VideoError, OSError, ValueError)

@@ -318,3 +318,26 @@ class Qwen2ForCausalLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()
+
+
+def decoder_layer(
+    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple[torch.Tensor, ...] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Qwen2DecoderLayer.forward` over h [B, S, D], optionally after a shared prefix's keys and values `past`
+    ([1, Hkv, P, hd] each, seen by every row). Returns the new h and this part's keys and values."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    q = apply_rope(attn._heads(attn.q_proj(x), attn.num_heads), cos, sin)  # [B, H, S, hd]
+    k = apply_rope(attn._heads(attn.k_proj(x), attn.num_kv_heads), cos, sin)  # [B, Hkv, S, hd]
+    v = attn._heads(attn.v_proj(x), attn.num_kv_heads)
+    if past is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        pk, pv = (t.expand(h.shape[0], -1, -1, -1) for t in past)
+        s, p = h.shape[1], pk.shape[2]
+        mask = torch.ones(s, p + s, dtype=torch.bool, device=h.device).tril(p)  # the whole prefix, causal after it
+        out = F.scaled_dot_product_attention(
+            q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask, enable_gqa=True
+        )
+    h = h + attn.o_proj(out.transpose(1, 2).flatten(2))
+    return h + layer.mlp(layer.post_attention_layernorm(h)), k, v

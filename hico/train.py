@@ -41,10 +41,20 @@ from tqdm.auto import tqdm
 
 from hico.chat import VideoChatFlash
 from hico.checkpoint import as_dtype, load_model, resolve_checkpoint, save_checkpoint
-from hico.dataset import VIDEO_ERRORS, DataError, FrameCache, Frames, Sample, bad_video_line, check_videos, read_samples
+from hico.dataset import (
+    VIDEO_ERRORS,
+    BytesLRU,
+    DataError,
+    FrameCache,
+    Frames,
+    Sample,
+    bad_video_line,
+    check_videos,
+    read_samples,
+)
 from hico.pixels import normalize
 from hico.prompt import ASSISTANT, END, PromptVideo, build_prompt
-from hico.qwen2 import apply_rope
+from hico.qwen2 import decoder_layer
 
 log = logging.getLogger(__name__)
 
@@ -217,20 +227,26 @@ def enable_gradient_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block.forward = forward  # type: ignore[method-assign]
 
 
-def visual_tokens(model: VideoChatFlash, pixels: torch.Tensor, parts: Sequence[str], batch: int = 8) -> torch.Tensor:
-    """pixels [T, 3, S, S] -> [T // 4, 64, D], with grad through the parts being trained (as encode_clips does
-    at inference, clip by clip)."""
+def tower_features(model: VideoChatFlash, pixels: torch.Tensor, grad: bool, batch: int = 8) -> torch.Tensor:
+    """pixels [T, 3, S, S] -> the vision tower's output per clip [T // 4, N, C], with grad only when `grad`."""
     f, s = model.config.vision.num_frames, model.config.vision.image_size
     if pixels.ndim != 4 or pixels.shape[0] % f or pixels.shape[1:] != (3, s, s):
         raise ValueError(f"expected pixels [T, 3, {s}, {s}] with T a multiple of {f}, got {list(pixels.shape)}")
     clips = pixels.reshape(-1, f, 3, s, s).to(model.device, model.dtype)  # [C, 4, 3, S, S]
-    out = []
-    for i in range(0, len(clips), batch):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "vision" in parts):
-            features = model.vision_tower(clips[i : i + batch])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and bool({"vision", "projector"} & set(parts))):
-            out.append(model.mm_projector(features))
-    return torch.cat(out)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
+        return torch.cat([model.vision_tower(clips[i : i + batch]) for i in range(0, len(clips), batch)])
+
+
+def visual_tokens(model: VideoChatFlash, pixels: torch.Tensor, parts: Sequence[str], batch: int = 8) -> torch.Tensor:
+    """pixels [T, 3, S, S] -> [T // 4, 64, D], with grad through the parts being trained (as encode_clips does
+    at inference, clip by clip)."""
+    return project(model, tower_features(model, pixels, "vision" in parts, batch), parts)
+
+
+def project(model: VideoChatFlash, features: torch.Tensor, parts: Sequence[str]) -> torch.Tensor:
+    """The tower's output [C, N, C_v] -> visual tokens [C, 64, D] (merge + projector), with grad when trained."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool({"vision", "projector"} & set(parts))):
+        return model.mm_projector(features)
 
 
 # -- batches ----------------------------------------------------------------------------------------------------
@@ -272,6 +288,9 @@ class Batcher:
 
     def __init__(self, model: VideoChatFlash, cfg: TrainConfig, cache: FrameCache) -> None:
         self.model, self.cfg, self.cache = model, cfg, cache
+        # a frozen tower's output per video: each video runs through it once per run, not once per visit (about a
+        # fifth of a stage-1 step of the tiny recipe on CPU)
+        self.features = BytesLRU(cfg.cache_bytes // 2)
         self.eos = model.tokenizer.convert_tokens_to_ids(IM_END)
         self.bad: dict[str, str] = {}  # video -> report line
 
@@ -287,13 +306,23 @@ class Batcher:
                 self.bad[str(sample.video)] = line
             return None
 
+    def visual_tokens(self, key: tuple, frames: Frames) -> torch.Tensor:
+        parts = self.cfg.train
+
+        def frozen() -> torch.Tensor:
+            return tower_features(self.model, torch.from_numpy(normalize(frames.pixels)), grad=False).detach()
+
+        if "vision" in parts:
+            return visual_tokens(self.model, torch.from_numpy(normalize(frames.pixels)), parts)
+        return project(self.model, self.features.get(key, frozen), parts)
+
     def build(self, chunks: Sequence[Sequence[Sample]], rng: np.random.Generator) -> list[VideoBatch]:
         model, out = self.model, []
         for chunk in chunks:
             frames = self.frames(chunk[0], [s.where for s in chunk])
             if frames is None:
                 continue
-            tokens = visual_tokens(model, torch.from_numpy(normalize(frames.pixels)), self.cfg.train)  # [C, 64, D]
+            tokens = self.visual_tokens(chunk[0].video_key, frames)  # [C, 64, D]
             encoded = []
             for sample in chunk:
                 video = prompt_video(len(frames.pixels), frames.duration_s, rng, self.cfg.anchors)
@@ -309,29 +338,6 @@ class Batcher:
                 VideoBatch(prefix, suffix, torch.tensor(rows, device=device), torch.tensor(targets, device=device))
             )
         return out
-
-
-def decoder_layer(
-    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple[torch.Tensor, ...] | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`Qwen2DecoderLayer.forward` over h [B, S, D], optionally after a shared prefix's keys and values `past`
-    ([1, Hkv, P, hd] each, seen by every row). Returns the new h and this part's keys and values."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    q = apply_rope(attn._heads(attn.q_proj(x), attn.num_heads), cos, sin)  # [B, H, S, hd]
-    k = apply_rope(attn._heads(attn.k_proj(x), attn.num_kv_heads), cos, sin)  # [B, Hkv, S, hd]
-    v = attn._heads(attn.v_proj(x), attn.num_kv_heads)
-    if past is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:
-        pk, pv = (t.expand(h.shape[0], -1, -1, -1) for t in past)
-        s, p = h.shape[1], pk.shape[2]
-        mask = torch.ones(s, p + s, dtype=torch.bool, device=h.device).tril(p)  # the whole prefix, causal after it
-        out = F.scaled_dot_product_attention(
-            q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask, enable_gqa=True
-        )
-    h = h + attn.o_proj(out.transpose(1, 2).flatten(2))
-    return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
 
 
 def shared_prefix_forward(

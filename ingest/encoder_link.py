@@ -8,8 +8,11 @@ gRPC's (pick_first, round_robin) place whole calls, and we need each *stream's* 
 
 - sticky: a stream's clips go to the encoder it was given while that encoder's lane is up;
 - spread: a stream not yet placed goes to the up lane with the fewest streams, ties taken round-robin;
-- failover: when a lane fails (the encoder died, restarts, or left DNS), every clip it had not acknowledged,
-  and its streams, go to the other up lanes, in order; with none up they wait until one is.
+- failover: when a lane fails (the encoder died, restarts, or left DNS; or hangs: its connection stays open but
+  no acknowledgement comes for `VCFLASH_ENCODER_ACK_TIMEOUT_S` while it holds clips), every clip it had not
+  acknowledged, and its streams, go to the other up lanes, in order; with none up they wait until one is.
+
+HTTP/2 keepalive pings find a peer whose host vanished (no FIN, no RST) within about `KEEPALIVE_MS` + its timeout.
 
 A clip stays in the unacknowledged window until an encoder says it is stored. Memory writes are idempotent by
 (stream, seq) (the store's put is a no-op for a clip it holds), so a clip a dead encoder stored just before it
@@ -36,6 +39,8 @@ from vcflash.serve.tls import aio_channel
 
 log = logging.getLogger(__name__)
 DNS = "dns:///"
+# Pings on an idle or busy connection find a vanished peer; servers allow them this often (vcflash.serve.rpc).
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -77,6 +82,7 @@ class Lane:
         self.up = False
         self.outbox: asyncio.Queue[Clip] = asyncio.Queue()  # bounded by the link's window
         self.inflight: dict[tuple[str, int], Clip] = {}  # written, not acknowledged; insertion order = send order
+        self.progress_at = 0.0  # loop time of the last sign of work: connected, an ack, a clip sent to an idle lane
         self.attempt = 0  # failures since this encoder last acknowledged a clip
         self.task: asyncio.Task[None] | None = None
 
@@ -94,6 +100,10 @@ class Lane:
             ("grpc.max_send_message_length", self.link.max_message_bytes),
             ("grpc.initial_reconnect_backoff_ms", int(s.link_backoff.initial_s * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(s.link_backoff.max_s * 1000)),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if s.tls_ca is not None and self.tls_name:  # dialled by address: verify the certificate for the name
             options.append(("grpc.ssl_target_name_override", self.tls_name))
@@ -104,15 +114,17 @@ class Lane:
                     call = pb_grpc.EncoderStub(channel).EncodeClips(
                         metadata=(("authorization", f"Bearer {self.link.token}"),)
                     )
+                    self.progress_at = asyncio.get_running_loop().time()
                     self.link.lane_up(self)
-                    sender = asyncio.create_task(self._send(call))
+                    tasks = [asyncio.create_task(t) for t in (self._send(call), self._receive(call), self._watch())]
                     try:
-                        async for ack in call:
-                            self.attempt = 0  # healthy again
-                            self.link.ack(self, ack)
-                        raise ConnectionError("the encoder closed the stream")
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            task.result()  # the failure: AioRpcError or ConnectionError
                     finally:
-                        sender.cancel()
+                        for task in tasks:
+                            task.cancel()
+                        call.cancel()
             except (grpc.aio.AioRpcError, ConnectionError) as e:
                 detail = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
                 delay = s.link_backoff.delay(self.attempt)
@@ -124,8 +136,28 @@ class Lane:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the reader sees the failure
             while True:
                 clip = await self.outbox.get()
+                if not self.inflight:  # the encoder owes nothing yet: its time to answer starts now
+                    self.progress_at = asyncio.get_running_loop().time()
                 self.inflight[(clip.stream_id, clip.seq)] = clip  # before the write: a failure mid-write resends it
                 await call.write(clip_request(clip))
+        await asyncio.Future()  # a failed write ends nothing by itself: the reader reports the failure
+
+    async def _receive(self, call: grpc.aio.StreamStreamCall) -> None:
+        async for ack in call:
+            self.attempt = 0  # healthy again
+            self.progress_at = asyncio.get_running_loop().time()
+            self.link.ack(self, ack)
+        raise ConnectionError("the encoder closed the stream")
+
+    async def _watch(self) -> None:
+        """Fails the lane when the encoder holds clips and has acknowledged none for the ack timeout: a hung
+        encoder (a stuck GPU, a deadlock) keeps its connection open, so nothing else would move its clips."""
+        timeout = self.link.settings.encoder_ack_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if self.inflight and loop.time() - self.progress_at > timeout:
+                raise ConnectionError(f"no acknowledgement in {timeout:g} s for {len(self.inflight)} clips: hung")
 
 
 class EncoderLink:

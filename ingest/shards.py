@@ -67,36 +67,34 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def resolve_shard(setting: str, count: int, hostname: str | None = None) -> Shard:
-    """The shard `VCFLASH_INGEST_SHARD` (`setting`: a number, or `auto`) and `VCFLASH_INGEST_SHARDS` (`count`) name.
+def resolve_shard(setting: str, count: int, hostname: str | None = None, role: str = "ingest") -> Shard:
+    """The shard `VCFLASH_INGEST_SHARD` (`setting`: a number, or `auto`) and `VCFLASH_INGEST_SHARDS` (`count`) name;
+    `role` names the service in errors (`reasoner`: VCFLASH_REASONER_SHARD, the alerts' partition).
 
     `auto`: the trailing `-<i>` of `hostname` (default: $HOSTNAME, else the system's host name), as a StatefulSet
     names its pods; with one shard a host name without an ordinal is shard 0. An ordinal of N or more fails:
     replicas scaled up without raising VCFLASH_INGEST_SHARDS would otherwise run streams twice."""
+    var = f"VCFLASH_{role.upper()}_SHARD"
     if setting.strip().lower() != AUTO:
-        return Shard(parse_index(setting, count), count)
+        return Shard(parse_index(setting, count, var), count)
     host = hostname or os.environ.get("HOSTNAME") or socket.gethostname()
     match = re.fullmatch(r"(.+)-(\d+)", host.split(".")[0])
     if match is None:
         if count == 1:
             return Shard(0, 1)
-        raise ValueError(
-            f"VCFLASH_INGEST_SHARD=auto needs a host name ending in -<ordinal> (a StatefulSet pod), got {host!r}"
-        )
+        raise ValueError(f"{var}=auto needs a host name ending in -<ordinal> (a StatefulSet pod), got {host!r}")
     index = int(match[2])
     if index >= count:
-        raise ValueError(
-            f"host {host!r} is ingest shard {index} but VCFLASH_INGEST_SHARDS is {count}: set it to the replicas"
-        )
+        raise ValueError(f"host {host!r} is {role} shard {index} but {var}S is {count}: set it to the replicas")
     return Shard(index, count, match[1])
 
 
-def parse_index(setting: str, count: int) -> int:
-    """A `VCFLASH_INGEST_SHARD` other than `auto`: a number in 0..count-1."""
+def parse_index(setting: str, count: int, var: str = "VCFLASH_INGEST_SHARD") -> int:
+    """A `VCFLASH_INGEST_SHARD` (`var`) other than `auto`: a number in 0..count-1."""
     try:
         index = int(setting)
     except ValueError:
-        raise ValueError(f"VCFLASH_INGEST_SHARD must be a number or 'auto', got {setting!r}") from None
+        raise ValueError(f"{var} must be a number or 'auto', got {setting!r}") from None
     if not 0 <= index < count:
-        raise ValueError(f"VCFLASH_INGEST_SHARD must be in 0..{count - 1} (VCFLASH_INGEST_SHARDS={count}), got {index}")
+        raise ValueError(f"{var} must be in 0..{count - 1} ({var}S={count}), got {index}")
     return index

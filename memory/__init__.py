@@ -10,7 +10,7 @@ from memory.index import ClipIndex
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat, clip_vector
 from memory.redis_store import RedisClusterStore, RedisStore, open_redis
 from memory.secrets import KEY_FILE, ConfigCipher
-from memory.store import MemoryStore, MemoryUnavailable, Picked, UnknownStream
+from memory.store import MAX_EVENTS, MemoryStore, MemoryUnavailable, Picked, UnknownStream
 from vcflash.serve.settings import private_dir
 
 __all__ = [
@@ -42,12 +42,14 @@ def open_store(
     secret_key: str | None = None,
     redis_timeout_s: float = 0.5,
     max_thumbnail_bytes: int = MAX_THUMBNAIL_BYTES,
+    max_events: int = MAX_EVENTS,
 ) -> MemoryStore:
     """Redis or a Redis Cluster when a URL is given, so processes share one memory; else a file in data_dir.
 
     Stream configs are sealed with `secret_key` (VCFLASH_SECRET_KEY), else with DATA_DIR/secret.key, made when
     first needed (so a Redis service that never writes configs makes no file). `redis_timeout_s` bounds each Redis
-    call and connection (VCFLASH_REDIS_TIMEOUT_S); a clip's thumbnail over `max_thumbnail_bytes` is refused."""
+    call and connection (VCFLASH_REDIS_TIMEOUT_S); a clip's thumbnail over `max_thumbnail_bytes` is refused; the
+    newest `max_events` alert event records are kept (VCFLASH_MAX_EVENTS)."""
     token_format = check_format(token_format)
     cipher = ConfigCipher(secret_key, Path(data_dir) / KEY_FILE)
     if redis_url:
@@ -58,6 +60,9 @@ def open_store(
             connect_timeout_s=redis_timeout_s,
             cipher=cipher,
             max_thumbnail_bytes=max_thumbnail_bytes,
+            max_events=max_events,
         )
     path = private_dir(Path(data_dir)) / "memory.sqlite3"
-    return EmbeddedStore(path, token_format=token_format, cipher=cipher, max_thumbnail_bytes=max_thumbnail_bytes)
+    return EmbeddedStore(
+        path, token_format=token_format, cipher=cipher, max_thumbnail_bytes=max_thumbnail_bytes, max_events=max_events
+    )

@@ -14,8 +14,9 @@ file on first use, then kept in step by every write and eviction of this process
 in O(log n) and reads only the picked rows by primary key. A write by another process on the same file (`PRAGMA
 data_version` changes) makes this one reload the times on its next read. Counts come from the streams table.
 
-The file and its -wal/-shm are the owner's alone (0600); stream configs are sealed (memory.secrets), and a
-replaced or deleted config leaves no copy in the file or the WAL (secure_delete, then a truncating checkpoint).
+The file and its -wal/-shm are the owner's alone (0600); stream and alert configs are sealed (memory.secrets), and
+a replaced or deleted config leaves no copy in the file or the WAL (secure_delete, then a truncating checkpoint).
+Alert events are rows of their own table, found by id (the primary key) or by alert (an index).
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ import numpy as np
 import memory.codec as codec
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
 from memory.secrets import KEY_FILE, ConfigCipher
-from memory.store import MemoryStore, Picked, Positions, UnknownStream, check_positions, scan_from
+from memory.store import (
+    MAX_EVENTS,
+    MemoryStore,
+    Picked,
+    Positions,
+    UnknownStream,
+    check_alert_name,
+    check_positions,
+    event_row,
+    scan_from,
+)
 from memory.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -78,9 +89,28 @@ CREATE INDEX IF NOT EXISTS clips_media ON clips (stream_id, media_start, seq);
 CREATE INDEX IF NOT EXISTS clips_wall ON clips (stream_id, wall_start, seq);
 CREATE INDEX IF NOT EXISTS clips_meta ON clips (stream_id, seq, wall_start, wall_end, media_start, media_end,
     frame_media_times);
+CREATE TABLE IF NOT EXISTS alerts (
+    name TEXT PRIMARY KEY,
+    config TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS alert_states (
+    name TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (name, stream_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    alert TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_alert ON events (alert, id);
 """
-# PRAGMA user_version of the layout above. 0: a file from before versions (no clips_meta), brought up on open.
-SCHEMA_VERSION = 1
+# PRAGMA user_version of the layout above. 0: a file from before versions (no clips_meta), brought up on open;
+# 1: before alerts (their tables are made on open). AUTOINCREMENT: an event id is never reused, even after the
+# newest were evicted, so a reader resuming from an id never takes a new event for one it has seen.
+SCHEMA_VERSION = 2
 # Per connection. A pick's few hundred pages (meta index leaves, token rows and their overflow pages) and every
 # B-tree's interior pages stay cached at any stream size; the default 2 MB is evicted by one Ask at 1M clips.
 CACHE_KIB = 65_536
@@ -115,10 +145,13 @@ class EmbeddedStore(MemoryStore):
         busy_timeout_s: float = 5.0,
         cipher: ConfigCipher | None = None,
         max_thumbnail_bytes: int = codec.MAX_THUMBNAIL_BYTES,
+        max_events: int = MAX_EVENTS,
     ) -> None:
-        """`cipher` seals stream configs; by default with the key file next to the database. A clip whose thumbnail
-        is larger than `max_thumbnail_bytes` is refused (ValueError)."""
+        """`cipher` seals stream and alert configs; by default with the key file next to the database. A clip whose
+        thumbnail is larger than `max_thumbnail_bytes` is refused (ValueError). The newest `max_events` event
+        records are kept."""
         self.path = Path(path)
+        self.max_events = max_events
         self.token_format = codec.check_format(token_format)
         self.max_thumbnail_bytes = max_thumbnail_bytes
         self.cipher = cipher or ConfigCipher(key_file=self.path.parent / KEY_FILE)
@@ -497,6 +530,73 @@ class EmbeddedStore(MemoryStore):
         with self._lock:
             rows = self._conn.execute("SELECT stream_id, config FROM streams WHERE config IS NOT NULL").fetchall()
         return self.cipher.unseal_all(dict(rows))
+
+    def put_alert(self, name: str, config: dict[str, Any]) -> None:
+        sealed = self.cipher.seal(config)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM alerts WHERE name = ?", (check_alert_name(name),)).fetchone() is None:
+                db.execute("DELETE FROM alert_states WHERE name = ?", (name,))  # left by a write racing a delete
+            db.execute("INSERT OR REPLACE INTO alerts (name, config) VALUES (?, ?)", (name, sealed))
+        self._purge()  # the config it replaced may hold another webhook secret
+
+    def alert_configs(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT name, config FROM alerts").fetchall()
+        return self.cipher.unseal_all(dict(rows))
+
+    def delete_alert(self, name: str) -> bool:
+        with self._tx() as db:
+            deleted = db.execute("DELETE FROM alerts WHERE name = ?", (name,)).rowcount
+            db.execute("DELETE FROM alert_states WHERE name = ?", (name,))
+        self._purge()
+        return bool(deleted)
+
+    @staticmethod
+    def _put_state(db: sqlite3.Connection, name: str, stream_id: str, state: dict[str, Any]) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO alert_states (name, stream_id, state) VALUES (?, ?, ?)",
+            (check_alert_name(name), stream_id, json.dumps(state)),
+        )
+
+    def put_alert_state(self, name: str, stream_id: str, state: dict[str, Any]) -> None:
+        with self._tx() as db:
+            self._put_state(db, name, stream_id, state)
+
+    def alert_state(self, name: str, stream_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT state FROM alert_states WHERE name = ? AND stream_id = ?", (name, stream_id)
+            ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def append_event(
+        self, record: dict[str, Any], state: tuple[str, str, dict[str, Any]] | None = None
+    ) -> tuple[int, bool]:
+        key, alert, text = event_row(record)
+        with self._tx() as db:
+            held = db.execute("SELECT id FROM events WHERE key = ?", (key,)).fetchone()
+            if held is not None:
+                return held[0], False
+            event_id = db.execute(
+                "INSERT INTO events (key, alert, record) VALUES (?, ?, ?)", (key, alert, text)
+            ).lastrowid
+            if state is not None:
+                self._put_state(db, *state)
+            # keep the newest max_events: by the primary key, O(log n) a write
+            db.execute(
+                "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (self.max_events,),
+            )
+        return int(event_id), True
+
+    def events(self, after: int = 0, limit: int = 1000, alert: str | None = None) -> list[dict[str, Any]]:
+        where = "id > ?" + ("" if alert is None else " AND alert = ?")
+        args = (int(after), *(() if alert is None else (alert,)), int(limit))
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT id, record FROM events WHERE {where} ORDER BY id LIMIT ?", args
+            ).fetchall()
+        return [{"id": event_id} | json.loads(text) for event_id, text in rows]
 
     def _purge(self) -> None:
         """Copy the WAL into the file and empty it, so no old page (an old config) outlives its replacement; rare

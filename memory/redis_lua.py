@@ -211,3 +211,63 @@ redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('HDEL', KEYS[6], ARGV[1])
 return 1
 """
+
+# ---- alerts (issue 14) ----
+# Every alert key carries the hash tag {alerts} (RedisStore._alert_keys), so all of them sit in one slot and each
+# script below is atomic on one node of a cluster too; keys a script derives (an alert's id set, its states) are
+# in that slot as well.
+
+# KEYS: configs, the alert's state hash. ARGV: name, sealed config. A new alert starts with no state (one left by a
+# runner's write racing the delete of an earlier alert of the name would otherwise be taken for its own).
+PUT_ALERT = """
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then redis.call('DEL', KEYS[2]) end
+"""
+
+# KEYS: configs, the alert's state hash. ARGV: name. Returns 1 if the alert was held, else 0.
+DELETE_ALERT = """
+redis.call('DEL', KEYS[2])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+# KEYS: next id, keys (event key -> id), records (id -> JSON), ids (sorted set), the alert's ids, a state hash.
+# ARGV: event key, record JSON, max events, '1' to write a state else '', the state's stream id, the state JSON,
+# the prefix of per-alert id sets, eviction limit. Returns {id, 1} for a new record, {its id, 0} for a key held.
+# The newest `max events` are kept: at most `limit` of the oldest go per call, so a lowered cap is met over the
+# next appends without one call walking the whole log.
+APPEND_EVENT = """
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held then return {tonumber(held), 0} end
+local id = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[1], id)
+redis.call('HSET', KEYS[3], id, ARGV[2])
+redis.call('ZADD', KEYS[4], id, id)
+redis.call('ZADD', KEYS[5], id, id)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[6], ARGV[5], ARGV[6]) end
+local over = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[3])
+local n = 0
+while over > 0 and n < tonumber(ARGV[8]) do
+  local oldest = redis.call('ZPOPMIN', KEYS[4])[1]
+  local record = redis.call('HGET', KEYS[3], oldest)
+  redis.call('HDEL', KEYS[3], oldest)
+  if record then
+    local r = cjson.decode(record)
+    redis.call('HDEL', KEYS[2], r.key)
+    redis.call('ZREM', ARGV[7] .. r.alert, oldest)
+  end
+  over, n = over - 1, n + 1
+end
+return {id, 1}
+"""
+
+# KEYS: an id sorted set (all, or one alert's), records. ARGV: after, limit. {id, JSON, id, JSON, ...} ascending.
+READ_EVENTS = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])) do
+  local record = redis.call('HGET', KEYS[2], id)
+  if record then
+    out[#out + 1] = id
+    out[#out + 1] = record
+  end
+end
+return out
+"""

@@ -9,11 +9,13 @@ VCFLASH_REDIS_TIMEOUT_S): a dead Redis must surface as MemoryUnavailable within 
 question, and the connection pool reconnects by itself on the next call once Redis is back. `rediss://` URLs
 connect over TLS (redis-py; `?ssl_ca_certs=/path/ca.pem` for a private CA). Stream configs are sealed
 (memory.secrets) with a key every service of the deployment must share. On a Redis Cluster the same store runs with
-hash-tagged keys (RedisClusterStore); `open_redis` picks the class from the URL.
+hash-tagged keys (RedisClusterStore); `open_redis` picks the class from the URL. Alerts, their states and their
+event log live under one hash tag, {alerts}, in both classes: each alert write is one script on one slot.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -35,13 +37,16 @@ import memory.redis_lua as redis_lua
 from memory.records import ClipMeta, ClipRecord, Clock, Retention, StreamStats, TokenFormat
 from memory.secrets import ConfigCipher
 from memory.store import (
+    MAX_EVENTS,
     SCAN_MARGIN_S,
     MemoryStore,
     MemoryUnavailable,
     Picked,
     Positions,
     UnknownStream,
+    check_alert_name,
     check_positions,
+    event_row,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,23 @@ class _StreamKeys(NamedTuple):
     clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end, thumb (if any)
     streams: str  # set: the ids of the registered streams (a cluster: this stream's own, holding only its id)
     configs: str  # hash: stream_id -> sealed config (a cluster: this stream's own)
+
+
+class _AlertKeys(NamedTuple):
+    """Every alert key carries the hash tag {alerts}: one slot, so each alert write is one atomic script on a
+    cluster too (alerts and their events are few next to clips: one slot holds them)."""
+
+    configs: str  # hash: name -> sealed config
+    state_prefix: str  # + name: hash of stream_id -> state JSON
+    next_id: str  # string: the last event id given (INCR: ids only grow, across restarts of any client)
+    keys: str  # hash: event key -> id
+    records: str  # hash: id -> record JSON (without its id)
+    ids: str  # sorted set: every id held (score = member = id)
+    by_alert_prefix: str  # + alert name: sorted set of that alert's ids
+
+
+EVICT_EVENTS = 64  # event records one append may evict (a lowered max_events is met over the next appends)
+EVENT_PAGE = 1000  # records one read returns at most
 
 
 def _member(seq: int) -> str:
@@ -109,10 +131,13 @@ class RedisStore(MemoryStore):
         connect_timeout_s: float = 0.5,
         cipher: ConfigCipher | None = None,
         max_thumbnail_bytes: int = codec.MAX_THUMBNAIL_BYTES,
+        max_events: int = MAX_EVENTS,
     ) -> None:
-        """`cipher` seals stream configs; without one they cannot be written or read (a ValueError says so). A clip
-        whose thumbnail is larger than `max_thumbnail_bytes` is refused (ValueError)."""
+        """`cipher` seals stream and alert configs; without one they cannot be written or read (a ValueError says so).
+        A clip whose thumbnail is larger than `max_thumbnail_bytes` is refused (ValueError). The newest `max_events`
+        event records are kept."""
         self.prefix = prefix
+        self.max_events = max_events
         self.token_format = codec.check_format(token_format)
         self.max_thumbnail_bytes = max_thumbnail_bytes
         self.cipher = cipher or ConfigCipher()
@@ -135,6 +160,14 @@ class RedisStore(MemoryStore):
         self._stats = self._redis.register_script(redis_lua.STATS)
         self._delete_chunk = self._redis.register_script(redis_lua.DELETE_CHUNK)
         self._delete = self._redis.register_script(redis_lua.DELETE)
+        self._put_alert = self._redis.register_script(redis_lua.PUT_ALERT)
+        self._delete_alert = self._redis.register_script(redis_lua.DELETE_ALERT)
+        self._append_event = self._redis.register_script(redis_lua.APPEND_EVENT)
+        self._read_events = self._redis.register_script(redis_lua.READ_EVENTS)
+        a = f"{prefix}:{{alerts}}"
+        self._alert_keys = _AlertKeys(
+            f"{a}:configs", f"{a}:state:", f"{a}:next_id", f"{a}:keys", f"{a}:records", f"{a}:ids", f"{a}:ids:"
+        )
         log.info("redis memory at %s, prefix %r (%s tokens)", self._where, prefix, self.token_format)
 
     @contextmanager
@@ -452,6 +485,51 @@ class RedisStore(MemoryStore):
         with self._reachable():
             configs = self._redis.hgetall(self._configs_key)
         return self.cipher.unseal_all({k.decode(): v for k, v in configs.items()})
+
+    def put_alert(self, name: str, config: dict[str, Any]) -> None:
+        sealed = self.cipher.seal(config)
+        a = self._alert_keys
+        with self._reachable():
+            self._put_alert(keys=[a.configs, a.state_prefix + check_alert_name(name)], args=[name, sealed])
+
+    def alert_configs(self) -> dict[str, dict[str, Any]]:
+        with self._reachable():
+            configs = self._redis.hgetall(self._alert_keys.configs)
+        return self.cipher.unseal_all({k.decode(): v for k, v in configs.items()})
+
+    def delete_alert(self, name: str) -> bool:
+        a = self._alert_keys
+        with self._reachable():
+            deleted = self._delete_alert(keys=[a.configs, a.state_prefix + name], args=[name])
+        return bool(deleted)
+
+    def put_alert_state(self, name: str, stream_id: str, state: dict[str, Any]) -> None:
+        with self._reachable():
+            self._redis.hset(self._alert_keys.state_prefix + check_alert_name(name), stream_id, json.dumps(state))
+
+    def alert_state(self, name: str, stream_id: str) -> dict[str, Any] | None:
+        with self._reachable():
+            state = self._redis.hget(self._alert_keys.state_prefix + name, stream_id)
+        return None if state is None else json.loads(state)
+
+    def append_event(
+        self, record: dict[str, Any], state: tuple[str, str, dict[str, Any]] | None = None
+    ) -> tuple[int, bool]:
+        key, alert, text = event_row(record)
+        a = self._alert_keys
+        name, stream_id, state_json = ("", "", "") if state is None else (*state[:2], json.dumps(state[2]))
+        keys = [a.next_id, a.keys, a.records, a.ids, a.by_alert_prefix + alert, a.state_prefix + (name or alert)]
+        args = [key, text, self.max_events, "1" if state else "", stream_id, state_json, a.by_alert_prefix]
+        with self._reachable():
+            event_id, created = self._append_event(keys=keys, args=[*args, EVICT_EVENTS])
+        return int(event_id), bool(created)
+
+    def events(self, after: int = 0, limit: int = 1000, alert: str | None = None) -> list[dict[str, Any]]:
+        a = self._alert_keys
+        ids = a.ids if alert is None else a.by_alert_prefix + alert
+        with self._reachable():
+            flat = self._read_events(keys=[ids, a.records], args=[int(after), min(int(limit), EVENT_PAGE)])
+        return [{"id": int(flat[i])} | json.loads(flat[i + 1]) for i in range(0, len(flat), 2)]
 
     def close(self) -> None:
         self._redis.close()

@@ -190,6 +190,7 @@ class MemoryService(Service):
             m.secret_key,
             m.redis_timeout_s,
             m.max_thumbnail_bytes,
+            m.max_events,
         )
         set_threads(m.faiss_threads)
         return await super().start()

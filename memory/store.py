@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,24 @@ def check_positions(positions: Sequence[int], n: int) -> list[int]:
         more = "..." if len(out) > 8 else ""
         raise ValueError(f"positions must ascend strictly within [0, {n}), got {out[:8]}{more}")
     return out
+
+
+MAX_EVENTS = 100_000  # event records a store keeps by default (VCFLASH_MAX_EVENTS)
+
+
+def event_row(record: dict[str, Any]) -> tuple[str, str, str]:
+    """(key, alert, the record as JSON without its "id") of an event record, as both backends store it; ValueError
+    for a record without a string key and alert, or one that is not JSON-serialisable."""
+    key, alert = record.get("key"), record.get("alert")
+    if not isinstance(key, str) or not key or not isinstance(alert, str) or not alert:
+        raise ValueError(f"an event record needs a non-empty 'key' and 'alert', got {key!r} and {alert!r}")
+    return key, alert, json.dumps({k: v for k, v in record.items() if k != "id"}, allow_nan=False)
+
+
+def check_alert_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an alert name must be a non-empty string, got {name!r}")
+    return name
 
 
 class MemoryUnavailable(Unavailable):
@@ -169,6 +188,48 @@ class MemoryStore(abc.ABC):
     @abc.abstractmethod
     def stream_configs(self) -> dict[str, dict[str, Any]]:
         """Every stored stream config, by stream id."""
+
+    # ---- alerts (issue 14): standing questions, their per-stream evaluation state and the events they emit ----
+
+    @abc.abstractmethod
+    def put_alert(self, name: str, config: dict[str, Any]) -> None:
+        """Create or replace an alert's JSON-serialisable config, sealed like stream configs (it may hold a webhook
+        secret). A new alert (none of that name held) starts with no state, whatever an earlier one of the name left."""
+
+    @abc.abstractmethod
+    def alert_configs(self) -> dict[str, dict[str, Any]]:
+        """Every stored alert config, by name."""
+
+    @abc.abstractmethod
+    def delete_alert(self, name: str) -> bool:
+        """Forget the alert's config and its states (its event records stay); False if it was not held."""
+
+    @abc.abstractmethod
+    def put_alert_state(self, name: str, stream_id: str, state: dict[str, Any]) -> None:
+        """Keep the alert's evaluation state on one stream (JSON-serialisable), replacing any before."""
+
+    @abc.abstractmethod
+    def alert_state(self, name: str, stream_id: str) -> dict[str, Any] | None:
+        """The state put_alert_state (or append_event) last wrote for (alert, stream), or None."""
+
+    @abc.abstractmethod
+    def append_event(
+        self, record: dict[str, Any], state: tuple[str, str, dict[str, Any]] | None = None
+    ) -> tuple[int, bool]:
+        """Store an event record (JSON-serialisable, with a unique `key`) and the alert state that goes with it, in
+        one atomic step: if no record with `record["key"]` is held, assign the next id (strictly increasing, never
+        reused, surviving restarts), store the record with it, write `state` ((name, stream_id, state)) if given,
+        and return (id, True). A key already held returns (its id, False) and writes nothing, so a writer that
+        crashed between emitting and saving its state, and emits again, stores the event once.
+
+        Only the newest `max_events` records are kept (the oldest go as new ones come); a key that went with them
+        is no longer recognised."""
+
+    @abc.abstractmethod
+    def events(self, after: int = 0, limit: int = 1000, alert: str | None = None) -> list[dict[str, Any]]:
+        """Up to `limit` event records with id > `after` (of one alert when given), ascending by id, each with its
+        "id" (a backend may return fewer than `limit` while more follow: read again from the last id until none
+        come). A reader that asks again from the last id it got misses nothing and sees nothing twice."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 Selection = Literal["uniform", "retrieval", "scan", "index"]
 SELECTIONS: tuple[Selection, ...] = ("uniform", "retrieval", "scan", "index")
 SCORED: tuple[Selection, ...] = ("scan", "index")  # the model's own relevance: coarse-to-fine
+# The needle evaluation's winner (`vcflash eval niah`, README "How an Ask is answered"): the needle among the clips
+# looked at far more often than uniform sampling, at uniform's cost once a clip's keys exist.
+DEFAULT_SELECTION: Selection = "index"
 MOMENTS = 10  # moments an Ask returns
 MAX_MOMENTS = 100  # the most a Search may ask for
 SCAN_WINDOW = 16  # clips per window of the relevance scan (64 frames, the official sampler's minimum)
@@ -58,7 +61,7 @@ class AskParams:
     end: float | None = None
     clock: Clock = "media"
     max_frames: int = 512
-    selection: Selection = "uniform"
+    selection: Selection = DEFAULT_SELECTION
     dropout: str | None = None  # None: the checkpoint's config; "off", "recommended" or TYPE:LAYERS:RATIOS
     max_new_tokens: int | None = None  # None: 512, or the server's limit when lower
     do_sample: bool = False
@@ -263,6 +266,7 @@ class Reasoner:
         self.limits = limits or ReasonerSettings()
         self.model_lock = model_lock or threading.Lock()
         self.keys = KeyIndex()
+        self.scans_capped = 0  # scans over `limits.max_scan_clips` clips, scored by the key index instead
 
     def ask(self, p: AskParams) -> Iterator[str | AskResult]:
         """Yield answer text pieces, then the AskResult. Raises AskError, NotFound (unknown stream)
@@ -395,14 +399,22 @@ class Reasoner:
     def _score_range(self, p: AskParams, stream_id: str) -> tuple[Picked, np.ndarray, np.ndarray]:
         """Every clip that overlaps the range: (the pick, their seqs int64 [n] and relevance float32 [n], in time
         order). The scan reads every clip's metadata (`picked.clips`); the key index only their seqs (`picked.clips`
-        empty), so a caller reads the metadata of the clips it keeps (`_metas`)."""
-        if p.selection == "index":
-            picked = self.store.pick(stream_id, p.start, p.end, lambda n: [], clock=p.clock, with_seqs=True)
-            seqs = picked.seqs if picked.seqs is not None else np.empty(0, np.int64)
-            return picked, seqs, self.index_scores(stream_id, seqs.tolist(), p.question)
-        picked = self.store.pick(stream_id, p.start, p.end, range, clock=p.clock)
-        seqs = np.array([m.seq for m in picked.clips], dtype=np.int64)
-        return picked, seqs, self.score_clips(stream_id, picked.clips, p.question)
+        empty), so a caller reads the metadata of the clips it keeps (`_metas`). A scan over more than
+        `limits.max_scan_clips` clips is scored by the key index instead (counted in `scans_capped`), so an Ask's
+        cost stops growing with the range."""
+        cap = self.limits.max_scan_clips  # a scan over more clips than this is scored by the key index instead
+        every = p.selection == "scan"
+        picked = self.store.pick(
+            stream_id, p.start, p.end, lambda n: range(n) if every and n <= cap else [], clock=p.clock, with_seqs=True
+        )
+        if every and picked.count <= cap:
+            seqs = np.array([m.seq for m in picked.clips], dtype=np.int64)
+            return picked, seqs, self.score_clips(stream_id, picked.clips, p.question)
+        seqs = picked.seqs if picked.seqs is not None else np.empty(0, np.int64)
+        if every:
+            self.scans_capped += 1
+            log.info("scan of %d clips of %s over the cap (%d): key index scores", len(seqs), stream_id, cap)
+        return picked, seqs, self.index_scores(stream_id, seqs.tolist(), p.question)
 
     def _metas(self, stream_id: str, picked: Picked, seqs: np.ndarray, positions: Sequence[int]) -> list[ClipMeta]:
         """The metadata of the clips at `positions` (evicted since the pick: left out)."""

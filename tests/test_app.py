@@ -278,7 +278,7 @@ def test_retrieval_fills_a_small_budget_with_retrieved_clips(served: Served) -> 
     _, result = ask(served.client, ["cam"], max_frames=8, retrieval=True)
     assert len(result.evidence) == 2 and result.frames == 8 and result.visual_tokens == 128
     assert any(e.retrieved for e in result.evidence) and seqs(result.evidence) == sorted(seqs(result.evidence))
-    _, uniform = ask(served.client, ["cam"], max_frames=8)
+    _, uniform = ask(served.client, ["cam"], max_frames=8, selection="uniform")
     assert len(uniform.evidence) == 2 and not any(e.retrieved for e in uniform.evidence)
 
 

@@ -1,7 +1,8 @@
 """The web console (issue 13) on `vcflash up`'s HTTP port: its security without a browser (sessions, CSRF, CSP,
 input checks, redacted camera URLs), then the whole console driven in Debian's headless Chromium through Playwright:
 sign in, add a recorded file stream and a camera that is down, see thumbnails, ask and see the answer stream in with
-evidence, click the evidence and check the recording plays that moment, remove the cameras, sign out. The browser
+evidence, click the evidence and check the recording plays that moment, search and click a moment to the same end,
+stop a live camera's server and see its state while the other pages work on, remove the cameras, sign out. The browser
 test writes a screenshot of each page to $VCFLASH_SCREENSHOTS (default: a temp dir); docs/console/ holds a set."""
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def test_every_api_needs_a_session_or_the_token(served: tuple[Served, str]) -> N
         ("POST", "/v1/console/streams"),
         ("DELETE", "/v1/console/streams/stored"),
         ("POST", "/v1/console/ask"),
+        ("POST", "/v1/console/search"),
         ("POST", "/console/signout"),
         ("GET", "/v1/streams/stored/thumbnails/0.jpg"),
     ]:
@@ -160,6 +162,7 @@ def test_state_changing_calls_need_the_session_csrf_header(served: tuple[Served,
         assert b.call("POST", "/v1/console/streams", body, headers)[0] == 403
         assert b.call("DELETE", "/v1/console/streams/stored", headers=headers)[0] == 403
         assert b.call("POST", "/v1/console/ask", {"streams": ["stored"], "question": "q"}, headers)[0] == 403
+        assert b.call("POST", "/v1/console/search", {"streams": ["stored"], "question": "q"}, headers)[0] == 403
     other = Browser(base)
     other.sign_in()
     assert b.call("POST", "/v1/console/streams", body, {"X-CSRF-Token": other.csrf})[0] == 403  # another session's
@@ -229,19 +232,28 @@ def test_bad_input_is_a_clear_4xx(served: tuple[Served, str], video: Path) -> No
         status, _, answer = b.call("GET", f"{clips}?{query}")
         assert status == 400 and b"Traceback" not in answer, query
 
-    ask = "/v1/console/ask"
-    for body, status in [
-        ({"streams": ["nope"], "question": "q"}, 404),
-        ({"streams": ["stored"], "question": ""}, 400),
-        ({"streams": ["stored"], "question": "q" * 5000}, 400),
-        ({"streams": "stored", "question": "q"}, 400),
-        ({"streams": [], "question": "q"}, 400),
-        ({"streams": ["stored"], "question": "q", "start": 10, "end": 5}, 400),
-        ({"streams": ["stored"], "question": "q", "start": "noon"}, 400),
-        ({"streams": ["stored"] * 9, "question": "q"}, 400),
-    ]:
-        got, _, answer = b.write("POST", ask, body)
-        assert got == status and b"error" in answer, (body, got, answer)
+    # ask and search take the same question, with the same checks
+    questions = [
+        ({"streams": ["nope"], "question": "q"}, 404, b"unknown stream"),
+        ({"streams": ["stored"], "question": ""}, 400, b"question"),
+        ({"streams": ["stored"], "question": "   "}, 400, b"question is empty"),
+        ({"streams": ["stored"], "question": "q" * 5000}, 400, b"longer than"),
+        ({"streams": "stored", "question": "q"}, 400, b"list of stream names"),
+        ({"streams": [], "question": "q"}, 400, b"at least one stream"),
+        ({"streams": ["a b"], "question": "q"}, 400, b"stream name"),
+        ({"streams": ["stored"], "question": "q", "start": 10, "end": 5}, 400, b"inverted time range"),
+        ({"streams": ["stored"], "question": "q", "start": "noon"}, 400, b"start must be a finite number"),
+        ({"streams": ["stored"] * 9, "question": "q"}, 400, b"distinct streams"),
+        ({"streams": ["stored"], "question": "q", "who": 1}, 400, b"unknown fields: 'who'"),
+    ]
+    for path in ("/v1/console/ask", "/v1/console/search"):
+        for body, status, words in questions:
+            got, headers, answer = b.write("POST", path, body)
+            assert got == status and words in answer, (path, body, got, answer)
+            assert headers["Content-Type"].startswith("application/json") and b"Traceback" not in answer
+    for limit in (0, 101, 2.5, "ten", True):
+        got, _, answer = b.write("POST", "/v1/console/search", {"streams": ["stored"], "question": "q", "limit": limit})
+        assert got == 400 and b"limit must be an integer in [1, 100]" in answer, (limit, got, answer)
 
 
 def test_camera_passwords_never_reach_the_browser(served: tuple[Served, str]) -> None:
@@ -283,6 +295,36 @@ def test_ask_streams_text_lines_then_the_result(served: tuple[Served, str]) -> N
         {"streams": ["stored"], "question": "What moves?", "start": clips[1].wall_start, "end": clips[1].wall_end},
     )
     assert [e["seq"] for e in json.loads(body.splitlines()[-1])["result"]["evidence"]] == [1]
+
+
+def test_search_answers_the_moments_of_reasoner_search(served: tuple[Served, str]) -> None:
+    s, base = served
+    b = Browser(base)
+    b.sign_in()
+    question = "Where does the square go?"
+    status, headers, body = b.write("POST", "/v1/console/search", {"streams": ["stored"], "question": question})
+    assert status == 200 and headers["Content-Type"].startswith("application/json"), body
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    found = json.loads(body)
+    expected = s.client.search(["stored"], question)  # over gRPC: the same ranking
+    assert found["clips_scored"] == expected.clips_scored == CLIPS and found["note"] == ""
+    keys = ("stream_id", "first_seq", "last_seq", "wall_start", "wall_end", "media_start", "media_end")
+    assert [tuple(m[k] for k in keys) for m in found["moments"]] == [
+        tuple(getattr(m, k) for k in keys) for m in expected.moments
+    ]
+    assert [m["score"] for m in found["moments"]] == pytest.approx([m.score for m in expected.moments])
+    # the limit and a wall-clock range pass through: the best clip alone, then only the last clip's moment
+    (best,) = json.loads(
+        b.write("POST", "/v1/console/search", {"streams": ["stored"], "question": question, "limit": 1})[2]
+    )["moments"]
+    top = s.client.search(["stored"], question, limit=1).moments[0]
+    assert (best["first_seq"], best["last_seq"]) == (top.first_seq, top.last_seq)
+    last = s.client.clips("stored")[-1]
+    ranged = {"streams": ["stored"], "question": question, "start": last.wall_start, "end": last.wall_end}
+    found = json.loads(b.write("POST", "/v1/console/search", ranged)[2])
+    assert found["clips_scored"] == 1 and [(m["first_seq"], m["last_seq"]) for m in found["moments"]] == [
+        (last.seq, last.seq)
+    ]
 
 
 # ---------------------------------------------------------------- the console in headless Chromium
@@ -373,23 +415,37 @@ def drive_the_console(s: Served, base: str, video: Path, tmp_path: Path, camera:
         page.screenshot(path=shots / "chat.png", full_page=True)
 
         # evidence -> the timeline at that moment, the recording playing it
-        clip = s.client.clips("cam")[1]
+        clips = s.client.clips("cam")
         evidence.nth(1).click()
-        page.wait_for_selector("#player[data-state=playing]")
-        page.wait_for_function(
-            "() => document.querySelector('#player').getVideoPlaybackQuality().totalVideoFrames >= 5"
-        )
-        played = page.evaluate(
-            """() => { const v = document.querySelector('#player');
-                       return {t: v.currentTime, start: Number(v.dataset.recordingStart),
-                               frames: v.getVideoPlaybackQuality().totalVideoFrames, w: v.videoWidth}; }"""
-        )
-        wall = played["start"] + played["t"]
-        assert clip.wall_start - 0.1 <= wall <= clip.wall_end + 2.0, (played, clip)  # that clip, playing (+ its pad)
-        assert played["w"] == 320 and played["frames"] >= 5
-        assert page.locator(f'.strip .clip.selected[data-seq="{clip.seq}"]').count() == 1
+        check_playing(page, clips[1])
         assert page.locator(".strip .clip").count() == CLIPS
         page.screenshot(path=shots / "timeline.png", full_page=True)
+
+        # search: the best moments (as Reasoner.Search ranks them) with their thumbnails; the best one -> the
+        # timeline there, the recording playing it
+        question = "Where does the square go?"
+        page.click("nav a[data-page=search]")
+        page.check('#search-streams input[value="cam"]')
+        page.fill("#search input[name=question]", question)
+        page.fill("#search input[name=limit]", "2")
+        page.click("#search button[type=submit]")
+        page.wait_for_selector("#search-status[data-state=done]")
+        expected = s.client.search(["cam"], question, limit=2).moments
+        shown = page.locator(".moment")
+        assert shown.count() == len(expected) >= 1
+        for i, m in enumerate(expected):
+            item = shown.nth(i)
+            assert (item.get_attribute("data-stream"), float(item.get_attribute("data-start") or "nan")) == (
+                "cam",
+                m.wall_start,
+            )
+            assert item.locator("img").count() == m.last_seq - m.first_seq + 1  # a thumbnail per clip
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.moment img')].every(i => i.complete && i.naturalWidth === 320)"
+        )
+        page.screenshot(path=shots / "search.png", full_page=True)
+        shown.first.locator("a").click()
+        check_playing(page, clips[expected[0].first_seq])
 
         if camera is not None:  # the live camera away for a few seconds: its timeline shows the gap
             s.client.remove_stream("live")
@@ -401,6 +457,17 @@ def drive_the_console(s: Served, base: str, video: Path, tmp_path: Path, camera:
             gap = page.wait_for_selector(".strip .gap")
             assert re.fullmatch(r"gap \d+(\.\d)? s", gap.inner_text()), gap.inner_text()
             page.screenshot(path=shots / "timeline-gap.png")
+
+            # the live camera's server goes away: its card says so (redacted), and the other pages work on
+            camera.kill()
+            page.click("nav a[data-page=cameras]")
+            page.wait_for_selector('.camera[data-name="live"][data-state="reconnecting"]', timeout=60_000)
+            assert page.locator('.camera[data-name="live"] .error').inner_text()
+            assert page.locator('.camera[data-name="cam"][data-state="finished"]').count() == 1
+            page.evaluate("location.hash = '#/timeline/cam'")  # in the page: no reload, so the search is kept
+            page.wait_for_selector(f'.strip .clip[data-seq="{CLIPS - 1}"]')
+            page.click("nav a[data-page=search]")
+            page.wait_for_selector("#search-status[data-state=done]")  # the last search's moments, kept
 
         # remove both cameras; sign out
         page.click("nav a[data-page=cameras]")
@@ -417,6 +484,22 @@ def drive_the_console(s: Served, base: str, video: Path, tmp_path: Path, camera:
     assert not errors, errors
     assert urls and not [u for u in urls if TOKEN in u or urllib.parse.quote(TOKEN) in u]
     assert TOKEN not in content and "hunter2" not in content
+
+
+def check_playing(page: Any, clip: Any) -> None:
+    """The timeline shows `clip` selected and its player plays the recording at the clip's moment (within its 2 s
+    pad), frames decoded at the video's size."""
+    page.wait_for_selector("#player[data-state=playing]")
+    page.wait_for_function("() => document.querySelector('#player').getVideoPlaybackQuality().totalVideoFrames >= 5")
+    played = page.evaluate(
+        """() => { const v = document.querySelector('#player');
+                   return {t: v.currentTime, start: Number(v.dataset.recordingStart),
+                           frames: v.getVideoPlaybackQuality().totalVideoFrames, w: v.videoWidth}; }"""
+    )
+    wall = played["start"] + played["t"]
+    assert clip.wall_start - 0.1 <= wall <= clip.wall_end + 2.0, (played, clip)  # that clip, playing (+ its pad)
+    assert played["w"] == 320 and played["frames"] >= 5
+    assert page.locator(f'.strip .clip.selected[data-seq="{clip.seq}"]').count() == 1
 
 
 def add_camera(page: Any, name: str, url: str, *, record: bool, realtime: bool) -> None:

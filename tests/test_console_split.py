@@ -1,9 +1,9 @@
 """The web console in the split deployment, as real processes (tests/test_split.py's `Deployment`): `vcflash ingest`
 serves it on its HTTP port, the cameras and timeline from ingest and the memory, the chat asking `vcflash reasoner`
-over gRPC (VCFLASH_REASONER_ADDRESS). Signed in over HTTP: list cameras, ask and get a streamed answer with evidence;
-then the reasoner stopped: chat is 503 with a JSON error saying so, the cameras and timeline still 200, the health
-and ingest's log say so, and chat works again once the reasoner is back. Optionally the same console in Debian's
-headless Chromium."""
+over gRPC (VCFLASH_REASONER_ADDRESS). Signed in over HTTP: list cameras, ask and get a streamed answer with evidence,
+search and get the reasoner's ranked moments; then the reasoner stopped: chat and search are 503 with a JSON error
+saying so, the cameras and timeline still 200, the health and ingest's log say so (and the search page, in Chromium),
+and chat works again once the reasoner is back. Optionally the same console in Debian's headless Chromium."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,36 @@ def ask(b: Browser, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
     return b.write("POST", "/v1/console/ask", body)
 
 
+def search(b: Browser, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    return b.write("POST", "/v1/console/search", body)
+
+
+chromium = pytest.mark.skipif(
+    _playwright() is None or not os.access(CHROMIUM, os.X_OK),
+    reason=f"playwright (pip install -e '.[test]') or {CHROMIUM} (apt-get install chromium) is missing",
+)
+
+
+@contextmanager
+def console_page(base: str, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    """Chromium signed in to the console at `base`, and the screenshot folder; no page errors allowed."""
+    shots = Path(os.environ.get("VCFLASH_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with _playwright()() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.set_default_timeout(30_000)
+        page.goto(f"{base}/console/")
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{base}/console/")
+        yield page, shots
+        browser.close()
+    assert not errors, errors
+
+
 def test_the_split_console_lists_cameras_and_asks_the_reasoner(split: tuple[Deployment, str]) -> None:
     _, base = split
     b = signed_in(base)
@@ -115,8 +146,35 @@ def test_the_split_console_lists_cameras_and_asks_the_reasoner(split: tuple[Depl
         ({"streams": ["cam"] * 2, "question": "q"}, 400),
         ({"streams": ["cam"], "question": "q", "start": 10, "end": 5}, 400),
     ]:
-        status, _, body = ask(b, question)
-        assert status == code and "error" in json.loads(body), (question, status, body)
+        for call in (ask, search):
+            status, _, body = call(b, question)
+            assert status == code and "error" in json.loads(body), (call, question, status, body)
+
+
+def test_the_split_console_searches_through_the_reasoner(split: tuple[Deployment, str]) -> None:
+    from vcflash.client import Client
+
+    d, base = split
+    b = signed_in(base)
+    clips = cameras_and_timeline_work(b)
+    status, _, body = search(b, {"streams": ["cam"], "question": "What moves?", "limit": 3})
+    assert status == 200, body
+    found = json.loads(body)
+    with Client(f"127.0.0.1:{d.ports['reasoner']}", TOKEN) as c:  # the reasoner's own answer, straight
+        expected = c.search(["cam"], "What moves?", limit=3)
+    assert found["clips_scored"] == CLIPS == expected.clips_scored
+    assert [(m["stream_id"], m["first_seq"], m["last_seq"], m["wall_start"]) for m in found["moments"]] == [
+        (m.stream_id, m.first_seq, m.last_seq, m.wall_start) for m in expected.moments
+    ]
+    # a wall-clock range reaches the reasoner: only the clips it overlaps are scored
+    ranged = {
+        "streams": ["cam"],
+        "question": "What moves?",
+        "start": clips[1]["wall_start"],
+        "end": clips[2]["wall_end"],
+    }
+    found = json.loads(search(b, ranged)[2])
+    assert found["clips_scored"] == 2 and {m["first_seq"] for m in found["moments"]} <= {1, 2}
 
 
 def test_the_split_ingest_serves_the_openai_chat_api_asking_the_reasoner(split: tuple[Deployment, str]) -> None:
@@ -141,22 +199,10 @@ def test_the_split_ingest_serves_the_openai_chat_api_asking_the_reasoner(split: 
         openai.OpenAI(base_url=base + "/v1", api_key="wrong-token-0123456789", max_retries=0).models.list()
 
 
-@pytest.mark.skipif(_playwright() is None, reason="playwright is not installed (pip install -e '.[test]')")
-@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is missing (apt-get install chromium)")
+@chromium
 def test_the_split_console_in_headless_chromium(split: tuple[Deployment, str], tmp_path: Path) -> None:
     _, base = split
-    shots = Path(os.environ.get("VCFLASH_SCREENSHOTS") or tmp_path / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
-    with _playwright()() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.set_default_timeout(30_000)
-        page.goto(f"{base}/console/")
-        page.fill("input[name=token]", TOKEN)
-        page.click("button[type=submit]")
-        page.wait_for_url(f"{base}/console/")
+    with console_page(base, tmp_path) as (page, shots):
         page.wait_for_selector(f'.camera[data-name="cam"][data-seq="{CLIPS - 1}"]')
         page.click("nav a[data-page=chat]")
         page.check('#chat-streams input[value="cam"]')
@@ -166,33 +212,52 @@ def test_the_split_console_in_headless_chromium(split: tuple[Deployment, str], t
         assert page.locator(".evidence-clip").count() == CLIPS
         assert page.inner_text("#reasoner-state") == ""  # the reasoner answers: no notice
         page.screenshot(path=shots / "split-chat.png", full_page=True)
-        browser.close()
-    assert not errors, errors
 
 
-def test_a_stopped_reasoner_leaves_the_cameras_and_says_so_in_chat(split: tuple[Deployment, str]) -> None:
+def test_a_stopped_reasoner_leaves_the_cameras_and_says_so_in_chat(
+    split: tuple[Deployment, str], tmp_path: Path
+) -> None:
     d, base = split
     b = signed_in(base)
     address = f"127.0.0.1:{d.ports['reasoner']}"
     d.kill("reasoner")
     try:
-        status, headers, body = ask(b, {"streams": ["cam"], "question": "What moves?"})
-        assert status == 503 and headers["Content-Type"].startswith("application/json"), (status, body)
-        message = json.loads(body)["error"]
-        assert message.startswith(f"the reasoner ({address}) is unavailable"), message
-        assert "Traceback" not in message and TOKEN not in message
+        for call in (ask, search):
+            status, headers, body = call(b, {"streams": ["cam"], "question": "What moves?"})
+            assert status == 503 and headers["Content-Type"].startswith("application/json"), (call, status, body)
+            message = json.loads(body)["error"]
+            assert message.startswith(f"the reasoner ({address}) is unavailable"), message
+            assert "Traceback" not in message and TOKEN not in message
         cameras_and_timeline_work(b)  # the cameras and the timeline do not need the reasoner
         state = wait_for_state(b, False)
         assert state["error"], state
         assert serving(d.ports["ingest"])  # ingest's own health: its cameras run on
         log = (d.tmp / "ingest.log").read_text()
         assert f"event=reasoner_unavailable address={address}" in log, log[-2000:]
+        if _playwright() is not None and os.access(CHROMIUM, os.X_OK):
+            search_page_without_the_reasoner(base, address, tmp_path)
     finally:
         d.start("reasoner")
     wait_for_state(b, True)  # dialled again within seconds of its return
     status, _, body = ask(b, {"streams": ["cam"], "question": "What moves?"})
     assert status == 200 and "result" in json.loads(body.splitlines()[-1]), body
     assert f"event=reasoner_available address={address}" in (d.tmp / "ingest.log").read_text()
+
+
+def search_page_without_the_reasoner(base: str, address: str, tmp_path: Path) -> None:
+    """The search page says the reasoner is away, and a search shows the 503's message; the timeline still works."""
+    with console_page(base, tmp_path) as (page, shots):
+        page.goto(f"{base}/console/#/search")
+        page.wait_for_function("() => document.querySelector('#reasoner-state').textContent !== ''")
+        assert page.inner_text("#reasoner-state").startswith("The reasoner is unavailable")
+        page.check('#search-streams input[value="cam"]')
+        page.fill("#search input[name=question]", "What moves across the screen?")
+        page.click("#search button[type=submit]")
+        page.wait_for_selector("#search-status[data-state=error]")
+        assert page.inner_text("#search-status").startswith(f"the reasoner ({address}) is unavailable")
+        page.screenshot(path=shots / "split-reasoner-down.png", full_page=True)
+        page.click("nav a[data-page=timeline]")
+        page.wait_for_selector(f'.strip .clip[data-seq="{CLIPS - 1}"]')
 
 
 def wait_for_state(b: Browser, available: bool) -> dict[str, Any]:

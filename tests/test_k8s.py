@@ -452,14 +452,14 @@ def test_redis_in_cluster_keeps_an_append_only_file_or_the_url_points_outside(
 
 def test_placement_of_each_overlay(renders: dict[str, list[dict[str, Any]]]) -> None:
     pools = renders["gpu-pools"]
-    for name in ("encoder", "reasoner"):
-        spec = pod_spec(find(pools, "Deployment", f"vcflash-{name}"))
+    for kind, name in (("Deployment", "encoder"), ("StatefulSet", "reasoner")):
+        spec = pod_spec(find(pools, kind, f"vcflash-{name}"))
         assert spec["nodeSelector"] == {"vcflash.io/gpu-pool": name}
         tolerated = {(t["key"], t.get("value")) for t in spec["tolerations"]}
         assert {("vcflash.io/gpu-pool", name), ("nvidia.com/gpu", None)} <= tolerated
     assert "nodeSelector" not in pod_spec(find(pools, "StatefulSet", "vcflash-ingest"))  # off the GPU pools
     single = renders["single-gpu-node"]
-    encoder, reasoner = (find(single, "Deployment", f"vcflash-{n}") for n in ("encoder", "reasoner"))
+    encoder, reasoner = find(single, "Deployment", "vcflash-encoder"), find(single, "StatefulSet", "vcflash-reasoner")
     term = pod_spec(reasoner)["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert selected(single, term["labelSelector"]) == [encoder]
@@ -477,3 +477,24 @@ def test_readme_gives_the_commands() -> None:
         assert (K8S / "overlays" / overlay / "kustomization.yaml").is_file()
     assert "kubectl create namespace vcflash" in section
     assert "estimate" in section and "BENCHMARKS.md" in section
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_each_reasoner_pod_evaluates_the_alerts_of_its_ordinal(
+    renders: dict[str, list[dict[str, Any]]], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alerts are owned per stream by exactly one reasoner: pod i of the StatefulSet's N replicas is alert shard i of
+    N (VCFLASH_REASONER_SHARDS = replicas in every overlay), and a pod past N refuses to start."""
+    from ingest.shards import resolve_shard
+
+    docs = renders[variant]
+    reasoner = find(docs, "StatefulSet", "vcflash-reasoner")
+    replicas, name = reasoner["spec"]["replicas"], reasoner["metadata"]["name"]
+    (container,) = [c for c in containers(reasoner) if is_vcflash(c)]
+    settings, _ = cli_settings(container, container_env(docs, container), monkeypatch)
+    r = settings.reasoner
+    assert (r.reasoner_shard, r.reasoner_shards) == ("auto", replicas)
+    owners = {resolve_shard(r.reasoner_shard, replicas, f"{name}-{i}", role="reasoner").index for i in range(replicas)}
+    assert owners == set(range(replicas))
+    with pytest.raises(ValueError, match="VCFLASH_REASONER_SHARDS is"):
+        resolve_shard(r.reasoner_shard, replicas, f"{name}-{replicas}", role="reasoner")

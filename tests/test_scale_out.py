@@ -1,10 +1,12 @@
-"""Scale-out as real processes on loopback: a 3-master Redis Cluster, 3 `vcflash encoder`s and 2 `vcflash ingest`
-shards, each shard sending its streams' clips to all three encoders (sticky per stream, spread across them).
+"""Scale-out as real processes on loopback: a 3-master Redis Cluster (a replica each), 3 `vcflash encoder`s,
+2 `vcflash ingest` shards and 2 `vcflash reasoner`s; each shard sends its 4 streams' clips to all three encoders
+(sticky per stream, spread across them).
 
-One encoder and one ingest shard are killed with SIGKILL in the middle of the streams, and the shard is started
-again. The other shard's streams lose nothing and store nothing twice: every clip 0..11, once. The killed shard
-resumes its own streams from memory (and only those), each going on after its last stored clip; every clip it
-had acknowledged before it died is still there.
+One encoder and one ingest shard are killed with SIGKILL in the middle of the streams, a Redis master is failed
+over to its replica, and the shard is started again. The other shard's streams lose nothing and store nothing
+twice: every clip 0..11, once. The killed shard resumes its own streams from memory (and only those), each going
+on after its last stored clip; every clip it had acknowledged before it died is still there. Then an Ask through
+each reasoner answers from all 8 streams.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from hico.checkpoint import make_tiny_checkpoint
 from ingest.shards import shard_of
 from tests.conftest import free_port
 from tests.memory.cluster_server import RedisClusterServer, cluster
+from tests.memory.test_cluster import primary_and_replica
 from tests.test_split import TOKEN, VCFLASH, Deployment, serving, wait_for
 from vcflash.client import Client
 from vcflash.media import write_test_video
 
-ENCODERS, SHARDS, STREAMS_PER_SHARD = 3, 2, 3
+ENCODERS, SHARDS, REASONERS, STREAMS_PER_SHARD = 3, 2, 2, 4
 CLIPS = 12  # a 12 s file sampled at 4 fps, realtime: a clip a second
 
 
@@ -37,10 +40,11 @@ class ScaleOut(Deployment):
     """test_split's deployment (kill, stop, client) with N encoders and ingest shards on a Redis Cluster."""
 
     def __init__(self, tmp: Path, redis: RedisClusterServer) -> None:
-        self.tmp = tmp
+        self.tmp, self.redis = tmp, redis
         self.checkpoint = make_tiny_checkpoint(tmp / "tiny")
         self.ports = {f"encoder{i}": free_port() for i in range(ENCODERS)}
         self.ports |= {f"ingest{i}": free_port() for i in range(SHARDS)}
+        self.ports |= {f"reasoner{i}": free_port() for i in range(REASONERS)}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         encoders = ",".join(f"127.0.0.1:{self.ports[f'encoder{i}']}" for i in range(ENCODERS))
         self.env = os.environ | {
@@ -83,10 +87,14 @@ def scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleOut]:
     tmp = tmp_path_factory.mktemp("scale_out")
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (.ci/run installs it)")
-    with cluster(tmp / "redis") as redis:
+    with cluster(tmp / "redis", replicas=1) as redis:
         d = ScaleOut(tmp, redis)
         try:
-            d.start(*(f"encoder{i}" for i in range(ENCODERS)), *(f"ingest{i}" for i in range(SHARDS)))
+            d.start(
+                *(f"encoder{i}" for i in range(ENCODERS)),
+                *(f"ingest{i}" for i in range(SHARDS)),
+                *(f"reasoner{i}" for i in range(REASONERS)),
+            )
             yield d
         finally:
             d.stop()
@@ -127,6 +135,11 @@ def test_an_encoder_and_an_ingest_shard_die_and_nothing_acknowledged_is_lost(
         scale_out.kill("encoder0")
         scale_out.kill("ingest1")
         acknowledged = {n: set(stored_seqs(shards[0], n)) for n in streams[1]}  # stored before the shard died
+        # and the Redis master of a running stream hands over to its replica while clips keep coming
+        master, replica = primary_and_replica(scale_out.redis, f"{{s:{streams[0][0]}}}")
+        before = set(stored_seqs(shards[0], streams[0][0]))
+        subprocess.run(["redis-cli", "-p", str(replica.port), "CLUSTER", "FAILOVER"], check=True, timeout=10)
+        wait_for(lambda: replica.info("replication")["role"] == "master", 20, "the replica to be promoted")
         time.sleep(1.0)
         scale_out.start("ingest1")  # resumes its streams from memory; encoder0 stays dead
         shards[1].close()
@@ -152,6 +165,13 @@ def test_an_encoder_and_an_ingest_shard_die_and_nothing_acknowledged_is_lost(
             assert replay == list(range(replay[0], replay[0] + CLIPS)), name  # the whole file again, none lost
             assert replay[0] == max(seqs[:-CLIPS]) + 1 > max(acknowledged[name]), name  # after the last stored
             assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs), name
+
+        assert before <= set(stored_seqs(shards[0], streams[0][0]))  # the failover lost nothing acknowledged
+        assert master.info("replication")["role"] == "slave"
+        for i in range(REASONERS):  # any reasoner answers from every stream (shared memory)
+            with scale_out.client(f"reasoner{i}") as reasoner:
+                *_, result = reasoner.ask(every, "What happens?", max_frames=256, max_new_tokens=4)
+            assert {e.clip.stream_id for e in result.evidence} == set(every), i
 
         placed = [line for i in range(SHARDS) for line in scale_out.log(f"ingest{i}").splitlines()]
         placed = [line for line in placed if "event=stream_placed" in line]

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from encoder_svc.worker import EncoderMetrics, EncoderWorker
 from hico import VideoChatFlash
 from ingest.server import ServesStreams, ingest_entry
+from ingest.shards import Shard, resolve_shard
 from memory import ClipIndex
 from memory.retention import sweep_forever
 from reasoner.engine import Reasoner
@@ -21,6 +22,13 @@ from vcflash.console.answers import LocalAnswers
 from vcflash.openai_api import add_openai_api
 from vcflash.serve.lifecycle import ServiceEntry
 from vcflash.serve.settings import Settings
+
+
+def alert_shard(settings: Settings) -> Shard:
+    """The streams whose alerts this process evaluates: shard VCFLASH_REASONER_SHARD of VCFLASH_REASONER_SHARDS,
+    by the partition of sharded ingest (ingest.shards: a hash of the stream name), so replicated reasoners share
+    the alerts' work; one shard (the default) owns every stream."""
+    return resolve_shard(settings.reasoner.reasoner_shard, settings.reasoner.reasoner_shards, role="reasoner")
 
 
 class App(ServesStreams):
@@ -55,9 +63,9 @@ class App(ServesStreams):
             on_health=self.set_healthy,
         )
         self.reasoner = Reasoner(model, self.store, self.index, s.reasoner, model_lock=lock)
-        services = [entry, *reasoner_entries(self.reasoner, self)]
+        entries, alerts = reasoner_entries(self.reasoner, self, alert_shard(s).owns)
         sweeps = [sweep_forever(self.store, self.index), self.streams.sweep_recordings_forever()]
-        return services, [encoder.run(), *sweeps]
+        return [entry, *entries], [encoder.run(), *sweeps, alerts]
 
     def extend_http(self, app: web.Application) -> None:
         # the web console and the OpenAI-compatible chat API, on the WHIP port, asking this process's reasoner

@@ -206,6 +206,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_niah(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from vcflash import niah
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = niah.NiahConfig(
+        frames=args.frames,
+        depths=args.depths,
+        hops=args.hops,
+        selections=args.selection,
+        trials=args.trials,
+        max_frames=args.max_frames,
+        seed=args.seed,
+        two_hop_frames=args.two_hop_frames,
+    )
+    model = load_for_answers(args)
+    with tempfile.TemporaryDirectory(prefix="niah-") as tmp:
+        store = None
+        if args.redis:
+            from memory import open_store
+
+            store = open_store(args.redis, Path(tmp), redis_timeout_s=30.0)
+        report = niah.run(model, cfg, store, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        if store is not None:
+            store.close()
+    print(niah.format_summary(report["summary"]))
+    if args.json:
+        niah.write_json(report, args.json)
+    if args.heatmap:
+        niah.heatmap(report, args.heatmap)
+    return 0
+
+
 def load_for_answers(args: argparse.Namespace):
     """`--model` (and `--adapter`, merged in) as `ask` loads it."""
     from hico import VideoChatFlash
@@ -269,8 +306,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service = EncoderService(settings)
     else:
         from reasoner.server import ReasonerService
+        from vcflash.app import alert_shard
 
         service = ReasonerService(settings)
+        service.alert_owns = alert_shard(settings).owns  # VCFLASH_REASONER_SHARD(S): replicated reasoners
     try:
         asyncio.run(run(service))
     except PortInUse as e:
@@ -673,6 +712,85 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """`alerts add|ls|rm`: the standing questions of a running server (its reasoner)."""
+    with client(args, reasoner=True) as c:
+        if args.action == "add":
+            a = c.add_alert(
+                args.name,
+                args.stream,
+                args.question,
+                window_frames=args.window_frames,
+                every_clips=args.every_clips,
+                threshold=args.threshold,
+                min_duration_s=args.min_duration,
+                cooldown_s=args.cooldown,
+                webhook_url=args.webhook,
+                mqtt_topic=args.mqtt,
+            )
+            print(f"{a.name}: added ({describe_alert(a)})")
+            if a.webhook_secret:
+                print(f"webhook secret (shown this once; X-Vcflash-Signature is its HMAC-SHA256): {a.webhook_secret}")
+        elif args.action == "rm":
+            c.remove_alert(args.name)
+            print(f"{args.name}: removed (its events stay in the log)")
+        else:
+            alerts = c.alerts()
+            if args.json:
+                from google.protobuf.json_format import MessageToDict
+
+                rows = [
+                    MessageToDict(a, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                    for a in alerts
+                ]
+                print(json.dumps([{k: v for k, v in r.items() if k != "webhook_secret"} for r in rows], indent=2))
+                return 0
+            for a in alerts:
+                print(f"{a.name}\t{a.question!r}\t{describe_alert(a)}")
+    return 0
+
+
+def describe_alert(a: pb.Alert) -> str:
+    """An alert's streams, schedule, hysteresis and destinations, in one line."""
+    return ", ".join(
+        [
+            f"streams {','.join(a.stream_ids)}",
+            f"{a.window_frames}-frame window every {a.every_clips} clip{'s' if a.every_clips != 1 else ''}",
+            f"threshold {a.threshold:g}",
+            *([f"min duration {a.min_duration_s:g} s"] if a.min_duration_s else []),
+            *([f"cooldown {a.cooldown_s:g} s"] if a.cooldown_s else []),
+            *([f"webhook {a.webhook_url}"] if a.webhook_url else []),
+            *([f"mqtt {a.mqtt_topic}"] if a.mqtt_topic else []),
+        ]
+    )
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """`vcflash events`: the alert event log, then with --follow new records as they come (one line, or one JSON
+    object, per record)."""
+    from vcflash.client import event_record
+
+    if args.after < 0:
+        raise ValueError(f"--after must be >= 0, got {args.after}")
+    start, end, wall = parse_range(args.start, args.end, args.wall)
+    with client(args, reasoner=True) as c:
+        for e in c.events(
+            after=args.after, alert=args.alert, follow=args.follow, start=start, end=end, wall_clock=wall
+        ):
+            if args.json:
+                print(json.dumps(event_record(e)), flush=True)
+                continue
+            media = f"media {e.start_media_s:.1f}" + (f"-{e.end_media_s:.1f}" if e.HasField("end_media_s") else "")
+            when = f"  wall {iso(e.start_wall, 'seconds')}" if e.HasField("start_wall") else ""
+            clips = f"#{e.clips[0]}" + (f"-{e.clips[-1]}" if len(e.clips) > 1 else "") if e.clips else "none"
+            print(
+                f"{e.id}\t{e.kind}\t{e.alert}\t{e.stream_id}\t{media} s{when}\tscore {e.score:.3f} (peak "
+                f"{e.peak:.3f})\tclips {clips}",
+                flush=True,
+            )
+    return 0
+
+
 def cmd_mcp(args: argparse.Namespace) -> int:
     """An MCP server over a running vcflash (vcflash.mcp_server): stdio, or streamable HTTP with --http-port."""
     try:
@@ -889,9 +1007,9 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument(
         "--selection",
         choices=["uniform", "retrieval", "scan", "index"],
-        help="clips over the budget: uniform (default), retrieval (as --retrieval), scan (every clip scored by "
-        "the model's attention; the best with their neighbours, a uniform backbone and the latest clips) or index "
-        "(as scan, scored by the key index)",
+        help="clips over the budget: index (default: as scan, scored by the key index), uniform, retrieval (as "
+        "--retrieval) or scan (every clip scored by the model's attention; the best with their neighbours, a uniform "
+        "backbone and the latest clips)",
     )
     live.add_argument("--compress", help="visual dropout: off, recommended or TYPE:LAYERS:RATIOS")
     live.add_argument("--max-new-tokens", type=int, default=512)
@@ -916,6 +1034,40 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the moments as JSON")
     connection(search)
     search.set_defaults(func=cmd_search)
+
+    alerts = sub.add_parser("alerts", help="standing questions evaluated on every new clip: add, list or remove")
+    alerts_sub = alerts.add_subparsers(dest="action", required=True)
+    aadd = alerts_sub.add_parser("add", help="add a yes/no question evaluated as the streams' memory grows")
+    aadd.add_argument("name", help="[A-Za-z0-9_.-], 1-64 characters")
+    aadd.add_argument("question", help='a yes/no question, e.g. "Is a person at the loading bay door?"')
+    aadd.add_argument("--stream", action="append", required=True, help="stream name; repeat for several cameras")
+    aadd.add_argument("--window-frames", type=int, default=16, help="latest frames scored each time (16; x4)")
+    aadd.add_argument("--every-clips", type=int, default=1, help="evaluate after every N new clips (1)")
+    aadd.add_argument("--threshold", type=float, default=0.5, help="P(yes) above which it counts as yes (0.5)")
+    aadd.add_argument(
+        "--min-duration", type=float, default=0.0, help="media seconds above the threshold before an event starts"
+    )
+    aadd.add_argument("--cooldown", type=float, default=0.0, help="after an event ends, none starts for this long (s)")
+    aadd.add_argument("--webhook", help="POST each event as signed JSON to this http(s) URL")
+    aadd.add_argument("--mqtt", help="publish each event to this MQTT topic (VCFLASH_MQTT_URL's broker)")
+    als = alerts_sub.add_parser("ls", help="list the alerts")
+    als.add_argument("--json", action="store_true", help="print the alerts as JSON")
+    arm = alerts_sub.add_parser("rm", help="remove an alert (its events stay)")
+    arm.add_argument("name")
+    for p in (aadd, als, arm):
+        connection(p)
+    alerts.set_defaults(func=cmd_alerts)
+
+    events = sub.add_parser("events", help="the alerts' event log (start and end of each event); --follow for new ones")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events as they come")
+    events.add_argument("--alert", help="only this alert's events")
+    events.add_argument("--after", type=int, default=0, help="events after this id (resume where a reader stopped)")
+    events.add_argument("--from", dest="start", help="events overlapping from: media seconds or an ISO date-time")
+    events.add_argument("--to", dest="end", help="events overlapping up to: media seconds or an ISO date-time")
+    events.add_argument("--wall", action="store_true", help="read numbers in --from/--to as Unix seconds (wall clock)")
+    events.add_argument("--json", action="store_true", help="one JSON record per line, as webhooks receive them")
+    connection(events)
+    events.set_defaults(func=cmd_events)
 
     mcp = sub.add_parser(
         "mcp", help="MCP server over a running vcflash (tools: list_cameras, camera_status, ask, get_thumbnails)"
@@ -1023,6 +1175,33 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--json", action="store_true", help="the table and every answer as JSON")
     connection(qa)
     qa.set_defaults(func=cmd_eval)
+    niah = evaluate_sub.add_parser(
+        "niah", help="needle in a haystack over live memory: each selection's answers, moments, recall and latency"
+    )
+    niah.add_argument("--frames", type=csv(int), default=(512, 2000, 10000, 30000), help="haystack lengths (1 fps)")
+    niah.add_argument("--depths", type=csv(float), default=(0.0, 0.25, 0.5, 0.75, 1.0), help="needle depths, 0-1")
+    niah.add_argument("--hops", type=csv(int), default=(1, 2), help="1: a needle; 2: a chain with 3 decoys")
+    niah.add_argument(
+        "--two-hop-frames", type=csv(int), help="the lengths two hops are run at (default: every --frames)"
+    )
+    niah.add_argument(
+        "--selection",
+        type=csv(str),
+        default=("uniform", "retrieval", "scan", "index", "oracle"),
+        help="selections asked on the same memory; oracle: each hop over only the needle's neighbourhood",
+    )
+    niah.add_argument("--trials", type=int, default=1, help="needles per (length, depth, hops)")
+    niah.add_argument("--max-frames", type=int, default=512, help="each Ask's frame budget")
+    niah.add_argument("--model", help="hub id, local dir or tiny (offline)")
+    niah.add_argument("--adapter", help="a LoRA adapter directory to apply to --model")
+    niah.add_argument("--redis", help="a Redis URL for the memory (default: an embedded store in a temporary dir)")
+    niah.add_argument("--json", help="write the report (config, summary, cells, cost, every row) here")
+    niah.add_argument("--heatmap", help="write answer accuracy per length x depth here (PNG)")
+    niah.add_argument("--seed", type=int, default=0)
+    niah.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    niah.add_argument("--device", default="cpu")
+    niah.add_argument("--dtype", default="float32")
+    niah.set_defaults(func=cmd_eval_niah)
     return parser
 
 

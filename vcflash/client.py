@@ -7,6 +7,9 @@ with Client("127.0.0.1:50051") as c:   # token: VCFLASH_API_TOKEN or the local s
         print(piece, end="")          # text pieces, then the final AskResult
     for m in c.search(["lobby"], "the white van leaves").moments:  # ranked moments, no answer generated
         print(m.stream_id, m.wall_start, m.wall_end, m.score)
+    c.add_alert("door", ["lobby"], "Is a person at the door?")  # a standing yes/no question
+    for e in c.events(alert="door", follow=True):  # its event log, then new records; resume with after=e.id
+        print(e.id, e.kind, e.stream_id, e.start_wall)
 """
 
 from __future__ import annotations
@@ -246,14 +249,19 @@ class Client:
     ) -> Iterator[str | pb.AskResult]:
         """Yield the answer's text pieces as they are generated, then the final AskResult. The question is about
         the clips that overlap [start, end); see resolve_range for the clocks. `selection` ("uniform",
-        "retrieval", "scan" or "index"; `retrieval=True` is "retrieval") picks the clips when the range exceeds
-        max_frames; "retrieval" and "scan" also rank moments (`AskResult.moments`)."""
+        "retrieval", "scan" or "index", the default; `retrieval=True` is "retrieval") picks the clips when the range
+        exceeds max_frames; all but "uniform" also rank moments (`AskResult.moments`)."""
         request = pb.AskRequest(
             stream_ids=list(stream_ids),
             question=question,
             range=time_range(start, end, wall_clock),
             max_frames=max_frames,
-            selection=SELECTIONS[selection or ("retrieval" if retrieval else "uniform")],
+            # unset: the server's default (index; README "How an Ask is answered")
+            selection=SELECTIONS[selection]
+            if selection
+            else pb.SELECTION_RETRIEVAL
+            if retrieval
+            else pb.SELECTION_DEFAULT,
             dropout=dropout,
             generation=pb.Generation(max_new_tokens=max_new_tokens),
             history=[pb.Turn(question=q, answer=a) for q, a in history],
@@ -286,3 +294,86 @@ class Client:
             selection=SELECTIONS[selection],
         )
         return self.reasoner.Search(request, metadata=self.metadata, timeout=timeout_s)  # type: ignore[no-any-return]
+
+    def add_alert(
+        self,
+        name: str,
+        stream_ids: Sequence[str],
+        question: str,
+        *,
+        window_frames: int = 16,
+        every_clips: int = 1,
+        threshold: float = 0.5,
+        min_duration_s: float = 0.0,
+        cooldown_s: float = 0.0,
+        webhook_url: str | None = None,
+        mqtt_topic: str | None = None,
+    ) -> pb.Alert:
+        """Add a standing yes/no question, evaluated on every `every_clips` new clips of the streams over their latest
+        `window_frames` frames; an event starts when P(yes) stays above `threshold` for `min_duration_s`. With a
+        webhook, the answer's `webhook_secret` is the key its POSTs are signed with: sent this once only."""
+        request = pb.AddAlertRequest(
+            name=name,
+            stream_ids=list(stream_ids),
+            question=question,
+            window_frames=window_frames,
+            every_clips=every_clips,
+            threshold=threshold,
+            min_duration_s=min_duration_s,
+            cooldown_s=cooldown_s,
+            webhook_url=webhook_url or "",
+            mqtt_topic=mqtt_topic or "",
+        )
+        return self._call(self.reasoner.AddAlert, request)  # type: ignore[return-value]
+
+    def alerts(self) -> list[pb.Alert]:
+        """Every alert, by name (without webhook secrets)."""
+        return list(self._call(self.reasoner.ListAlerts, pb.ListAlertsRequest()).alerts)  # type: ignore[attr-defined]
+
+    def remove_alert(self, name: str) -> None:
+        """Stop evaluating an alert and forget it (its events stay in the log); NOT_FOUND if there is none."""
+        self._call(self.reasoner.RemoveAlert, pb.RemoveAlertRequest(name=name))
+
+    def events(
+        self,
+        *,
+        after: int = 0,
+        alert: str | None = None,
+        follow: bool = False,
+        start: float | datetime | None = None,
+        end: float | datetime | None = None,
+        wall_clock: bool = False,
+        timeout_s: float | None = None,
+    ) -> Iterator[pb.AlertEvent]:
+        """The alert event log from after id `after`, ascending (of one alert; of events overlapping [start, end),
+        see resolve_range for the clocks), then with `follow` each new record as it is stored, until the iterator is
+        closed. To resume after a disconnect without loss or repeats, pass the last `.id` received as `after`.
+        `event_record` turns a record into the JSON shape webhooks and MQTT carry."""
+        request = pb.WatchEventsRequest(
+            after_id=after, alert=alert or "", follow=follow, range=time_range(start, end, wall_clock)
+        )
+        timeout = timeout_s if timeout_s is not None or follow else self.timeout_s
+        call = self.reasoner.WatchEvents(request, metadata=self.metadata, timeout=timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+
+def event_record(e: pb.AlertEvent) -> dict[str, object]:
+    """An event record as the engine makes it and webhooks and MQTT carry it (`None` for times not set)."""
+    optional = {k: getattr(e, k) if e.HasField(k) else None for k in ("end_media_s", "start_wall", "end_wall")}
+    return {
+        "id": e.id,
+        "key": e.key,
+        "kind": e.kind,
+        "alert": e.alert,
+        "stream": e.stream_id,
+        "event": e.event,
+        "start_media_s": e.start_media_s,
+        **optional,
+        "peak": e.peak,
+        "score": e.score,
+        "clips": list(e.clips),
+        "emitted_wall": e.emitted_wall,
+    }

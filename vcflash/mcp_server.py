@@ -126,7 +126,13 @@ class Tools:
         start: Time = None,
         end: Time = None,
         max_frames: Annotated[
-            int, Field(description="Frames the answer may look at, sampled uniformly over the range (multiple of 4).")
+            int,
+            Field(
+                description=(
+                    "Frames the answer may look at (multiple of 4); over a longer range the server's default "
+                    "selection picks them."
+                )
+            ),
         ] = 512,
         retrieval: Annotated[
             bool,

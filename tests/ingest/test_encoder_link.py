@@ -150,3 +150,34 @@ async def test_addresses_name_lanes() -> None:
     for bad in ("dns:///vcflash-encoder", "127.0.0.1:1,", ""):  # refused at start, with the variable's name
         with pytest.raises(ValueError, match="VCFLASH_ENCODER_ADDRESS"):
             LinkSettings(encoder_address=bad)
+
+
+@pytest.mark.asyncio
+async def test_a_hung_encoder_loses_its_streams_after_the_ack_timeout() -> None:
+    """An encoder that keeps its connection open but never acknowledges (a stuck GPU) is failed over like a dead
+    one once it has owed an acknowledgement for `encoder_ack_timeout_s`; a slow but working one is not."""
+    encoders = [FakeEncoder() for _ in range(2)]
+    servers = [await start_encoder(e) for e in encoders]
+    stored: Counter[tuple[str, int]] = Counter()
+    link = link_to([port for _, port in servers], stored, encoder_ack_timeout_s=0.6)
+    task = asyncio.create_task(link.run())
+    try:
+        await until(lambda: len(link.lanes) == 2 and all(lane.up for lane in link.lanes.values()))
+        for s in ("cam0", "cam1"):
+            link.clips.put_nowait(clip(s, 0))
+        await until(lambda: len(stored) == 2)
+        hung = next(i for i, e in enumerate(encoders) if ("cam0", 0) in e.received)
+        encoders[hung].holding = True  # stays connected, never answers again
+        await asyncio.sleep(1.5)  # idle past the timeout: owing nothing is not hanging
+        assert all(lane.up for lane in link.lanes.values()) and link.reconnects == 0
+        for seq in range(1, 4):
+            link.clips.put_nowait(clip("cam0", seq))
+        await until(lambda: len(stored) == 5, timeout_s=15)
+        other = encoders[1 - hung]
+        assert [q for s, q in other.received if s == "cam0"] == [1, 2, 3]  # moved whole and in order
+        assert set(stored.values()) == {1} and link.unacked == {}
+        assert link.reconnects >= 1
+    finally:
+        task.cancel()
+        for server, _ in servers:
+            await server.stop(0)

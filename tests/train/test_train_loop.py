@@ -85,6 +85,34 @@ def test_the_training_forward_is_the_inference_forward(tiny_base: Path, data: Pa
             torch.testing.assert_close(ours, reference[-n:], rtol=1e-4, atol=1e-5)
 
 
+def test_a_frozen_tower_runs_once_per_video_and_gives_the_same_tokens(tiny_base: Path, data: Path) -> None:
+    """With the tower frozen its output per video is cached (the same values, the projector still trained):
+    visiting a video again costs no tower forward."""
+    model = VideoChatFlash.from_pretrained(tiny_base)
+    samples = read_samples(data)
+    calls: list[int] = []
+    model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    chunks = chunk_by_video(samples, 16)
+    frozen = Batcher(
+        model, TrainConfig(data=str(data), model="-", out="-"), FrameCache(model.config.vision.image_size, 512)
+    )
+    first = frozen.build(chunks, np.random.default_rng(0))
+    towered = len(calls)
+    again = frozen.build(chunks, np.random.default_rng(0))
+    assert len(calls) == towered > 0  # no tower forward the second time
+    trained = Batcher(
+        model,
+        TrainConfig(data=str(data), model="-", out="-", train=("vision", "projector")),
+        FrameCache(model.config.vision.image_size, 512),
+    )
+    reference = trained.build(chunks, np.random.default_rng(0))
+    assert len(calls) > towered  # the tower trained: run every time
+    for a, b, r in zip(first, again, reference, strict=True):
+        assert torch.equal(a.prefix, b.prefix)
+        torch.testing.assert_close(a.prefix, r.prefix)
+        assert a.prefix.requires_grad  # the projector is trained through the cached features
+
+
 # -- what trains ----------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ a `Question` into the one `AskRequest` (`ask_request`) that gRPC's Reasoner.Ask 
 local one maps it with the same function Reasoner.Ask uses (`reasoner.server.ask_params`), so every front door gets
 the same checks, limits and defaults. Either yields the answer's text pieces as they are generated, then one
 `Answer`, and raises the neutral errors (`vcflash.serve.errors`) the console turns into HTTP statuses:
-`Unavailable` (503) when the reasoner cannot be reached.
+`Unavailable` (503) when the reasoner cannot be reached. A `Search` goes the same way, as the one `SearchRequest`
+Reasoner.Search takes (`search_request`), and comes back as its ranked moments (`Found`).
 
 Nothing here imports the model (torch): the ingest image has none.
 """
@@ -83,7 +84,7 @@ def ask_request(q: Question) -> pb.AskRequest:
         question=q.question,
         range=pb.TimeRange(start=q.start, end=q.end, clock=clock),
         max_frames=q.max_frames,
-        selection=pb.SELECTION_RETRIEVAL if q.retrieval else pb.SELECTION_UNIFORM,
+        selection=pb.SELECTION_RETRIEVAL if q.retrieval else pb.SELECTION_DEFAULT,
         generation=pb.Generation(
             max_new_tokens=q.max_new_tokens or 0,
             do_sample=q.do_sample,
@@ -94,6 +95,59 @@ def ask_request(q: Question) -> pb.AskRequest:
         history=[pb.Turn(question=question, answer=answer) for question, answer in q.history],
         wall_clock_anchors=True,
     )
+
+
+@dataclass(frozen=True)
+class Search:
+    """A search: the moments of the streams' wall-clock range (Unix seconds) that best answer the question, best
+    first, without generating an answer; ranked by the reasoner's scan, as `vcflash search` does by default."""
+
+    streams: Sequence[str]
+    question: str
+    start: float | None = None
+    end: float | None = None
+    limit: int = 10
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A run of consecutive clips (`first_seq` to `last_seq`) of one stream that ranked; `score` is its best clip's."""
+
+    stream_id: str
+    first_seq: int
+    last_seq: int
+    wall_start: float
+    wall_end: float
+    media_start: float
+    media_end: float
+    score: float
+
+
+@dataclass(frozen=True)
+class Found:
+    moments: list[Moment]  # best first
+    clips_scored: int  # clips in range that the ranking looked at
+    note: str = ""  # e.g. why there was nothing to search
+
+
+def search_request(s: Search) -> pb.SearchRequest:
+    """The Reasoner.Search request for a search: sent to the reasoner service, or mapped with Reasoner.Search's own
+    `search_params` in process."""
+    return pb.SearchRequest(
+        stream_ids=list(s.streams),
+        question=s.question,
+        range=pb.TimeRange(start=s.start, end=s.end, clock=pb.CLOCK_WALL),
+        limit=s.limit,
+        selection=pb.SELECTION_SCAN,
+    )
+
+
+def found(r: pb.SearchResponse) -> Found:
+    moments = [
+        Moment(m.stream_id, m.first_seq, m.last_seq, m.wall_start, m.wall_end, m.media_start, m.media_end, m.score)
+        for m in r.moments
+    ]
+    return Found(moments, r.clips_scored, r.note)
 
 
 @dataclass(frozen=True)
@@ -112,6 +166,10 @@ class Answers(Protocol):
 
     def ask(self, question: Question) -> AsyncIterator[str | Answer]:
         """Text pieces as they are generated, then one `Answer`. Closing the iterator stops the generation."""
+        ...
+
+    async def search(self, search: Search) -> Found:
+        """The ranked moments, as Reasoner.Search answers them."""
         ...
 
     def state(self) -> ReasonerState: ...
@@ -160,6 +218,13 @@ class LocalAnswers:
         finally:
             cancelled.set()
             await worker
+
+    async def search(self, search: Search) -> Found:
+        """Reasoner.Search in a worker thread: its own mapping in (`search_params`: checks, defaults) and out."""
+        from reasoner.server import search_params, search_response
+
+        params, limit = search_params(search_request(search))
+        return found(search_response(await asyncio.to_thread(self.reasoner.search, params, limit)))
 
     def _file(self, q: Question, request: pb.AskRequest) -> Iterator[str | Answer]:
         """A video file answered offline, as `vcflash ask` does (decode, encode, the official prompt), under the

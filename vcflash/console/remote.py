@@ -1,9 +1,9 @@
 """The console's answers from the reasoner service over gRPC: the split deployment's ingest serves the console and
 its chat asks `vcflash reasoner` (VCFLASH_REASONER_ADDRESS, with the API token and VCFLASH_TLS_CA every client uses).
 
-The reasoner may be down while the cameras and the timeline (ingest's own, and the memory's) work on: an Ask then
-fails with `Unavailable` (the console answers 503 with a JSON error saying so). A watcher checks the reasoner's
-gRPC health every few seconds (and at once after a failed Ask): each change is logged once
+The reasoner may be down while the cameras and the timeline (ingest's own, and the memory's) work on: an Ask or a
+Search then fails with `Unavailable` (the console answers 503 with a JSON error saying so). A watcher checks the
+reasoner's gRPC health every few seconds (and at once after a failed call): each change is logged once
 (``event=reasoner_unavailable``, ``event=reasoner_available``), the gauge ``vcflash_console_reasoner_up`` follows
 it, and the console's ``GET /v1/console/health`` reports it. Ingest's own gRPC health stays SERVING: a probe must
 not restart the cameras because the reasoner is away.
@@ -24,7 +24,17 @@ from prometheus_client import CollectorRegistry, Gauge
 from memory.records import ClipMeta
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from vcflash.console.answers import Answer, Evidence, Question, ReasonerState, ask_request
+from vcflash.console.answers import (
+    Answer,
+    Evidence,
+    Found,
+    Question,
+    ReasonerState,
+    Search,
+    ask_request,
+    found,
+    search_request,
+)
 from vcflash.serve.errors import AlreadyExists, Exhausted, FailedPrecondition, Invalid, NotFound, Unavailable
 from vcflash.serve.tls import aio_channel
 
@@ -32,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REASONER_SERVICE = pb.DESCRIPTOR.services_by_name["Reasoner"].full_name
 ASK_TIMEOUT_S = 600.0  # a whole answer, as `vcflash ask-live`
+SEARCH_TIMEOUT_S = 120.0  # as `vcflash search`
 PROBE_EVERY_S = 5.0
 PROBE_TIMEOUT_S = 3.0
 MAX_DETAILS_CHARS = 300
@@ -101,6 +112,18 @@ class RemoteAnswers:
             raise self._error(e) from None
         finally:
             call.cancel()  # the browser went away: the reasoner stops generating
+
+    async def search(self, search: Search) -> Found:
+        """Reasoner.Search with the search's request (`search_request`)."""
+        try:
+            response = await self.reasoner.Search(
+                search_request(search), metadata=self.metadata, timeout=SEARCH_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        if not self.available:
+            self._wake.set()
+        return found(response)
 
     async def watch(self) -> None:
         """Forever: check the reasoner's health every `probe_every_s` (at once after a failed Ask)."""

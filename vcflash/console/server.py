@@ -1,6 +1,6 @@
 """The web console's pages and JSON API, on the HTTP server that serves WHIP, thumbnails and recordings.
 
-Pages: ``/console/`` (the single-page app: cameras, timeline, chat), ``/console/signin`` (a form that POSTs the
+Pages: ``/console/`` (the single-page app: cameras, timeline, chat, search), ``/console/signin`` (a form that POSTs the
 API token; the answer sets the session cookie; failed sign-ins are limited per client address),
 ``/console/static/*`` (the app's ES modules and CSS, read from this package). JSON API (cookie or bearer token;
 see :mod:`vcflash.console.sessions`):
@@ -14,6 +14,9 @@ see :mod:`vcflash.console.sessions`):
 - ``POST /v1/console/ask``: ``{streams, question, start?, end?}``, answered as NDJSON lines (``{"text": ...}``
   while the answer is generated, then ``{"result": ...}`` with the evidence, or ``{"error": ...}``); 503 with a JSON
   error while the reasoner cannot be reached.
+- ``POST /v1/console/search``: ``{streams, question, start?, end?, limit?}``, answered with the ranked moments
+  (``{"moments": [{stream_id, first_seq, last_seq, wall_start, wall_end, media_start, media_end, score}],
+  "clips_scored", "note"}``, best first); the same 4xx as an Ask, 503 while the reasoner cannot be reached.
 - ``GET /v1/console/health``: whether the reasoner answers (``{"reasoner": {"available", "error"}}``).
 
 Handlers only translate: streams come and go through the same registry (`ingest.streams.Streams`) as
@@ -44,7 +47,7 @@ from ingest.streams import Streams
 from memory.records import ClipMeta
 from memory.store import UnknownStream
 from protos.clip import check_stream_name
-from vcflash.console.answers import Answer, Answers, Question
+from vcflash.console.answers import Answer, Answers, Question, Search
 from vcflash.console.sessions import Sessions, SignInLimit, error
 from vcflash.serve.errors import (
     Unavailable,
@@ -57,6 +60,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024  # a JSON request: a question is at most a few thousand characters
 MAX_TIMELINE_CLIPS = 1000  # clips in one timeline answer; the page zooms in for more
 DEFAULT_TIMELINE_CLIPS = 240
+MAX_MOMENTS = 100  # a search's limit: SearchRequest.limit's range, as the proto states it
+DEFAULT_MOMENTS = 10
 # Pages run only the project's own files: no inline script or style, nothing from elsewhere. Recordings play from a
 # blob: URL, fetched first so the page can read where the cut starts (X-Recording-Start).
 CSP = (
@@ -69,6 +74,8 @@ ASSETS = {  # the only files /console/static serves, and their types
     "cameras.js": "text/javascript",
     "timeline.js": "text/javascript",
     "chat.js": "text/javascript",
+    "search.js": "text/javascript",
+    "question.js": "text/javascript",
     "publish.js": "text/javascript",
     "console.css": "text/css",
 }
@@ -245,13 +252,8 @@ class Console:
         the reasoner cannot be reached."""
         self.sessions.authorize(request)
         body = await _json_body(request, {"streams", "question", "start", "end"})
-        names = body.get("streams")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise error(web.HTTPBadRequest, "streams must be a list of stream names")
-        for name in names:
-            _check(check_stream_name, name)
         question = Question(
-            streams=names,
+            streams=_names(body),
             question=_string(body, "question", self.answers.max_question_chars),
             start=_number(body.get("start"), "start"),
             end=_number(body.get("end"), "end"),
@@ -283,6 +285,30 @@ class Console:
             await events.aclose()
         await response.write_eof()
         return response
+
+    async def search(self, request: web.Request) -> web.StreamResponse:
+        """The ranked moments of the streams' range for the question, best first; the question's checks and errors
+        are an Ask's (4xx), 503 while the reasoner cannot be reached."""
+        self.sessions.authorize(request)
+        body = await _json_body(request, {"streams", "question", "start", "end", "limit"})
+        limit = body.get("limit", DEFAULT_MOMENTS)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_MOMENTS:
+            raise error(web.HTTPBadRequest, f"limit must be an integer in [1, {MAX_MOMENTS}], got {excerpt(limit)}")
+        search = Search(
+            streams=_names(body),
+            question=_string(body, "question", self.answers.max_question_chars),
+            start=_number(body.get("start"), "start"),
+            end=_number(body.get("end"), "end"),
+            limit=limit,
+        )
+        try:
+            found = await self.answers.search(search)
+        except Exception as e:
+            if isinstance(e, Unavailable):
+                log.warning("event=console_search_unavailable error=%s", e)
+            raise _http_error(e) from None
+        moments = [asdict(m) for m in found.moments]
+        return web.json_response({"moments": moments, "clips_scored": found.clips_scored, "note": found.note})
 
     # ---------------------------------------------------------------- helpers
 
@@ -377,6 +403,16 @@ def _string(body: dict[str, Any], key: str, max_chars: int) -> str:
     if len(value) > max_chars:
         raise error(web.HTTPBadRequest, f"{key} is longer than {max_chars} characters")
     return value
+
+
+def _names(body: dict[str, Any]) -> list[str]:
+    """The body's `streams`: valid stream names (whether they exist is the reasoner's to say: 404)."""
+    names = body.get("streams")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise error(web.HTTPBadRequest, "streams must be a list of stream names")
+    for name in names:
+        _check(check_stream_name, name)
+    return names
 
 
 def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
@@ -486,4 +522,5 @@ def add_console(app: web.Application, streams: Streams, answers: Answers, server
     r.add_post("/v1/console/whip/{name}", console.publish)
     r.add_delete("/v1/console/whip/{name}", console.unpublish)
     r.add_post("/v1/console/ask", console.ask)
+    r.add_post("/v1/console/search", console.search)
     return console

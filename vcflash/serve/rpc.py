@@ -271,6 +271,10 @@ def create_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of silently sharing it
+            # clients' keepalive pings (ingest's encoder link: every 20 s) are welcome, also between calls;
+            # gRPC's default answers pings more often than every 5 min with GOAWAY "too_many_pings"
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
     health_servicer = HealthServicer()

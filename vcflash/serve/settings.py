@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class MemorySettings(Section):
     max_thumbnail_bytes: int = setting(262_144, lo=1024)  # a clip's JPEG thumbnail; larger ones are refused
     redis_timeout_s: float = setting(0.5, lo=1e-3)  # each Redis call and connection; no call runs near it
     faiss_threads: int = setting(1, lo=1)  # FAISS OpenMP threads: one query is one thread; torch keeps the cores
+    max_events: int = setting(100_000, lo=1)  # alert event records kept (the newest; older ones go as new come)
 
 
 @dataclass(frozen=True)
@@ -165,12 +167,14 @@ class IngestSettings(Section):
         super().__post_init__()
         if self.fps > self.max_fps:
             raise ValueError(f"VCFLASH_FPS ({self.fps:g}) must be <= VCFLASH_MAX_FPS ({self.max_fps:g})")
-        shard = self.ingest_shard.strip().lower()
-        if shard != "auto" and not (shard.isdigit() and int(shard) < self.ingest_shards):
-            raise ValueError(
-                f"VCFLASH_INGEST_SHARD must be 'auto' or a number in 0..{self.ingest_shards - 1} "
-                f"(VCFLASH_INGEST_SHARDS={self.ingest_shards}), got {self.ingest_shard!r}"
-            )
+        check_shard("VCFLASH_INGEST_SHARD", self.ingest_shard, self.ingest_shards)
+
+
+def check_shard(name: str, shard: str, shards: int) -> None:
+    """A shard setting (`name`, with `name`S its count): 'auto' or a number in 0..shards-1."""
+    value = shard.strip().lower()
+    if value != "auto" and not (value.isdigit() and int(value) < shards):
+        raise ValueError(f"{name} must be 'auto' or a number in 0..{shards - 1} ({name}S={shards}), got {shard!r}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,63 @@ class ReasonerSettings(Section):
     max_history_turn_chars: int = setting(8000, lo=1)  # each earlier question or answer
     max_history_chars: int = setting(32000, lo=1)  # all earlier turns together
     max_prompt_tokens: int = setting(32768, lo=64)  # text and visual tokens, checked before any embedding
+    max_scan_clips: int = setting(2500, lo=1)  # clips a `scan` scores per stream; over it, the key index scores them
+    max_alerts: int = setting(100, lo=1)  # standing questions (vcflash alerts add), all streams together
+    alert_poll_s: float = setting(0.2, lo=0.01, hi=60.0)  # how often the alert runner looks for new clips
+    # replicated reasoners share the alerts' streams as ingest shards share streams (ingest/shards.py): this one
+    # evaluates the alerts on the streams whose name hashes to `reasoner_shard` of `reasoner_shards`
+    reasoner_shard: str = "0"
+    reasoner_shards: int = setting(1, lo=1, hi=4096)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_shard("VCFLASH_REASONER_SHARD", self.reasoner_shard, self.reasoner_shards)
+
+
+@dataclass(frozen=True)
+class DeliverySettings(Section):
+    """Alert events sent out by webhook and MQTT (reasoner/delivery.py)."""
+
+    # webhooks: a URL whose host is or resolves to a loopback, private, link-local, ... address is refused unless
+    # this is set (SSRF: a token holder could otherwise make the server POST into its own network)
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = setting(10.0, lo=1e-3)  # each attempt, connect to the end of the response
+    webhook_retries: int = setting(5, lo=0, hi=100)  # attempts after the first, then the record is a dead letter
+    webhook_backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=1.0, max_s=60.0))
+    delivery_max_queue: int = setting(10_000, lo=1)  # records waiting per channel; more are counted and dropped
+    # MQTT: one client per process; mqtt://host[:1883] or mqtts://host[:8883]; None: no MQTT
+    mqtt_url: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_tls_ca: Path | None = None  # CA (PEM) of an mqtts broker; None: the system's CAs
+    mqtt_client_id: str | None = None  # None: "vcflash-" and random hex
+    mqtt_timeout_s: float = setting(5.0, lo=1e-3)  # wait for the broker (connection, then PUBACK) per record
+    # reconnecting to the broker (paho's doubling wait; jitter spreads the first wait, per process)
+    mqtt_reconnect: Backoff = field(default_factory=lambda: Backoff(initial_s=1.0, max_s=30.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mqtt_url is not None:
+            mqtt_address(self.mqtt_url)
+        if self.mqtt_password is not None and self.mqtt_username is None:
+            raise ValueError("VCFLASH_MQTT_PASSWORD needs VCFLASH_MQTT_USERNAME")
+
+
+def mqtt_address(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of an `mqtt://host[:port]` or `mqtts://host[:port]` URL; credentials go in their own
+    settings, never in the URL (which is logged)."""
+    if "@" in url:  # checked first: no message below may quote a password
+        raise ValueError("VCFLASH_MQTT_URL must not hold credentials: set VCFLASH_MQTT_USERNAME/_PASSWORD")
+    wrong = f"VCFLASH_MQTT_URL must be mqtt://host[:port] or mqtts://host[:port], got {url!r}"
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(wrong) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(wrong)
+    return parts.hostname, port or (8883 if scheme == "mqtts" else 1883), scheme == "mqtts"
 
 
 @dataclass(frozen=True)
@@ -201,6 +262,8 @@ class LinkSettings(Section):
     # `encoder_resolve_s`), or a comma-separated list of either: see ingest/encoder_link.py
     encoder_address: str = "127.0.0.1:50052"
     encoder_resolve_s: float = setting(30.0, lo=0.1)
+    # an encoder holding clips that acknowledges none for this long is treated as dead (hung): its clips move on
+    encoder_ack_timeout_s: float = setting(60.0, lo=0.1)
     reasoner_address: str = "127.0.0.1:50053"  # where the console's chat asks (VCFLASH_REASONER_ADDRESS, as clients)
     tls_ca: Path | None = None  # CA of the encoder's and the reasoner's certificates; None: plaintext
     max_unacked_clips: int = setting(64, lo=1)  # clips kept for resending until stored
@@ -229,6 +292,7 @@ class Settings:
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     reasoner: ReasonerSettings = field(default_factory=ReasonerSettings)
     link: LinkSettings = field(default_factory=LinkSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:

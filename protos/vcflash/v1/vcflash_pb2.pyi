@@ -14,12 +14,14 @@ class Clock(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 
 class Selection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    SELECTION_DEFAULT: _ClassVar[Selection]
     SELECTION_UNIFORM: _ClassVar[Selection]
     SELECTION_RETRIEVAL: _ClassVar[Selection]
     SELECTION_SCAN: _ClassVar[Selection]
     SELECTION_INDEX: _ClassVar[Selection]
 CLOCK_MEDIA: Clock
 CLOCK_WALL: Clock
+SELECTION_DEFAULT: Selection
 SELECTION_UNIFORM: Selection
 SELECTION_RETRIEVAL: Selection
 SELECTION_SCAN: Selection
@@ -289,6 +291,122 @@ class EncodeClipAck(_message.Message):
     stored: bool
     error: str
     def __init__(self, stream_id: _Optional[str] = ..., seq: _Optional[int] = ..., stored: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class AddAlertRequest(_message.Message):
+    __slots__ = ("name", "stream_ids", "question", "window_frames", "every_clips", "threshold", "min_duration_s", "cooldown_s", "webhook_url", "mqtt_topic")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    EVERY_CLIPS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    MQTT_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stream_ids: _containers.RepeatedScalarFieldContainer[str]
+    question: str
+    window_frames: int
+    every_clips: int
+    threshold: float
+    min_duration_s: float
+    cooldown_s: float
+    webhook_url: str
+    mqtt_topic: str
+    def __init__(self, name: _Optional[str] = ..., stream_ids: _Optional[_Iterable[str]] = ..., question: _Optional[str] = ..., window_frames: _Optional[int] = ..., every_clips: _Optional[int] = ..., threshold: _Optional[float] = ..., min_duration_s: _Optional[float] = ..., cooldown_s: _Optional[float] = ..., webhook_url: _Optional[str] = ..., mqtt_topic: _Optional[str] = ...) -> None: ...
+
+class Alert(_message.Message):
+    __slots__ = ("name", "stream_ids", "question", "window_frames", "every_clips", "threshold", "min_duration_s", "cooldown_s", "webhook_url", "mqtt_topic", "created_wall", "webhook_secret")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    EVERY_CLIPS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    MQTT_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    CREATED_WALL_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_SECRET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stream_ids: _containers.RepeatedScalarFieldContainer[str]
+    question: str
+    window_frames: int
+    every_clips: int
+    threshold: float
+    min_duration_s: float
+    cooldown_s: float
+    webhook_url: str
+    mqtt_topic: str
+    created_wall: float
+    webhook_secret: str
+    def __init__(self, name: _Optional[str] = ..., stream_ids: _Optional[_Iterable[str]] = ..., question: _Optional[str] = ..., window_frames: _Optional[int] = ..., every_clips: _Optional[int] = ..., threshold: _Optional[float] = ..., min_duration_s: _Optional[float] = ..., cooldown_s: _Optional[float] = ..., webhook_url: _Optional[str] = ..., mqtt_topic: _Optional[str] = ..., created_wall: _Optional[float] = ..., webhook_secret: _Optional[str] = ...) -> None: ...
+
+class ListAlertsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("alerts",)
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    alerts: _containers.RepeatedCompositeFieldContainer[Alert]
+    def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+
+class RemoveAlertRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveAlertResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("after_id", "alert", "follow", "range")
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    after_id: int
+    alert: str
+    follow: bool
+    range: TimeRange
+    def __init__(self, after_id: _Optional[int] = ..., alert: _Optional[str] = ..., follow: _Optional[bool] = ..., range: _Optional[_Union[TimeRange, _Mapping]] = ...) -> None: ...
+
+class AlertEvent(_message.Message):
+    __slots__ = ("id", "key", "kind", "alert", "stream_id", "event", "start_media_s", "end_media_s", "start_wall", "end_wall", "peak", "score", "clips", "emitted_wall")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    START_MEDIA_S_FIELD_NUMBER: _ClassVar[int]
+    END_MEDIA_S_FIELD_NUMBER: _ClassVar[int]
+    START_WALL_FIELD_NUMBER: _ClassVar[int]
+    END_WALL_FIELD_NUMBER: _ClassVar[int]
+    PEAK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CLIPS_FIELD_NUMBER: _ClassVar[int]
+    EMITTED_WALL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    key: str
+    kind: str
+    alert: str
+    stream_id: str
+    event: str
+    start_media_s: float
+    end_media_s: float
+    start_wall: float
+    end_wall: float
+    peak: float
+    score: float
+    clips: _containers.RepeatedScalarFieldContainer[int]
+    emitted_wall: float
+    def __init__(self, id: _Optional[int] = ..., key: _Optional[str] = ..., kind: _Optional[str] = ..., alert: _Optional[str] = ..., stream_id: _Optional[str] = ..., event: _Optional[str] = ..., start_media_s: _Optional[float] = ..., end_media_s: _Optional[float] = ..., start_wall: _Optional[float] = ..., end_wall: _Optional[float] = ..., peak: _Optional[float] = ..., score: _Optional[float] = ..., clips: _Optional[_Iterable[int]] = ..., emitted_wall: _Optional[float] = ...) -> None: ...
 
 class AskRequest(_message.Message):
     __slots__ = ("stream_ids", "question", "range", "max_frames", "selection", "dropout", "generation", "history", "wall_clock_anchors")

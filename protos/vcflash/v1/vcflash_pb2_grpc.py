@@ -588,6 +588,26 @@ class ReasonerStub:
                 request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchRequest.SerializeToString,
                 response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.AddAlert = channel.unary_unary(
+                '/vcflash.v1.Reasoner/AddAlert',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AddAlertRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.Alert.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/vcflash.v1.Reasoner/ListAlerts',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.RemoveAlert = channel.unary_unary(
+                '/vcflash.v1.Reasoner/RemoveAlert',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RemoveAlertRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RemoveAlertResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/vcflash.v1.Reasoner/WatchEvents',
+                request_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AlertEvent.FromString,
+                _registered_method=True)
 
 
 class ReasonerServicer:
@@ -609,6 +629,39 @@ class ReasonerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddAlert(self, request, context):
+        """Standing questions (issue 14): a yes/no question evaluated on every new window of clips of its streams; an
+        event starts when P(yes) stays above the threshold. AddAlert answers the alert with its webhook secret (the
+        HMAC key of its webhook deliveries): this is the only time the secret is sent. INVALID_ARGUMENT for a bad
+        name, question, window or webhook URL; NOT_FOUND for a stream memory does not hold; ALREADY_EXISTS for a
+        name taken; RESOURCE_EXHAUSTED past VCFLASH_MAX_ALERTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAlert(self, request, context):
+        """NOT_FOUND for an alert not held. Its events stay in the log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """The event log: first the records after `after_id`, ascending, then (with `follow`) new ones as they come.
+        A client that resumes from the last id it got misses nothing and sees nothing twice (while the log still
+        holds it: the newest VCFLASH_MAX_EVENTS are kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReasonerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -621,6 +674,26 @@ def add_ReasonerServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchRequest.FromString,
                     response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchResponse.SerializeToString,
+            ),
+            'AddAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAlert,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AddAlertRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.Alert.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.ListAlertsRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'RemoveAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAlert,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RemoveAlertRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RemoveAlertResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.WatchEventsRequest.FromString,
+                    response_serializer=protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AlertEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -679,6 +752,114 @@ class Reasoner:
             '/vcflash.v1.Reasoner/Search',
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchRequest.SerializeToString,
             protos_dot_vcflash_dot_v1_dot_vcflash__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcflash.v1.Reasoner/AddAlert',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AddAlertRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcflash.v1.Reasoner/ListAlerts',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.ListAlertsRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcflash.v1.Reasoner/RemoveAlert',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RemoveAlertRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.RemoveAlertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vcflash.v1.Reasoner/WatchEvents',
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.WatchEventsRequest.SerializeToString,
+            protos_dot_vcflash_dot_v1_dot_vcflash__pb2.AlertEvent.FromString,
             options,
             channel_credentials,
             insecure,

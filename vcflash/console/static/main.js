@@ -1,12 +1,13 @@
-// The console's router: #/cameras, #/timeline/NAME?t=UNIX&play=1, #/chat. Each page module's show(view, args,
+// The console's router: #/cameras, #/timeline/NAME?t=UNIX&play=1, #/chat, #/search. Each page module's show(view, args,
 // params) fills the view and returns an object whose stop() ends its timers when another page is shown.
 import { send, start } from "./api.js";
 import * as cameras from "./cameras.js";
 import * as chat from "./chat.js";
 import * as publisher from "./publish.js";
+import * as search from "./search.js";
 import * as timeline from "./timeline.js";
 
-const pages = { cameras, timeline, chat };
+const pages = { cameras, timeline, chat, search };
 let current = null;
 
 function route() {

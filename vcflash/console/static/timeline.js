@@ -1,6 +1,7 @@
 // Timeline of one camera: its stored clips over a window of wall time as a strip of thumbnails, gaps marked;
 // a click shows the clip and, when the stream records, plays the recording cut around it.
-// #/timeline/NAME?t=UNIX&play=1 opens the window around t and plays the clip there (chat evidence links here).
+// #/timeline/NAME?t=UNIX&play=1 opens the window around t and plays the clip there (chat's evidence and search's
+// moments link here).
 import { el, enc, formatDuration, formatTime, getJSON, recording, streamNames, thumbnailURL } from "./api.js";
 
 const SPANS = [
