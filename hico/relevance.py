@@ -183,8 +183,9 @@ def key_scores(query: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> to
         return torch.empty(0)
     n, hkv, t, hd = keys.shape
     q = query.float().reshape(hkv, -1, hd).to(keys.device)  # head h uses kv head h // (H / Hkv), as repeat_kv
-    logits = torch.cat(
-        [torch.einsum("gjd,ngtd->gjnt", q, keys[i : i + chunk].float()) for i in range(0, n, chunk)], dim=2
-    )  # [Hkv, H / Hkv, N, T]
-    w = (logits / hd**0.5).reshape(-1, n * t).softmax(dim=-1)
+    logits = []
+    for i in range(0, n, chunk):  # one float copy per chunk, laid out per kv head, then one batched GEMM
+        k = keys[i : i + chunk].float().permute(1, 0, 2, 3).reshape(hkv, -1, hd)  # [Hkv, c * T, hd]
+        logits.append(torch.bmm(q, k.transpose(1, 2)))  # [Hkv, H / Hkv, c * T]
+    w = (torch.cat(logits, dim=2) / hd**0.5).reshape(-1, n * t).softmax(dim=-1)  # clip-major columns
     return w.mean(0).reshape(n, t).sum(-1).cpu()
