@@ -56,6 +56,13 @@ EVIDENCE_CLIPS = 32  # clips an event record names at most
 CONFIG_REFRESH_S = 2.0  # alert configs are read again this often (another reasoner's API may have changed them)
 
 
+def check_name(name: object) -> str:
+    """An alert's name: 1-64 of A-Z a-z 0-9 _ . - (`Invalid` otherwise), for specs and for calls that name one."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise Invalid(f"alert name must be 1-64 characters of A-Z a-z 0-9 _ . -, got {excerpt(name)}")
+    return name
+
+
 # -- the alert ---------------------------------------------------------------------------------------------------
 
 
@@ -77,8 +84,7 @@ class AlertSpec:
     def validate(self, limits: ReasonerSettings) -> None:
         """`Invalid` naming the first field that is wrong. The webhook URL is only checked for its form here: the
         API checks where it points (`reasoner.delivery.check_webhook_url`, which resolves it)."""
-        if not isinstance(self.name, str) or not NAME.fullmatch(self.name):
-            raise Invalid(f"alert name must be 1-64 characters of A-Z a-z 0-9 _ . -, got {excerpt(self.name)}")
+        check_name(self.name)
         streams = self.streams
         if not isinstance(streams, tuple) or not 1 <= len(streams) <= MAX_STREAMS:
             raise Invalid(f"an alert watches 1 to {MAX_STREAMS} streams, got {excerpt(streams)}")

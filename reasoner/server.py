@@ -23,7 +23,7 @@ from memory.server import MemoryService, clip_info, time_range
 from protos.clip import check_stream_name
 from protos.vcflash.v1 import vcflash_pb2 as pb
 from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
-from reasoner.alerts import NAME, AlertRunner, AlertSpec
+from reasoner.alerts import AlertRunner, AlertSpec, check_name
 from reasoner.delivery import Delivery, check_webhook_url
 from reasoner.engine import DEFAULT_SELECTION, MOMENTS, AskParams, AskResult, Moment, Reasoner, SearchResult
 from vcflash.serve.errors import AlreadyExists, Exhausted, FailedPrecondition, Invalid, NotFound, excerpt
@@ -212,13 +212,6 @@ def in_range(r: dict[str, Any], start: float | None, end: float | None, clock: C
         return False
     last = first if last is None else last
     return (end is None or first < end) and (start is None or last >= start)
-
-
-def check_name(name: str) -> str:
-    """An alert name as AlertSpec.validate wants it, for the calls that name an alert without a spec."""
-    if not NAME.fullmatch(name):
-        raise Invalid(f"alert name must be 1-64 characters of A-Z a-z 0-9 _ . -, got {excerpt(name)}")
-    return name
 
 
 class Alerts:
