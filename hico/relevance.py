@@ -29,9 +29,11 @@ REFERENCE_LAYER, REFERENCE_DEPTH = 18, 28
 
 
 def default_layer(text: TextConfig) -> int:
-    """The scoring layer for an LLM: the model card's attention-ranking layer (18 of 28), scaled to its depth."""
+    """The scoring layer for an LLM: the model card's attention-ranking layer (18 of 28), scaled to its depth and
+    rounded down (18 for the released 28-layer LLMs; 2 for the 4-layer tiny model, where the needle recall of layer
+    2 measured 50% in the top 8 clips against 15% for layer 3: BENCHMARKS.md, needle in a haystack)."""
     n = text.num_hidden_layers
-    return min(max(1, round(n * REFERENCE_LAYER / REFERENCE_DEPTH)), n - 1) if n > 1 else 0
+    return min(max(1, n * REFERENCE_LAYER // REFERENCE_DEPTH), n - 1) if n > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -174,18 +176,38 @@ def question_query(model: VideoChatFlashModel, question: str, layer: int) -> tor
     return block.self_attn.queries(block.input_layernorm(h[:, -1:]), cos[-1:], sin[-1:])[0, :, 0]
 
 
+def key_block(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N clips' keys [N, Hkv, T, hd] laid out as the product with a query wants them: [Hkv, hd, N * T], each kv
+    head's keys one [hd, tokens] matrix, clip-major columns (clip i's tokens are columns i*T .. i*T + T - 1)."""
+    n, hkv, t, hd = keys.shape
+    return keys.permute(1, 3, 0, 2).to(dtype).reshape(hkv, hd, n * t)  # [Hkv, hd, N * T]
+
+
+@torch.inference_mode()
+def block_scores(query: torch.Tensor, block: torch.Tensor, tokens_per_clip: int) -> torch.Tensor:
+    """Per-clip relevance float32 [N] from a question's query [H, hd] and N clips' keys laid out by `key_block`
+    ([Hkv, hd, N * T], a view is fine): the head-mean attention of the query over every token of the N clips
+    together (one softmax per head, as if they shared one context without text), summed per clip. One batched
+    GEMM in the block's dtype, the softmax in float32."""
+    hkv, hd, nt = block.shape
+    if not nt:
+        return torch.empty(0)
+    if nt % tokens_per_clip:
+        raise ValueError(f"{nt} key columns is not a whole number of {tokens_per_clip}-token clips")
+    q = query.to(block.device, block.dtype).reshape(hkv, -1, hd)  # head h uses kv head h // (H / Hkv), as repeat_kv
+    logits = torch.bmm(q, block).float()  # [Hkv, H / Hkv, N * T]
+    w = (logits / hd**0.5).reshape(-1, nt).softmax(dim=-1)  # [H, N * T]
+    return w.mean(0).reshape(nt // tokens_per_clip, tokens_per_clip).sum(-1).cpu()
+
+
 @torch.inference_mode()
 def key_scores(query: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Per-clip relevance float32 [N] from a question's query [H, hd] and N clips' keys [N, Hkv, T, hd]: the
-    head-mean attention of the query over every token of the N clips together (one softmax per head, as if they
-    shared one context without text), summed per clip. Keys are read `chunk` clips at a time."""
+    """`block_scores` of N clips' keys [N, Hkv, T, hd] (float32 [N]), laid out `chunk` clips at a time into one
+    float32 block first. `reasoner.keys.KeyIndex` keeps its keys in that layout already and calls `block_scores`."""
     if not len(keys):
         return torch.empty(0)
     n, hkv, t, hd = keys.shape
-    q = query.float().reshape(hkv, -1, hd).to(keys.device)  # head h uses kv head h // (H / Hkv), as repeat_kv
-    logits = []
-    for i in range(0, n, chunk):  # one float copy per chunk, laid out per kv head, then one batched GEMM
-        k = keys[i : i + chunk].float().permute(1, 0, 2, 3).reshape(hkv, -1, hd)  # [Hkv, c * T, hd]
-        logits.append(torch.bmm(q, k.transpose(1, 2)))  # [Hkv, H / Hkv, c * T]
-    w = (torch.cat(logits, dim=2) / hd**0.5).reshape(-1, n * t).softmax(dim=-1)  # clip-major columns
-    return w.mean(0).reshape(n, t).sum(-1).cpu()
+    block = torch.empty(hkv, hd, n * t, device=keys.device)
+    for i in range(0, n, chunk):
+        block[:, :, i * t : (i + chunk) * t] = key_block(keys[i : i + chunk])
+    return block_scores(query, block, t)

@@ -27,11 +27,11 @@ from hico.config import DropConfig
 from hico.generation import Generated, generate_text
 from hico.model import VideoChatFlashModel
 from hico.prompt import PromptVideo, build_prompt, describe, find_marker
-from hico.relevance import clip_keys, default_layer, key_scores, question_query, scan_clips
+from hico.relevance import block_scores, clip_keys, default_layer, question_query, scan_clips
 from memory.index import ClipIndex
 from memory.records import ClipMeta, Clock
 from memory.store import MemoryStore, Picked
-from reasoner.keys import KeyIndex
+from reasoner.keys import KeyIndex, KeyIndexer
 from vcflash.serve.errors import Invalid, NotFound, excerpt
 from vcflash.serve.settings import ReasonerSettings
 
@@ -265,7 +265,7 @@ class Reasoner:
         self.model, self.store, self.index = model, store, index
         self.limits = limits or ReasonerSettings()
         self.model_lock = model_lock or threading.Lock()
-        self.keys = KeyIndex()
+        self.keys = KeyIndex()  # where the model builds them: float32 on a CPU, the model's dtype on an accelerator
         self.scans_capped = 0  # scans over `limits.max_scan_clips` clips, scored by the key index instead
 
     def ask(self, p: AskParams) -> Iterator[str | AskResult]:
@@ -437,17 +437,24 @@ class Reasoner:
         of clips not indexed yet built from memory's tokens first (`KeyIndex.built` counts them)."""
         if not len(seqs):
             return np.empty(0, np.float32)
-        layer = default_layer(self.model.config.text)
 
         def build(missing: list[int]) -> torch.Tensor:
-            tokens = torch.from_numpy(self.store.tokens(stream_id, missing))
-            return clip_keys(self.model, tokens, layer)
+            return self.clip_keys(torch.from_numpy(self.store.tokens(stream_id, missing)))
 
         generation = self.store.stats(stream_id).generation  # a stream deleted and made again restarts its seqs
         with self.model_lock:
-            keys = self.keys.get(stream_id, list(seqs), build, generation)
-            query = question_query(self.model, question, layer)
-        return key_scores(query, keys).numpy()
+            keys = self.keys.get(stream_id, seqs, build, generation)  # [Hkv, hd, n * T], a view when a run
+            query = question_query(self.model, question, default_layer(self.model.config.text))
+        return block_scores(query, keys, keys.shape[2] // len(seqs)).numpy()
+
+    def clip_keys(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The key index's keys [C, Hkv, T, hd] of clips' tokens [C, T, D] (the caller holds the model lock)."""
+        return clip_keys(self.model, tokens, default_layer(self.model.config.text))
+
+    def key_indexer(self, poll_s: float = 0.5) -> KeyIndexer:
+        """The background work that builds the key index's keys as clips are written (`reasoner.keys.KeyIndexer`),
+        under this reasoner's model lock."""
+        return KeyIndexer(self.keys, self.store, self.clip_keys, self.model_lock, poll_s)
 
     def score_clips(self, stream_id: str, metas: Sequence[ClipMeta], question: str) -> np.ndarray:
         """The model's relevance of consecutive clips (`hico.relevance.scan_clips`), their tokens read from memory

@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from hico import VideoChatFlash
 from memory import ClipIndex, MemoryStore, UnknownStream
@@ -295,12 +297,37 @@ class Alerts:
             await asyncio.sleep(WATCH_POLL_S)
 
 
+class ReasonerCollector(Collector):
+    """The reasoner's own counters, read when scraped: the key index's clips built lazily (by a question) and
+    ahead (as written), what it holds, and the scans the cap handed to the key index."""
+
+    def __init__(self, reasoner: Reasoner) -> None:
+        self.reasoner = reasoner
+
+    def collect(self) -> Any:
+        keys = self.reasoner.keys  # read now: a test or the evaluation may have swapped it
+        built = CounterMetricFamily(
+            "vcflash_key_index_built_clips", "Clips whose keys the key index built, by when", labels=["when"]
+        )
+        built.add_metric(["lazily"], keys.built)
+        built.add_metric(["ahead"], keys.built_ahead)
+        yield built
+        yield GaugeMetricFamily("vcflash_key_index_clips", "Clips whose keys the key index holds", len(keys))
+        yield GaugeMetricFamily("vcflash_key_index_bytes", "Bytes of the keys the key index holds", keys.bytes())
+        yield CounterMetricFamily(
+            "vcflash_scans_capped",
+            "Scans over VCFLASH_MAX_SCAN_CLIPS clips, scored by the key index instead",
+            self.reasoner.scans_capped,
+        )
+
+
 class ReasonerServicer(pb_grpc.ReasonerServicer):
     def __init__(
         self, reasoner: Reasoner, registry: CollectorRegistry = REGISTRY, alerts: Alerts | None = None
     ) -> None:
         self.reasoner = reasoner
         self.alerts = alerts
+        registry.register(ReasonerCollector(reasoner))
         self.latency = Histogram(
             "vcflash_ask_seconds",
             "Ask latency, request to final message",
@@ -408,13 +435,28 @@ class ReasonerService(MemoryService):
 def reasoner_entries(
     reasoner: Reasoner, service: MemoryService, owns: Callable[[str], bool] = lambda stream_id: True
 ) -> tuple[list[ServiceEntry], Coroutine[Any, Any, None]]:
-    """The Reasoner and Memory services over the service's store, and the alerts' background work to run beside
-    them: an AlertRunner evaluating the alerts on the streams `owns` accepts, and the delivery of their events."""
+    """The Reasoner and Memory services over the service's store, and the background work to run beside them:
+    an AlertRunner evaluating the alerts on the streams `owns` accepts, the delivery of their events and, unless
+    `VCFLASH_KEYS_AHEAD` is off, the key index following every stream's new clips (each replica keeps its own)."""
     delivery = Delivery(service.settings.delivery, service.registry)
     runner = AlertRunner(reasoner, service.store, delivery, service.settings.reasoner, service.registry, owns=owns)
     servicer = ReasonerServicer(reasoner, service.registry, Alerts(service.store, service.settings, runner))
     entries = [(pb_grpc.add_ReasonerServicer_to_server, servicer, SERVICE_NAME), service.memory_entry()]
-    return entries, run_alerts(runner, delivery)
+    background = [run_alerts(runner, delivery)]
+    if service.settings.reasoner.keys_ahead:
+        background.append(reasoner.key_indexer().run())
+    return entries, _together(background)
+
+
+async def _together(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the coroutines until cancelled, then let every one of them finish its own cleanup."""
+    tasks = [asyncio.create_task(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def run_alerts(runner: AlertRunner, delivery: Delivery) -> None:

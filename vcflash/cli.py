@@ -103,6 +103,10 @@ def csv(kind: type) -> object:
     return parse
 
 
+SHAPES_SECONDS = (8.0,) * 4 + (16.0, 24.0)
+BRIEF_SECONDS = (32.0, 48.0, 64.0, 96.0, 128.0)
+
+
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from vcflash.shapes import make_dataset
 
@@ -110,10 +114,11 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
         args.out,
         videos=args.videos,
         test_videos=args.test_videos,
-        seconds=args.seconds,
+        seconds=args.seconds or (BRIEF_SECONDS if args.kind == "brief" else SHAPES_SECONDS),
         fps=args.fps,
         seed=args.seed,
         progress=sys.stderr.isatty(),
+        kind=args.kind,
     )
     for path in paths.values():
         print(path)
@@ -1102,12 +1107,17 @@ def build_parser() -> argparse.ArgumentParser:
     video.set_defaults(func=cmd_make_test_video)
 
     dataset = sub.add_parser("make-dataset", help="write a synthetic training and held-out set (videos + JSON lines)")
-    dataset.add_argument("kind", choices=("shapes",), help="shapes: coloured shapes moving over textures")
+    dataset.add_argument(
+        "kind",
+        choices=("shapes", "brief"),
+        help="shapes: coloured shapes moving over textures; brief: long 1 fps videos of such scenes, asked about"
+        " brief events among distractors",
+    )
     dataset.add_argument("out")
     dataset.add_argument("--videos", type=int, default=1000, help="training videos (default 1000)")
     dataset.add_argument("--test-videos", type=int, help="held-out videos (default a fifth as many, at least 10)")
     dataset.add_argument(
-        "--seconds", type=csv(float), default=(8.0,) * 4 + (16.0, 24.0), help="lengths drawn from (8,8,8,8,16,24)"
+        "--seconds", type=csv(float), help="lengths drawn from: shapes 8,8,8,8,16,24; brief 32,48,64,96,128"
     )
     dataset.add_argument("--fps", type=csv(int), default=(1,) * 9 + (10,), help="frame rates drawn from 1 x9, 10")
     dataset.add_argument("--seed", type=int, default=0)

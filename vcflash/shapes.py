@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +365,107 @@ def record(video: str, qa: QA, ident: str) -> dict:
     }
 
 
+# -- long videos with brief events among distractors ----------------------------------------------------------
+
+BRIEF_S = 4.0  # a brief event is on screen this long: one 4-frame clip's worth at 1 fps
+BRIEF_SCENE_SECONDS = (8, 24)  # the distractor scenes a long video is made of, whole seconds
+
+
+@dataclass(frozen=True)
+class LongVideo:
+    """Scenes back to back at 1 fps (scene i from `starts[i]` s) and the brief events drawn into them."""
+
+    scenes: tuple[Scene, ...]
+    starts: tuple[float, ...]
+    briefs: tuple[Sprite, ...]  # on the video's clock
+
+    @property
+    def seconds(self) -> float:
+        return self.starts[-1] + self.scenes[-1].seconds
+
+    def frames(self) -> Iterator[np.ndarray]:
+        for scene in self.scenes:
+            yield from scene.frames()
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        return write_video(path, self.frames(), 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def long_video(rng: np.random.Generator, seconds: float, size: tuple[int, int] = SIZE) -> LongVideo:
+    """`seconds` of random 8-24 s scenes at 1 fps, with one or two brief events (`BRIEF_S` on screen) of shapes the
+    rest of the video never shows: the moment a question about them must find among distractors."""
+    count = 1 if rng.random() < 0.5 else 2
+    brief_shapes = [str(k) for k in rng.permutation(list(SHAPES))[:count]]
+    others = [k for k in SHAPES if k not in brief_shapes]
+    scenes: list[Scene] = []
+    starts: list[float] = []
+    t = 0.0
+    while t < seconds:
+        length = float(min(rng.integers(BRIEF_SCENE_SECONDS[0], BRIEF_SCENE_SECONDS[1] + 1), seconds - t))
+        if length < MIN_STAY_S and scenes:  # too short a tail: the last scene takes it
+            last = scenes.pop()
+            length += last.seconds
+            t = starts.pop()
+        scene = random_scene(rng, max(length, MIN_STAY_S), 1, size)
+        sprites = tuple(replace(s, shape=str(rng.choice(others))) for s in scene.sprites)
+        scenes.append(replace(scene, sprites=sprites))
+        starts.append(t)
+        t += scene.seconds
+    briefs: list[Sprite] = []
+    for shape in brief_shapes:
+        colour = str(rng.choice(list(COLOURS)))
+        for _ in range(200):
+            appear = float(rng.integers(0, int(seconds - BRIEF_S) + 1)) + 0.5 if seconds > BRIEF_S + 1 else 0.0
+            i = int(np.searchsorted(starts, appear, side="right")) - 1
+            local = appear - starts[i]
+            if local + BRIEF_S > scenes[i].seconds:
+                continue  # straddles two scenes
+            sprite = replace(_random_sprite(rng, colour, shape, local, local + BRIEF_S, size), leave_s=local + BRIEF_S)
+            if any(_overlap(sprite, other, scenes[i].seconds) for other in scenes[i].sprites):
+                continue
+            if any(abs(b.appear_s - appear) < ORDER_GAP_S for b in briefs):
+                continue
+            scenes[i] = replace(scenes[i], sprites=(*scenes[i].sprites, sprite))
+            briefs.append(replace(sprite, appear_s=appear, leave_s=appear + BRIEF_S))
+            break
+    return LongVideo(tuple(scenes), tuple(starts), tuple(briefs))
+
+
+def brief_questions(video: LongVideo, rng: np.random.Generator) -> list[QA]:
+    """What only the brief events answer: each one's colour (its shape is named, and is nowhere else), its presence
+    and the absence of the same shape in another colour, and which of two came first."""
+    colours = tuple(COLOURS)
+    qas: list[QA] = []
+    for b in video.briefs:
+        qas.append(QA("colour", f"What colour is the {b.shape}?", b.colour, colours))
+        qas.append(QA("presence", f"Is there a {b.name} in the video?", "yes", ("yes", "no")))
+        other = [c for c in colours if c != b.colour]
+        qas.append(
+            QA(
+                "presence",
+                f"Is there a {other[int(rng.integers(len(other)))]} {b.shape} in the video?",
+                "no",
+                ("yes", "no"),
+            )
+        )
+    if len(video.briefs) == 2:
+        a, b = video.briefs
+        first = a if a.appear_s < b.appear_s else b
+        x, y = (a, b) if rng.random() < 0.5 else (b, a)
+        qas.append(
+            QA(
+                "order",
+                f"Which appears first, the {x.name} or the {y.name}?",
+                f"the {first.name}",
+                (f"the {x.name}", f"the {y.name}"),
+            )
+        )
+    return qas
+
+
 def make_dataset(
     out: str | os.PathLike[str],
     videos: int = 1000,
@@ -373,11 +474,15 @@ def make_dataset(
     fps: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 1, 1, 1, 10),
     seed: int = 0,
     progress: bool = False,
+    kind: str = "shapes",
 ) -> dict[str, Path]:
     """Write `videos` training scenes and `test_videos` (default a fifth as many, at least 10) held-out ones under
     OUT/videos/{train,test}/, their questions in OUT/train.jsonl and OUT/test.jsonl (video paths relative to OUT)
     and each scene's log in OUT/scenes.jsonl. Each scene's length and frame rate are drawn from `seconds` and `fps`.
-    The two splits draw from independent streams of the seed."""
+    The two splits draw from independent streams of the seed. `kind` "brief": long videos (`long_video`, 1 fps,
+    lengths from `seconds`) asked only about their brief events (`brief_questions`)."""
+    if kind not in ("shapes", "brief"):
+        raise ValueError(f"unknown dataset kind {kind!r}")
     out = Path(out)
     test_videos = max(10, videos // 5) if test_videos is None else test_videos
     train_seq, test_seq = np.random.SeedSequence(seed).spawn(2)
@@ -391,10 +496,15 @@ def make_dataset(
             rng = np.random.default_rng(seq)
             with open(paths[split], "w") as lines:
                 for i in tqdm(range(count), desc=f"{split} videos", disable=not progress):
-                    scene = random_scene(rng, float(rng.choice(seconds)), int(rng.choice(fps)))
                     video = f"videos/{split}/{i:05d}.mp4"
+                    if kind == "brief":
+                        scene: Scene | LongVideo = long_video(rng, float(rng.choice(seconds)))
+                        qas = brief_questions(scene, rng)
+                    else:
+                        scene = random_scene(rng, float(rng.choice(seconds)), int(rng.choice(fps)))
+                        qas = questions(scene, rng)
                     scene.write(out / video)
                     scenes.write(json.dumps({"video": video, "scene": scene.to_dict()}) + "\n")
-                    for j, qa in enumerate(questions(scene, rng)):
+                    for j, qa in enumerate(qas):
                         lines.write(json.dumps(record(video, qa, f"{split}-{i:05d}-{j:02d}")) + "\n")
     return paths

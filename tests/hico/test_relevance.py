@@ -82,7 +82,7 @@ def test_clip_scores_windows_and_layer() -> None:
     def text(n: int) -> TextConfig:
         return TextConfig(num_hidden_layers=n)
 
-    assert default_layer(text(28)) == 18 and default_layer(text(4)) == 3 and default_layer(text(2)) == 1
+    assert default_layer(text(28)) == 18 and default_layer(text(4)) == 2 and default_layer(text(2)) == 1
     assert default_layer(text(1)) == 0
 
 

@@ -10,13 +10,17 @@ import pytest
 
 from hico.dataset import read_samples
 from vcflash.shapes import (
+    BRIEF_S,
     CATEGORIES,
     COLOURS,
     FREE_TEXT,
+    QA,
     SHAPES,
     Scene,
+    brief_questions,
     demo_scene,
     describe,
+    long_video,
     make_dataset,
     questions,
     random_scene,
@@ -104,3 +108,49 @@ def test_a_shape_is_drawn_in_its_colour_while_on_screen() -> None:
             else:
                 assert np.array_equal(frame[y, x], expected)
     assert set(SHAPES) >= {s.shape for s in scene.sprites}
+
+
+def test_long_videos_hold_brief_events_no_other_scene_shows() -> None:
+    rng = np.random.default_rng(5)
+    for seconds in (32.0, 48.0, 128.0) * 4:
+        video = long_video(rng, seconds)
+        assert video.seconds == seconds and video.starts[0] == 0.0
+        assert all(a + s.seconds == b for a, s, b in zip(video.starts, video.scenes, video.starts[1:], strict=False))
+        assert 1 <= len(video.briefs) <= 2 and len({b.shape for b in video.briefs}) == len(video.briefs)
+        frames = list(video.frames())
+        assert len(frames) == seconds  # 1 fps
+        for b in video.briefs:
+            # on screen for BRIEF_S frames at 1 fps, inside one scene, and its shape nowhere else in the video
+            shown = [t for t in range(int(seconds)) if b.visible(float(t))]
+            assert len(shown) == BRIEF_S
+            i = int(np.searchsorted(video.starts, b.appear_s, side="right")) - 1
+            assert b.leave_s <= video.starts[i] + video.scenes[i].seconds
+            others = [s for scene in video.scenes for s in scene.sprites if s.shape == b.shape]
+            assert len(others) == 1 and others[0].colour == b.colour
+            cx, cy = others[0].centre(float(shown[0]) - video.starts[i])
+            assert np.abs(frames[shown[0]][round(cy), round(cx)].astype(int) - COLOURS[b.colour]).max() < 40
+            before = frames[shown[0] - 1][round(cy), round(cx)] if shown[0] > 0 else None
+            assert before is None or np.abs(before.astype(int) - COLOURS[b.colour]).max() > 0
+        qas = brief_questions(video, rng)
+        for b in video.briefs:
+            assert QA("colour", f"What colour is the {b.shape}?", b.colour, tuple(COLOURS)) in qas
+            assert QA("presence", f"Is there a {b.name} in the video?", "yes", ("yes", "no")) in qas
+        noes = [q for q in qas if q.answer == "no"]
+        assert len(noes) == len(video.briefs) and all(
+            not any(q.question == f"Is there a {b.name} in the video?" for b in video.briefs) for q in noes
+        )
+        orders = [q for q in qas if q.category == "order"]
+        if len(video.briefs) == 2:
+            first = min(video.briefs, key=lambda b: b.appear_s)
+            assert len(orders) == 1 and orders[0].answer == f"the {first.name}"
+        else:
+            assert not orders
+
+
+def test_brief_data_set_is_training_format(tmp_path: Path) -> None:
+    make_dataset(tmp_path, videos=2, test_videos=1, seconds=(32.0,), seed=1, kind="brief")
+    samples = read_samples(tmp_path / "train.jsonl")
+    assert {s.extra["category"] for s in samples} <= {"colour", "presence", "order"}
+    assert all(s.video.is_file() for s in samples)
+    with pytest.raises(ValueError, match="unknown dataset kind"):
+        make_dataset(tmp_path / "x", videos=1, kind="nope")

@@ -196,6 +196,9 @@ class ReasonerSettings(Section):
     max_history_chars: int = setting(32000, lo=1)  # all earlier turns together
     max_prompt_tokens: int = setting(32768, lo=64)  # text and visual tokens, checked before any embedding
     max_scan_clips: int = setting(2500, lo=1)  # clips a `scan` scores per stream; over it, the key index scores them
+    # build the key index's keys in the background as clips are written (the default selection, index, reads them);
+    # off: a question builds the keys of the clips it covers the first time (reasoner/keys.py)
+    keys_ahead: bool = True
     max_alerts: int = setting(100, lo=1)  # standing questions (vcflash alerts add), all streams together
     alert_poll_s: float = setting(0.2, lo=0.01, hi=60.0)  # how often the alert runner looks for new clips
     # replicated reasoners share the alerts' streams as ingest shards share streams (ingest/shards.py): this one
