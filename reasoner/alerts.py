@@ -348,15 +348,25 @@ class AlertRunner:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
+        self._closing = False
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="alerts")
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop after the poll in flight: its records are stored by then, so it also hands them to delivery (a
+        cancel mid-poll would store an event and never deliver it). Cancelled if it takes over `grace_s`."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self._closing = True
+            if self._wake is not None:
+                self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace_s)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     def reload(self) -> None:
@@ -370,7 +380,7 @@ class AlertRunner:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._closing:
             try:
                 await self.poll()
             except Exception:  # noqa: BLE001 - the memory down, a bug: logged, the loop goes on
@@ -379,7 +389,8 @@ class AlertRunner:
                 await asyncio.wait_for(self._wake.wait(), self.settings.alert_poll_s)
             except TimeoutError:
                 pass
-            self._wake.clear()
+            if not self._closing:
+                self._wake.clear()
 
     async def poll(self) -> int:
         """Evaluate every alert that is due on every owned stream; deliver what was created. Returns how many alert

@@ -281,7 +281,10 @@ def test_a_failover_loses_no_acknowledged_clip(tmp_path, clip) -> None:
         finally:
             stop.set()
             writer.join()
-        assert server.node_of(store._keys("cam").info) is replica
+        deadline = time.monotonic() + 10  # every node's slot map shows the promotion once gossip has spread it
+        while server.node_of(store._keys("cam").info) is not replica:
+            assert time.monotonic() < deadline, "the cluster does not show the replica serving the slot"
+            time.sleep(0.05)
         assert store.held_seqs("cam").tolist() == acked
         with RedisCluster.from_url(server.url) as client:  # what the new master itself holds
             assert client.zcard(store._keys("cam").wall) == len(acked)

@@ -273,6 +273,33 @@ def test_the_runner_delivers_created_records_and_publishes_state(tmp_path: Path)
     assert all(t.alert == "red" for t, _ in delivery.states)  # "other" has no topic: no state published
 
 
+def test_closing_mid_poll_still_delivers_what_the_poll_stored(tmp_path: Path) -> None:
+    """A runner stopped (a restart) while a poll is storing records hands them to delivery before it stops: the
+    next runner resumes from the stored state and would never deliver them again."""
+    store = EmbeddedStore(tmp_path / "memory.sqlite3")
+    store.put_alert(SPEC.name, replace(SPEC, streams=("cam",)).to_config())
+    delivery = Recorder()
+    runner = scripted(store, delivery, {0: 0.9})
+    put_clip(store, 0, "cam")
+    inner = runner.poll_sync
+
+    def slow_poll() -> Any:
+        out = inner()  # the start record is stored here
+        time.sleep(0.3)
+        return out
+
+    runner.poll_sync = slow_poll  # type: ignore[method-assign]
+
+    async def play() -> None:
+        await runner.start()
+        await asyncio.sleep(0.1)  # mid-poll
+        await runner.close()
+
+    asyncio.run(play())
+    assert event_kinds(store.events()) == ["red/cam/0/start"]
+    assert [(r["stream"], r["kind"]) for _, r in delivery.records] == [("cam", "start")]
+
+
 def test_a_failing_evaluation_is_counted_and_the_runner_goes_on(tmp_path: Path) -> None:
     store = EmbeddedStore(tmp_path / "memory.sqlite3")
     store.put_alert("red", SPEC.to_config())
