@@ -261,6 +261,18 @@ def first_seen(sprite: Sprite) -> float:
     return sprite.appear_s
 
 
+def order_question(a: Sprite, b: Sprite, rng: np.random.Generator) -> QA:
+    """Which of two shapes first shows up, the two named in a random order."""
+    first = a if first_seen(a) < first_seen(b) else b
+    x, y = (a, b) if rng.random() < 0.5 else (b, a)
+    return QA(
+        "order",
+        f"Which appears first, the {x.name} or the {y.name}?",
+        f"the {first.name}",
+        (f"the {x.name}", f"the {y.name}"),
+    )
+
+
 def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     """Every templated question the scene answers: per shape its colour, its kind and its direction; the count; one
     present and one absent shape; the order of first appearance of shapes that show up 4 s or more apart; the
@@ -284,16 +296,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
         for b in sprites[i + 1 :]:
             if abs(first_seen(a) - first_seen(b)) < ORDER_GAP_S:
                 continue
-            first = a if first_seen(a) < first_seen(b) else b
-            x, y = (a, b) if rng.random() < 0.5 else (b, a)
-            qas.append(
-                QA(
-                    "order",
-                    f"Which appears first, the {x.name} or the {y.name}?",
-                    f"the {first.name}",
-                    (f"the {x.name}", f"the {y.name}"),
-                )
-            )
+            qas.append(order_question(a, b, rng))
     # What the whole video holds, each in a fixed order: no binding of colour to shape needed, so the tower gets a
     # direct signal for what a shape looks like before the binding questions can use it.
     qas.append(
@@ -452,17 +455,7 @@ def brief_questions(video: LongVideo, rng: np.random.Generator) -> list[QA]:
             )
         )
     if len(video.briefs) == 2:
-        a, b = video.briefs
-        first = a if a.appear_s < b.appear_s else b
-        x, y = (a, b) if rng.random() < 0.5 else (b, a)
-        qas.append(
-            QA(
-                "order",
-                f"Which appears first, the {x.name} or the {y.name}?",
-                f"the {first.name}",
-                (f"the {x.name}", f"the {y.name}"),
-            )
-        )
+        qas.append(order_question(*video.briefs, rng))
     return qas
 
 
