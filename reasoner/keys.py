@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 GROWTH = 1.5  # a full block grows to this many times its rows
 
 
+def capacity_for(rows: int) -> int:
+    """Rows to allocate for a block that must hold `rows`: room to grow, 16 at least."""
+    return max(rows, int(rows * GROWTH), 16)
+
+
 @dataclass
 class _Block:
     """One stream's keys: rows lo..hi-1 of `keys` [Hkv, hd, capacity * T] hold the clips `seqs[lo:hi]`, ascending."""
@@ -65,18 +70,21 @@ class _Block:
         found[found] = held[at[found]] == seqs[found]
         return self.lo + at, found
 
-    def shrink(self) -> None:
-        """A block holding under a quarter of its capacity (its oldest rows dropped) is copied to a smaller one,
-        so a stream that stopped growing gives its memory back."""
+    def reallocate(self, size: int) -> None:
+        """Copy the held rows to the start of a new block of `size` rows (views handed out keep the old one)."""
         t, n = self.tokens, self.hi - self.lo
-        size = max(int(n * GROWTH), 16)
-        if 4 * n >= self.keys.shape[2] // t or size * t >= self.keys.shape[2]:
-            return
         keys = self.keys.new_empty(*self.keys.shape[:2], size * t)
         keys[:, :, : n * t] = self.keys[:, :, self.lo * t : self.hi * t]
         seqs = np.empty(size, np.int64)
         seqs[:n] = self.held
         self.keys, self.seqs, self.lo, self.hi = keys, seqs, 0, n
+
+    def shrink(self) -> None:
+        """A block holding under a quarter of its capacity (its oldest rows dropped) is copied to a smaller one,
+        so a stream that stopped growing gives its memory back."""
+        n, size = self.hi - self.lo, capacity_for(self.hi - self.lo)
+        if 4 * n < self.keys.shape[2] // self.tokens and size * self.tokens < self.keys.shape[2]:
+            self.reallocate(size)
 
     def columns(self, rows: np.ndarray) -> torch.Tensor:
         """The keys [Hkv, hd, len(rows) * T] of the clips at `rows`, in that order: a view when they are a run."""
@@ -233,12 +241,7 @@ class KeyIndex:
         capacity = block.keys.shape[2] // t
         if n == 0 or want[0] > block.seqs[block.hi - 1]:
             if block.hi + m > capacity:  # grow: the held rows and the new ones at the start of a larger block
-                size = max(n + m, int((n + m) * GROWTH), 16)
-                grown = block.keys.new_empty(*block.keys.shape[:2], size * t)
-                grown[:, :, : n * t] = block.keys[:, :, block.lo * t : block.hi * t]
-                seqs_grown = np.empty(size, np.int64)
-                seqs_grown[:n] = block.held
-                block.keys, block.seqs, block.lo, block.hi = grown, seqs_grown, 0, n
+                block.reallocate(capacity_for(n + m))
             block.keys[:, :, block.hi * t : (block.hi + m) * t] = cols
             block.seqs[block.hi : block.hi + m] = want
             block.hi += m
@@ -249,7 +252,7 @@ class KeyIndex:
         hkv, hd, _ = block.keys.shape
         old = block.keys[:, :, block.lo * t : block.hi * t].reshape(hkv, hd, n, t)
         both = torch.cat([old, cols.reshape(hkv, hd, m, t)], dim=2)  # [Hkv, hd, n + m, T]
-        size = max(n + m, int((n + m) * GROWTH), 16)
+        size = capacity_for(n + m)
         keys_new = block.keys.new_empty(hkv, hd, size * t)
         keys_new[:, :, : (n + m) * t] = both.index_select(2, torch.from_numpy(order).to(device)).reshape(
             hkv, hd, (n + m) * t

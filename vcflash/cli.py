@@ -103,10 +103,6 @@ def csv(kind: type) -> object:
     return parse
 
 
-SHAPES_SECONDS = (8.0,) * 4 + (16.0, 24.0)
-BRIEF_SECONDS = (32.0, 48.0, 64.0, 96.0, 128.0)
-
-
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from vcflash.shapes import make_dataset
 
@@ -114,7 +110,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
         args.out,
         videos=args.videos,
         test_videos=args.test_videos,
-        seconds=args.seconds or (BRIEF_SECONDS if args.kind == "brief" else SHAPES_SECONDS),
+        seconds=args.seconds,
         fps=args.fps,
         seed=args.seed,
         progress=sys.stderr.isatty(),

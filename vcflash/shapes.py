@@ -371,6 +371,8 @@ def record(video: str, qa: QA, ident: str) -> dict:
 # -- long videos with brief events among distractors ----------------------------------------------------------
 
 BRIEF_S = 4.0  # a brief event is on screen this long: one 4-frame clip's worth at 1 fps
+# video lengths (seconds) a data set draws from, per kind
+DATASET_SECONDS = {"shapes": (8.0, 8.0, 8.0, 8.0, 16.0, 24.0), "brief": (32.0, 48.0, 64.0, 96.0, 128.0)}
 BRIEF_SCENE_SECONDS = (8, 24)  # the distractor scenes a long video is made of, whole seconds
 
 
@@ -463,7 +465,7 @@ def make_dataset(
     out: str | os.PathLike[str],
     videos: int = 1000,
     test_videos: int | None = None,
-    seconds: tuple[float, ...] = (8.0, 8.0, 8.0, 8.0, 16.0, 24.0),
+    seconds: tuple[float, ...] | None = None,
     fps: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 1, 1, 1, 10),
     seed: int = 0,
     progress: bool = False,
@@ -472,10 +474,12 @@ def make_dataset(
     """Write `videos` training scenes and `test_videos` (default a fifth as many, at least 10) held-out ones under
     OUT/videos/{train,test}/, their questions in OUT/train.jsonl and OUT/test.jsonl (video paths relative to OUT)
     and each scene's log in OUT/scenes.jsonl. Each scene's length and frame rate are drawn from `seconds` and `fps`.
-    The two splits draw from independent streams of the seed. `kind` "brief": long videos (`long_video`, 1 fps,
-    lengths from `seconds`) asked only about their brief events (`brief_questions`)."""
-    if kind not in ("shapes", "brief"):
+    Default lengths per kind: `DATASET_SECONDS`. The two splits draw from independent streams of the seed.
+    `kind` "brief": long videos (`long_video`, 1 fps, lengths from `seconds`) asked only about their brief events
+    (`brief_questions`)."""
+    if kind not in DATASET_SECONDS:
         raise ValueError(f"unknown dataset kind {kind!r}")
+    seconds = DATASET_SECONDS[kind] if seconds is None else seconds
     out = Path(out)
     test_videos = max(10, videos // 5) if test_videos is None else test_videos
     train_seq, test_seq = np.random.SeedSequence(seed).spawn(2)
