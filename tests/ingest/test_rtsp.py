@@ -162,7 +162,15 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -
 
 
 async def take(manager: IngestManager, n: int, timeout_s: float = 10.0) -> list[Clip]:
-    return [await asyncio.wait_for(manager.clips.get(), timeout_s) for _ in range(n)]
+    """The next ``n`` clips; a timeout fails with every stream's status, which says why none came."""
+    clips: list[Clip] = []
+    for _ in range(n):
+        try:
+            clips.append(await asyncio.wait_for(manager.clips.get(), timeout_s))
+        except TimeoutError:
+            statuses = {name: manager.worker(name).status() for name in manager.names()}
+            raise AssertionError(f"clip {len(clips) + 1} of {n} not within {timeout_s} s: {statuses}") from None
+    return clips
 
 
 def assert_live_clips(clips: list[Clip]) -> None:

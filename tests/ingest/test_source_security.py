@@ -448,14 +448,21 @@ def test_an_sdp_over_http_opens_no_udp_socket(http_root: tuple[str, Path]) -> No
 
 
 class CountingCheck:
-    """check_source that counts its calls and refuses from call ``refuse_from`` on (a changed policy)."""
+    """check_source that counts its calls and refuses from call ``refuse_from`` on (a changed policy).
+
+    Only calls from the thread that made it count: a reader thread another test left winding down
+    calls the same module attribute and must not move this test's count.
+    """
 
     def __init__(self, refuse_from: int | None = None) -> None:
         self.calls = 0
         self.refuse_from = refuse_from
         self._check = ingest.source.check_source
+        self._thread = threading.get_ident()
 
     def __call__(self, url: str, **kwargs: Any) -> CheckedSource:
+        if threading.get_ident() != self._thread:
+            return self._check(url, **kwargs)
         self.calls += 1
         if self.refuse_from is not None and self.calls >= self.refuse_from:
             raise UnsafeSourceError("refused source: policy changed")
