@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ class Sample:
     end_s: float | None = None
     id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # where the answer is seen: [start, end] seconds on the video's clock (the optional `moments` key), which the
+    # relevance loss of `hico.train` teaches the question to attend to
+    moments: tuple[tuple[float, float], ...] = ()
 
     @property
     def video_key(self) -> tuple[str, float | None, float | None]:
@@ -102,6 +105,24 @@ def _optional_seconds(d: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+MAX_MOMENTS = 64
+
+
+def _moments(value: Any) -> tuple[tuple[float, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_MOMENTS:
+        raise ValueError(f"`moments` must be a list of at most {MAX_MOMENTS} [start, end] pairs of seconds")
+    out = []
+    for m in value:
+        ok = isinstance(m, list) and len(m) == 2
+        ok = ok and all(isinstance(t, int | float) and not isinstance(t, bool) and np.isfinite(t) for t in m)
+        if not ok or not 0 <= m[0] < m[1]:
+            raise ValueError(f"each of `moments` must be [start, end] seconds with 0 <= start < end, got {m!r}")
+        out.append((float(m[0]), float(m[1])))
+    return tuple(out)
+
+
 def parse_sample(d: Any, where: str, root: Path) -> Sample:
     """One annotation object -> Sample; DataError naming `where` and what is wrong."""
     try:
@@ -117,11 +138,12 @@ def parse_sample(d: Any, where: str, root: Path) -> Sample:
         if start is not None and end is not None and end <= start:
             raise ValueError(f"`end` {end} must be after `start` {start}")
         turns = _turns(d.get("conversations"))
+        moments = _moments(d.get("moments"))
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
-    extra = {k: v for k, v in d.items() if k not in ("id", "video", "conversations", "start", "end")}
+    extra = {k: v for k, v in d.items() if k not in ("id", "video", "conversations", "start", "end", "moments")}
     ident = d.get("id")
-    return Sample(where, root / video, turns, start, end, None if ident is None else str(ident), extra)
+    return Sample(where, root / video, turns, start, end, None if ident is None else str(ident), extra, moments)
 
 
 def read_samples(path: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> list[Sample]:
@@ -215,10 +237,19 @@ class Frames:
 
     pixels: np.ndarray  # uint8 [T, S, S, 3]
     duration_s: float
+    times_s: np.ndarray  # float64 [T]: each frame's time on the video's clock
 
     @property
     def nbytes(self) -> int:
         return self.pixels.nbytes
+
+    def clips_within(self, moments: Sequence[tuple[float, float]], clip_frames: int) -> list[int]:
+        """The clips (runs of `clip_frames` frames) with a frame inside one of `moments` ([start, end] seconds)."""
+        clip = np.arange(len(self.times_s)) // clip_frames
+        inside = np.zeros(len(self.times_s), bool)
+        for start, end in moments:
+            inside |= (self.times_s >= start) & (self.times_s <= end)
+        return sorted({int(c) for c in clip[inside]})
 
 
 class BytesLRU:
@@ -254,7 +285,8 @@ class FrameCache:
 
         def load() -> Frames:
             video = sample_video(sample, self.max_frames)
-            return Frames(np.stack([squash_resize(f, self.image_size) for f in video.frames]), video.duration_s)
+            times = np.asarray(video.indices, np.float64) / video.fps
+            return Frames(np.stack([squash_resize(f, self.image_size) for f in video.frames]), video.duration_s, times)
 
         return self._lru.get(sample.video_key, load)
 

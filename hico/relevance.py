@@ -143,37 +143,41 @@ def context_prefix(model: VideoChatFlashModel) -> list[int]:
     return model.tokenize(before)
 
 
-@torch.inference_mode()
-def clip_keys(model: VideoChatFlashModel, clips: torch.Tensor, layer: int, batch_size: int = 32) -> torch.Tensor:
+def clip_keys(
+    model: VideoChatFlashModel, clips: torch.Tensor, layer: int, batch_size: int = 32, grad: bool = False
+) -> torch.Tensor:
     """Keys at `layer` of clips [C, T, D], each spliced alone after `context_prefix` (the official prompt for that
     one clip, which its tokens cannot see past: attention is causal): [C, Hkv, T, hd] in the model's dtype, after
     RoPE at the clip's positions in that prompt. A clip's keys depend on nothing else, so they are computed once
-    when it is first needed (or written) and kept."""
-    llm = model.llm.model
-    prefix = model.embed_text(context_prefix(model))
-    block, p = llm.layers[layer], len(prefix)
-    out = []
-    for i in range(0, len(clips), batch_size):
-        chunk = clips[i : i + batch_size].to(model.device, model.dtype)
-        h, cos, sin = llm.hidden_at(torch.cat([prefix.expand(len(chunk), -1, -1), chunk], dim=1), layer)
-        out.append(block.self_attn.keys(block.input_layernorm(h[:, p:]), cos[p:], sin[p:]))
-    return torch.cat(out) if out else torch.empty(0)
+    when it is first needed (or written) and kept. `grad`: differentiable (the relevance loss of `hico.train`);
+    otherwise computed in inference mode."""
+    with torch.inference_mode(not grad):
+        llm = model.llm.model
+        prefix = model.embed_text(context_prefix(model))
+        block, p = llm.layers[layer], len(prefix)
+        out = []
+        for i in range(0, len(clips), batch_size):
+            chunk = clips[i : i + batch_size].to(model.device, model.dtype)
+            h, cos, sin = llm.hidden_at(torch.cat([prefix.expand(len(chunk), -1, -1), chunk], dim=1), layer)
+            out.append(block.self_attn.keys(block.input_layernorm(h[:, p:]), cos[p:], sin[p:]))
+        return torch.cat(out) if out else torch.empty(0)
 
 
-@torch.inference_mode()
-def question_query(model: VideoChatFlashModel, question: str, layer: int) -> torch.Tensor:
+def question_query(model: VideoChatFlashModel, question: str, layer: int, grad: bool = False) -> torch.Tensor:
     """The query [H, hd] at `layer` of the last token of the official prompt for `question` over one clip (4
     frames), the clip's tokens left out: the text is prefilled alone, at the positions it has in that prompt, so
-    the query meets every clip's keys (`clip_keys`) at the relative positions of a one-clip prompt."""
+    the query meets every clip's keys (`clip_keys`) at the relative positions of a one-clip prompt. `grad`: as
+    `clip_keys`."""
     tokens = model.config.vision.num_frames * 16  # one clip's visual tokens
     before, _, after = build_prompt(question, [PromptVideo(model.config.vision.num_frames, 4.0)])
     assert isinstance(before, str) and isinstance(after, str)
     b, a = model.tokenize(before), model.tokenize(after)
-    llm = model.llm.model
-    positions = torch.cat([torch.arange(len(b)), torch.arange(len(b) + tokens, len(b) + tokens + len(a))])
-    h, cos, sin = llm.hidden_at(model.embed_text(b + a)[None], layer, positions.to(model.device))
-    block = llm.layers[layer]
-    return block.self_attn.queries(block.input_layernorm(h[:, -1:]), cos[-1:], sin[-1:])[0, :, 0]
+    with torch.inference_mode(not grad):
+        llm = model.llm.model
+        positions = torch.cat([torch.arange(len(b)), torch.arange(len(b) + tokens, len(b) + tokens + len(a))])
+        h, cos, sin = llm.hidden_at(model.embed_text(b + a)[None], layer, positions.to(model.device))
+        block = llm.layers[layer]
+        return block.self_attn.queries(block.input_layernorm(h[:, -1:]), cos[-1:], sin[-1:])[0, :, 0]
 
 
 def key_block(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -183,21 +187,23 @@ def key_block(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
     return keys.permute(1, 3, 0, 2).to(dtype).reshape(hkv, hd, n * t)  # [Hkv, hd, N * T]
 
 
-@torch.inference_mode()
-def block_scores(query: torch.Tensor, block: torch.Tensor, tokens_per_clip: int) -> torch.Tensor:
+def block_scores(query: torch.Tensor, block: torch.Tensor, tokens_per_clip: int, grad: bool = False) -> torch.Tensor:
     """Per-clip relevance float32 [N] from a question's query [H, hd] and N clips' keys laid out by `key_block`
     ([Hkv, hd, N * T], a view is fine): the head-mean attention of the query over every token of the N clips
     together (one softmax per head, as if they shared one context without text), summed per clip. One batched
-    GEMM in the block's dtype, the softmax in float32."""
+    GEMM in the block's dtype, the softmax in float32. On the CPU, or with `grad` differentiable on the block's
+    device."""
     hkv, hd, nt = block.shape
     if not nt:
         return torch.empty(0)
     if nt % tokens_per_clip:
         raise ValueError(f"{nt} key columns is not a whole number of {tokens_per_clip}-token clips")
-    q = query.to(block.device, block.dtype).reshape(hkv, -1, hd)  # head h uses kv head h // (H / Hkv), as repeat_kv
-    logits = torch.bmm(q, block).float()  # [Hkv, H / Hkv, N * T]
-    w = (logits / hd**0.5).reshape(-1, nt).softmax(dim=-1)  # [H, N * T]
-    return w.mean(0).reshape(nt // tokens_per_clip, tokens_per_clip).sum(-1).cpu()
+    with torch.inference_mode(not grad):
+        q = query.to(block.device, block.dtype).reshape(hkv, -1, hd)  # head h uses kv head h // (H / Hkv), as repeat_kv
+        logits = torch.bmm(q, block).float()  # [Hkv, H / Hkv, N * T]
+        w = (logits / hd**0.5).reshape(-1, nt).softmax(dim=-1)  # [H, N * T]
+        scores = w.mean(0).reshape(nt // tokens_per_clip, tokens_per_clip).sum(-1)
+        return scores if grad else scores.cpu()
 
 
 @torch.inference_mode()

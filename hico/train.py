@@ -55,6 +55,7 @@ from hico.dataset import (
 from hico.pixels import normalize
 from hico.prompt import ASSISTANT, END, PromptVideo, build_prompt
 from hico.qwen2 import decoder_layer
+from hico.relevance import block_scores, clip_keys, default_layer, key_block, question_query
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class TrainConfig:
     questions_per_video: int = 16
     max_frames: int = 512  # frame budget per video, as `vcflash ask --max-frames`
     anchors: float = 0.0  # chance of the wall-clock span in the time message (the live ask-live prompt)
+    relevance: float = 0.0  # weight of the relevance loss on samples with `moments` (0: off)
+    relevance_layer: int | None = None  # the layer it trains (default: the scoring layer, `default_layer`)
     eval_every: int = 200  # steps between evaluations and resumable checkpoints
     eval_samples: int = 64
     device: str = "cpu"
@@ -123,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"max_frames must be a positive multiple of 4, got {self.max_frames}")
         if not 0.0 <= self.anchors <= 1.0:
             raise ValueError(f"anchors is a probability, got {self.anchors}")
+        if not (math.isfinite(self.relevance) and self.relevance >= 0):
+            raise ValueError(f"relevance is a loss weight >= 0, got {self.relevance}")
         if self.bad_videos not in ("skip", "fail"):
             raise ValueError(f"bad_videos must be skip or fail, got {self.bad_videos!r}")
         if self.eval_every < 1 or self.epochs <= 0 or self.lr <= 0:
@@ -277,6 +282,8 @@ class VideoBatch:
     suffix: torch.Tensor  # [K, S, D]
     positions: torch.Tensor  # [N, 2]: the suffix position whose logits predict each target
     targets: torch.Tensor  # [N]
+    tokens: torch.Tensor  # [C, T, D]: the video's visual tokens
+    moments: list[tuple[str, list[int]]] = field(default_factory=list)  # (question, the clips that answer it)
 
     @property
     def rows(self) -> int:
@@ -333,9 +340,18 @@ class Batcher:
             suffix = torch.stack([F.pad(model.embed_text(e.after), (0, 0, 0, length - len(e.after))) for e in encoded])
             rows = [(k, t - 1) for k, e in enumerate(encoded) for t in e.targets]  # logits one earlier predict it
             targets = [e.after[t] for e in encoded for t in e.targets]
+            clip = model.config.vision.num_frames
+            moments = [(s.turns[-1][0], frames.clips_within(s.moments, clip)) for s in chunk if s.moments]
             device = model.device
             out.append(
-                VideoBatch(prefix, suffix, torch.tensor(rows, device=device), torch.tensor(targets, device=device))
+                VideoBatch(
+                    prefix,
+                    suffix,
+                    torch.tensor(rows, device=device),
+                    torch.tensor(targets, device=device),
+                    tokens,
+                    [(q, clips) for q, clips in moments if 0 < len(clips) < len(tokens)],  # a choice to learn
+                )
             )
         return out
 
@@ -378,6 +394,29 @@ def answer_loss(model: VideoChatFlash, batches: Sequence[VideoBatch], checkpoint
         count += len(b.targets)
     assert total is not None
     return total / count
+
+
+def moment_scores(model: VideoChatFlash, batch: VideoBatch, layer: int, grad: bool) -> list[torch.Tensor]:
+    """For each of the batch's questions with moments, the key index's relevance of each of the video's clips
+    (`hico.relevance`: keys of each clip in its fixed short context, the question's query, one softmax over all the
+    video's key tokens, summed per clip), float32 [C]: what Ask's `index` selection ranks clips by."""
+    if not batch.moments:
+        return []
+    keys = clip_keys(model, batch.tokens, layer, grad=grad)  # [C, Hkv, T, hd]
+    block = key_block(keys)
+    t = keys.shape[2]
+    return [block_scores(question_query(model, q, layer, grad=grad), block, t, grad) for q, _ in batch.moments]
+
+
+def relevance_loss(model: VideoChatFlash, batches: Sequence[VideoBatch], layer: int) -> torch.Tensor | None:
+    """Mean over the step's questions with moments of -log(the relevance mass on the clips that answer them): it
+    teaches the scoring layer's query and keys to find the moment among the video's other clips, which is the
+    ranking long-memory Asks select by. None when no question of the step has moments."""
+    losses = []
+    for b in batches:
+        for scores, (_, clips) in zip(moment_scores(model, b, layer, grad=True), b.moments, strict=True):
+            losses.append(-torch.log(scores[clips].sum().clamp_min(1e-12)))
+    return torch.stack(losses).mean() if losses else None
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------
@@ -587,8 +626,10 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
     eval_cache = FrameCache(model.config.vision.image_size, cfg.max_frames, cfg.cache_bytes // 4)
     held_out = eval_samples[:: max(1, len(eval_samples) // cfg.eval_samples)][: cfg.eval_samples]  # spread out
     model.train()
+    layer = default_layer(model.config.text) if cfg.relevance_layer is None else cfg.relevance_layer
     t0, start_seen = time.perf_counter(), seen
     recent: list[float] = []
+    recent_relevance: list[float] = []
     loss_value = float("nan")
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     while step < total:
@@ -596,15 +637,19 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
         with autocast:
             batches = batcher.build(step_chunks(chunks, step, cfg.videos_per_step, cfg.seed), rng)
             loss = answer_loss(model, batches, checkpointing) if batches else None
+            relevance = relevance_loss(model, batches, layer) if loss is not None and cfg.relevance else None
         if loss is not None:
+            loss_value = float(loss.detach())  # the answer loss, comparable with and without relevance
+            recent = (recent + [loss_value])[-20:]
+            if relevance is not None:
+                recent_relevance = (recent_relevance + [float(relevance.detach())])[-20:]
+                loss = loss + cfg.relevance * relevance
             n = sum(b.rows for b in batches)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
             optimizer.step()
-            loss_value = float(loss.detach())
-            recent = (recent + [loss_value])[-20:]
             seen += n
         scheduler.step()
         step += 1
@@ -612,8 +657,10 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
         bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "-", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if step % cfg.eval_every == 0 or step == total:
             record: dict[str, float] = {"step": step, "train_loss": float(np.mean(recent)) if recent else math.nan}
+            if recent_relevance:
+                record["train_relevance_loss"] = float(np.mean(recent_relevance))
             if held_out:
-                record |= evaluate(model, cfg, batcher, held_out, eval_cache, autocast)
+                record |= evaluate(model, cfg, batcher, held_out, eval_cache, autocast, layer)
             evals.append(record)
             report(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             save_state(last, model, optimizer, scheduler, step, cfg, {"evals": evals, "samples": seen})
@@ -656,10 +703,12 @@ def evaluate(
     samples: Sequence[Sample],
     cache: FrameCache,
     autocast: contextlib.AbstractContextManager,
+    layer: int,
 ) -> dict[str, float]:
-    """Held-out loss (answer tokens) and exact-match accuracy of greedy answers."""
+    """Held-out loss (answer tokens) and exact-match accuracy of greedy answers; for questions with moments, how
+    often the key index ranks a clip that answers it first among the video's clips (`eval_moment_top1`)."""
     model.eval()
-    losses, weights = [], []
+    losses, weights, top1 = [], [], []
     rng = np.random.default_rng([cfg.seed, 2])
     with autocast:
         for chunk in chunk_by_video(samples, cfg.questions_per_video):
@@ -667,6 +716,9 @@ def evaluate(
             if batches:
                 losses.append(float(answer_loss(model, batches)))
                 weights.append(len(batches[0].targets))
+                scored = moment_scores(model, batches[0], layer, grad=False)
+                moments = batches[0].moments
+                top1 += [int(sc.argmax()) in clips for sc, (_, clips) in zip(scored, moments, strict=True)]
         answers = answer_samples(model, samples, cfg.max_frames, cache=cache)
     right: dict[str, list[bool]] = {}
     for a, s in zip(answers, samples, strict=True):
@@ -677,4 +729,5 @@ def evaluate(
                 right.setdefault(f"eval_{s.extra['category']}", []).append(ok)
     model.train()
     loss = {"eval_loss": float(np.average(losses, weights=weights)) if losses else math.nan}
-    return loss | {k: float(np.mean(v)) for k, v in right.items()}
+    moments = {"eval_moment_top1": float(np.mean(top1))} if top1 else {}
+    return loss | moments | {k: float(np.mean(v)) for k, v in right.items()}

@@ -162,6 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         questions_per_video=args.questions_per_video,
         max_frames=args.frames,
         anchors=args.anchors,
+        relevance=args.relevance,
+        relevance_layer=args.relevance_layer,
         eval_every=args.eval_every,
         eval_samples=args.eval_samples,
         device=args.device,
@@ -1152,6 +1154,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--questions-per-video", type=int, default=16, help="conversations sharing one encoding")
     fit.add_argument("--frames", type=int, default=512, help="frame budget per video, as ask --max-frames")
     fit.add_argument("--anchors", type=float, default=0.0, help="share of prompts with ask-live's wall-clock span")
+    fit.add_argument(
+        "--relevance", type=float, default=0.0, help="weight of the loss teaching the key index the lines' `moments`"
+    )
+    fit.add_argument("--relevance-layer", type=int, help="the layer it trains (default: the scoring layer)")
     fit.add_argument("--eval-every", type=int, default=200, help="steps between evaluations and checkpoints")
     fit.add_argument("--eval-samples", type=int, default=64)
     fit.add_argument("--device", default="cpu")

@@ -255,14 +255,16 @@ class QA:
     question: str
     answer: str
     choices: tuple[str, ...]  # the answers a guess picks from: 1 / len(choices) is chance
+    # where the answer is seen, [start, end) seconds on the video's clock (the JSON line's `moments`); empty: unstated
+    moments: tuple[tuple[float, float], ...] = ()
 
 
 def first_seen(sprite: Sprite) -> float:
     return sprite.appear_s
 
 
-def order_question(a: Sprite, b: Sprite, rng: np.random.Generator) -> QA:
-    """Which of two shapes first shows up, the two named in a random order."""
+def order_question(a: Sprite, b: Sprite, rng: np.random.Generator, moments: bool = False) -> QA:
+    """Which of two shapes first shows up, the two named in a random order; `moments`: both sprites' spans."""
     first = a if first_seen(a) < first_seen(b) else b
     x, y = (a, b) if rng.random() < 0.5 else (b, a)
     return QA(
@@ -270,7 +272,12 @@ def order_question(a: Sprite, b: Sprite, rng: np.random.Generator) -> QA:
         f"Which appears first, the {x.name} or the {y.name}?",
         f"the {first.name}",
         (f"the {x.name}", f"the {y.name}"),
+        (span(a), span(b)) if moments else (),
     )
+
+
+def span(sprite: Sprite) -> tuple[float, float]:
+    return (sprite.appear_s, sprite.leave_s)
 
 
 def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
@@ -358,14 +365,16 @@ def _question_lines() -> Iterator[str]:
 
 
 def record(video: str, qa: QA, ident: str) -> dict:
-    """One JSON line in the LLaVA / VideoChat-Flash format, plus `category` and `choices` for `eval qa`."""
-    return {
+    """One JSON line in the LLaVA / VideoChat-Flash format, plus `category` and `choices` for `eval qa` and, where
+    known, `moments` for the relevance loss of `vcflash train` (`hico.train`)."""
+    line = {
         "id": ident,
         "video": video,
         "conversations": [{"from": "human", "value": f"<image>\n{qa.question}"}, {"from": "gpt", "value": qa.answer}],
         "category": qa.category,
         "choices": list(qa.choices),
     }
+    return line | ({"moments": [list(m) for m in qa.moments]} if qa.moments else {})
 
 
 # -- long videos with brief events among distractors ----------------------------------------------------------
@@ -441,12 +450,14 @@ def long_video(rng: np.random.Generator, seconds: float, size: tuple[int, int] =
 
 def brief_questions(video: LongVideo, rng: np.random.Generator) -> list[QA]:
     """What only the brief events answer: each one's colour (its shape is named, and is nowhere else), its presence
-    and the absence of the same shape in another colour, and which of two came first."""
+    and the absence of the same shape in another colour, and which of two came first. Each question's moments are
+    the spans of the events it is about (for an absence, the one event of that shape: where to look to say no)."""
     colours = tuple(COLOURS)
     qas: list[QA] = []
     for b in video.briefs:
-        qas.append(QA("colour", f"What colour is the {b.shape}?", b.colour, colours))
-        qas.append(QA("presence", f"Is there a {b.name} in the video?", "yes", ("yes", "no")))
+        at = (span(b),)
+        qas.append(QA("colour", f"What colour is the {b.shape}?", b.colour, colours, at))
+        qas.append(QA("presence", f"Is there a {b.name} in the video?", "yes", ("yes", "no"), at))
         other = [c for c in colours if c != b.colour]
         qas.append(
             QA(
@@ -454,10 +465,11 @@ def brief_questions(video: LongVideo, rng: np.random.Generator) -> list[QA]:
                 f"Is there a {other[int(rng.integers(len(other)))]} {b.shape} in the video?",
                 "no",
                 ("yes", "no"),
+                at,
             )
         )
     if len(video.briefs) == 2:
-        qas.append(order_question(*video.briefs, rng))
+        qas.append(order_question(*video.briefs, rng, moments=True))
     return qas
 
 

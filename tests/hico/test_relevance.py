@@ -10,9 +10,11 @@ from hico.config import DropConfig, TextConfig
 from hico.prompt import PromptVideo, build_prompt
 from hico.relevance import (
     WindowPrompt,
+    block_scores,
     clip_keys,
     clip_scores,
     default_layer,
+    key_block,
     key_scores,
     question_query,
     scan,
@@ -140,3 +142,25 @@ def test_key_scores_are_head_mean_attention_over_every_clip(model: VideoChatFlas
     assert scores.shape == (7,) and float(scores.sum()) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(key_scores(query, keys[[2, 5]]).argsort(), scores[[2, 5]].argsort())
     assert key_scores(query, keys[:0]).shape == (0,)
+
+
+def test_the_key_index_score_is_differentiable_on_request(model: VideoChatFlash, clips: torch.Tensor) -> None:
+    """With `grad` (the relevance loss of training) the same numbers, and gradients reach the visual tokens and the
+    layers up to the scoring layer's query and key projections; without it, inference tensors."""
+    layer = 2
+    tokens = clips.clone().requires_grad_()
+    keys = clip_keys(model, tokens, layer, grad=True)
+    query = question_query(model, QUESTION, layer, grad=True)
+    scores = block_scores(query, key_block(keys), 64, grad=True)
+    plain = block_scores(question_query(model, QUESTION, layer), key_block(clip_keys(model, clips, layer)), 64)
+    torch.testing.assert_close(scores.detach(), plain, rtol=0, atol=0)
+    assert clip_keys(model, clips, layer).is_inference() and not keys.is_inference()
+    model.zero_grad()
+    (-scores[3].log()).backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    attn = model.llm.model.layers[layer].self_attn
+    assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
+    assert model.llm.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert attn.v_proj.weight.grad is None and attn.o_proj.weight.grad is None  # past the score: untouched
+    assert all(p.grad is None for p in model.llm.model.layers[layer + 1].parameters())
+    model.zero_grad()

@@ -133,8 +133,12 @@ def test_long_videos_hold_brief_events_no_other_scene_shows() -> None:
             assert before is None or np.abs(before.astype(int) - COLOURS[b.colour]).max() > 0
         qas = brief_questions(video, rng)
         for b in video.briefs:
-            assert QA("colour", f"What colour is the {b.shape}?", b.colour, tuple(COLOURS)) in qas
-            assert QA("presence", f"Is there a {b.name} in the video?", "yes", ("yes", "no")) in qas
+            at = ((b.appear_s, b.leave_s),)
+            assert QA("colour", f"What colour is the {b.shape}?", b.colour, tuple(COLOURS), at) in qas
+            assert QA("presence", f"Is there a {b.name} in the video?", "yes", ("yes", "no"), at) in qas
+        for q in qas:  # every question's moments are the spans of the events it names
+            named = [b for b in video.briefs if f" {b.shape}" in q.question]
+            assert named and set(q.moments) == {(b.appear_s, b.leave_s) for b in named}
         noes = [q for q in qas if q.answer == "no"]
         assert len(noes) == len(video.briefs) and all(
             not any(q.question == f"Is there a {b.name} in the video?" for b in video.briefs) for q in noes
@@ -151,6 +155,11 @@ def test_brief_data_set_is_training_format(tmp_path: Path) -> None:
     make_dataset(tmp_path, videos=2, test_videos=1, seconds=(32.0,), seed=1, kind="brief")
     samples = read_samples(tmp_path / "train.jsonl")
     assert {s.extra["category"] for s in samples} <= {"colour", "presence", "order"}
+    assert all(len(s.moments) in (1, 2) for s in samples)  # written for the relevance loss
+    scenes = {json.loads(line)["video"]: json.loads(line)["scene"] for line in open(tmp_path / "scenes.jsonl")}
+    for s in samples:
+        briefs = scenes[str(s.video.relative_to(tmp_path))]["briefs"]
+        assert set(s.moments) <= {(b["appear_s"], b["leave_s"]) for b in briefs}
     assert all(s.video.is_file() for s in samples)
     with pytest.raises(ValueError, match="unknown dataset kind"):
         make_dataset(tmp_path / "x", videos=1, kind="nope")

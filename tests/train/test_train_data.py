@@ -74,6 +74,12 @@ def test_official_format_reads(tmp_path: Path, videos: list[Path]) -> None:
         ({"video": "a.mp4", "start": 5, "end": 2, "conversations": conversation("Q", "A")}, "must be after"),
         ({"video": "a.mp4", "start": "x", "conversations": conversation("Q", "A")}, "`start` must be seconds"),
         ({"video": ["a.mp4", "b.mp4"], "conversations": conversation("Q", "A")}, "must be one path"),
+        ({"video": "a.mp4", "moments": [[4, 2]], "conversations": conversation("Q", "A")}, "0 <= start < end"),
+        ({"video": "a.mp4", "moments": [[-1, 2]], "conversations": conversation("Q", "A")}, "0 <= start < end"),
+        ({"video": "a.mp4", "moments": [[1, "2"]], "conversations": conversation("Q", "A")}, "[start, end] seconds"),
+        ({"video": "a.mp4", "moments": [3, 4], "conversations": conversation("Q", "A")}, "[start, end] seconds"),
+        ({"video": "a.mp4", "moments": {"a": 1}, "conversations": conversation("Q", "A")}, "`moments` must be a list"),
+        ({"video": "a.mp4", "moments": [[0, 1]] * 65, "conversations": conversation("Q", "A")}, "at most 64"),
     ],
 )
 def test_a_malformed_line_is_named(tmp_path: Path, line: object, message: str) -> None:
@@ -131,3 +137,18 @@ def test_frames_are_the_ones_ask_uses(tiny_base: Path, data: Path) -> None:
         from_cache.prompt_tokens,
     )
     assert from_file.token_ids == from_cache.token_ids
+
+
+def test_moments_say_which_clips_answer(tmp_path: Path, videos: list[Path], tiny_base: Path) -> None:
+    """`moments` ([start, end] seconds on the video's clock) become the clips whose frames fall inside them."""
+    line = {"video": str(videos[2]), "moments": [[8, 9.5], [14.0, 20]], "conversations": conversation("Q", "A")}
+    [sample] = read_samples(write_lines(tmp_path / "d.jsonl", [line]))
+    assert sample.moments == ((8.0, 9.5), (14.0, 20.0)) and "moments" not in sample.extra
+    model = VideoChatFlash.from_pretrained(tiny_base)
+    frames = FrameCache(model.config.vision.image_size, 512).get(sample)  # 16 frames at 1 fps: t = 0, 1, ..., 15
+    assert frames.times_s.tolist() == [float(t) for t in range(16)]
+    assert frames.clips_within(sample.moments, 4) == [2, 3]  # frames 8, 9 (clip 2) and 14, 15 (clip 3)
+    assert frames.clips_within([(3.5, 4.0)], 4) == [1]  # frame 4 only
+    assert frames.clips_within([(16.5, 30.0)], 4) == []  # after the last frame
+    ranged = read_samples(write_lines(tmp_path / "r.jsonl", [line | {"start": 8, "end": 16}]))[0]
+    assert FrameCache(model.config.vision.image_size, 512).get(ranged).clips_within(ranged.moments, 4) == [0, 1]

@@ -24,6 +24,7 @@ from hico.train import (
     chunk_by_video,
     encode_conversation,
     normalize_answer,
+    relevance_loss,
     shared_prefix_forward,
     train,
 )
@@ -139,6 +140,37 @@ def test_loss_falls_and_only_the_asked_parts_change(
             assert not torch.equal(value, trained[key]), f"{key} did not train"
         else:
             assert torch.equal(value, trained[key]), f"{key} changed although frozen"
+
+
+def test_the_relevance_loss_teaches_the_key_index_the_moments(
+    tiny_base: Path, videos: list[Path], tmp_path: Path
+) -> None:
+    """Lines with `moments` train the scoring layer's query and keys to rank the clips that answer first: the
+    relevance loss falls, the answer loss is still trained, and evaluation reports the key index's top-1."""
+    lines = [
+        {"video": str(v), "moments": [[0, 3]], "conversations": conversation("What is there at the start?", "a circle")}
+        for v in videos  # 8, 12 and 16 s at 1 fps: 2-4 clips, the first one without the square
+    ]
+    data = write_lines(tmp_path / "d.jsonl", lines)
+
+    def losses(model_dir: Path) -> tuple[float, float]:
+        model = VideoChatFlash.from_pretrained(model_dir)
+        cache = FrameCache(model.config.vision.image_size, 512)
+        batcher = Batcher(model, TrainConfig(data=str(data), model="-", out="-"), cache)
+        with torch.no_grad():
+            batches = batcher.build(chunk_by_video(read_samples(data), 16), np.random.default_rng(0))
+            assert [b.moments for b in batches] == [[("What is there at the start?", [0])]] * 3
+            return float(relevance_loss(model, batches, 2)), float(answer_loss(model, batches))
+
+    before = losses(tiny_base)
+    result = train(
+        config(data, tiny_base, tmp_path / "out", eval_data=str(data), relevance=10.0, max_steps=8, eval_every=8)
+    )
+    after = losses(tmp_path / "out")
+    assert after[0] < before[0] - 0.1 and after[1] < before[1], (before, after)
+    assert {"train_relevance_loss", "eval_moment_top1"} <= result.evals[-1].keys()
+    with pytest.raises(ValueError, match="relevance is a loss weight"):
+        config(data, tiny_base, tmp_path / "x", relevance=-1.0)
 
 
 def test_lora_merged_equals_base_plus_adapter_and_layout_is_official(
