@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import get_args
@@ -23,6 +25,8 @@ from typing import get_args
 import numpy as np
 
 from memory.records import ClipMeta, ClipRecord, TokenFormat
+
+log = logging.getLogger(__name__)
 
 F16 = np.dtype("<f2")
 INT8_MAX = 127
@@ -166,3 +170,94 @@ def meta_to_json(meta: ClipMeta) -> str:
 def meta_from_json(text: str | bytes) -> ClipMeta:
     fields = json.loads(text)
     return ClipMeta(**{**fields, "frame_media_times": tuple(fields["frame_media_times"])})
+
+
+# -- a clip's keys at the reasoner's scoring layer (reasoner.keys), kept beside its tokens ------------------------
+
+KEY_TAG = re.compile(r"[0-9A-Za-z_.-]{1,32}")  # the reasoner's digest of the model and layer that made the keys
+
+
+@dataclass(frozen=True)
+class EncodedKeys:
+    """Clips' keys as float16 blobs, one a clip, all of one shape 'HkvxTxhd' under one tag."""
+
+    tag: str
+    shape: str
+    tokens: int  # T: the clip's tokens, one key each
+    width: int  # Hkv * hd: one token's keys
+    seqs: list[int]
+    blobs: list[bytes]
+
+
+def check_tag(tag: str) -> str:
+    if not isinstance(tag, str) or not KEY_TAG.fullmatch(tag):
+        raise ValueError(f"a key tag must be 1-32 characters of [0-9A-Za-z_.-], got {tag!r}")
+    return tag
+
+
+def encode_keys(stream_id: str, tag: str, seqs: Sequence[int], keys: np.ndarray) -> EncodedKeys:
+    """Validate clips' keys [n, Hkv, T, hd] for `seqs` (distinct, >= 0) and turn each clip's into float16 bytes."""
+    check_stream_id(stream_id)
+    check_tag(tag)
+    keys = np.asarray(keys)
+    seqs = [int(s) for s in seqs]
+    if keys.ndim != 4 or len(keys) != len(seqs) or 0 in keys.shape[1:]:
+        raise ValueError(f"stream {stream_id!r}: keys must be [{len(seqs)}, Hkv, T, hd], got {keys.shape}")
+    if len(set(seqs)) != len(seqs) or any(s < 0 for s in seqs):
+        raise ValueError(f"stream {stream_id!r}: key seqs must be distinct and >= 0, got {seqs[:8]}")
+    with np.errstate(over="ignore"):  # out of float16's range becomes inf, refused just below
+        k16 = keys.astype(F16)
+    if not np.isfinite(k16).all():
+        raise ValueError(f"stream {stream_id!r}: keys not finite in float16")
+    _, hkv, t, hd = keys.shape
+    return EncodedKeys(tag, f"{hkv}x{t}x{hd}", t, hkv * hd, seqs, [k.tobytes() for k in k16])
+
+
+def check_keys_fit(stream_id: str, enc: EncodedKeys, shape: str | None) -> None:
+    """ValueError unless the keys are of clips of the stream's token shape 'TxD' (None: no clip yet): one key per
+    token, no wider than a token, so a clip's keys never outweigh its tokens in float16."""
+    if shape is None:
+        return
+    n, d = map(int, shape.split("x"))
+    if enc.tokens != n or enc.width > d:
+        raise ValueError(
+            f"stream {stream_id!r} holds {shape} tokens: keys {enc.shape} must have {n} tokens and Hkv * hd <= {d}"
+        )
+
+
+def decode_keys(blob: bytes | None, shape: str | bytes | None) -> np.ndarray | None:
+    """Float16 [Hkv, T, hd] from a stored blob, or None where blob and shape disagree (a damaged value)."""
+    try:
+        dims = tuple(int(x) for x in (shape.decode() if isinstance(shape, bytes) else shape or "").split("x"))
+    except ValueError:
+        return None
+    if blob is None or len(dims) != 3 or min(dims) < 1 or len(blob) != 2 * int(np.prod(dims)):
+        return None
+    return np.frombuffer(blob, dtype=F16).reshape(dims)
+
+
+KeyRow = tuple[
+    str | bytes | None, str | bytes | None, bytes | None
+]  # a clip's (tag, shape, blob) as a backend reads it
+
+
+def stack_keys(
+    stream_id: str, seqs: Sequence[int], rows: Mapping[int, KeyRow], tag: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(found seqs int64 [m], float16 keys [m, Hkv, T, hd]) of those of `seqs` whose row (tag, shape, blob) holds
+    keys under `tag`, in the order asked. A damaged row, or one of another shape than the first found, is left
+    out (a miss: keys are a cache, rebuilt from the tokens), with a warning."""
+    found: list[int] = []
+    out: list[np.ndarray] = []
+    for seq in seqs:
+        row = rows.get(int(seq))
+        if row is None or (row[0].decode() if isinstance(row[0], bytes) else row[0]) != tag:
+            continue
+        keys = decode_keys(row[2], row[1])
+        if keys is None or (out and keys.shape != out[0].shape):
+            log.warning("event=keys_damaged stream=%r seq=%d shape=%r: left out", stream_id, seq, row[1])
+            continue
+        found.append(int(seq))
+        out.append(keys)
+    stacked = np.stack(out) if out else np.empty((0, 0, 0, 0), dtype=F16)
+    return np.array(found, dtype=np.int64), stacked

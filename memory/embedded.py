@@ -6,7 +6,8 @@ blobs come last in each row so range scans never read their overflow pages.
 
 A clip row is ~8 KB (its tokens inline), so at 1M clips the table's pages outgrow any cache. Metadata reads by seq
 (a pick) go to a covering index (clips_meta, ~40 clips a page) instead; only the tokens an Ask uses come from the
-rows. The file records its layout's version (PRAGMA user_version): an older file is brought up to date on open,
+rows. The reasoner's keys of a clip (`put_keys`: 8 KB tiny, 32 KB 2B) sit in its row after the tokens: they go with it.
+The file records its layout's version (PRAGMA user_version): an older file is brought up to date on open,
 in one transaction, and one from a newer version is refused.
 
 Picks (an Ask's clips) never scan a stream: each stream's clip times sit in RAM (memory.timeline, loaded from the
@@ -83,6 +84,9 @@ CREATE TABLE IF NOT EXISTS clips (
     vector BLOB NOT NULL,
     tokens BLOB NOT NULL,
     thumbnail BLOB,
+    key_tag TEXT,
+    key_shape TEXT,
+    key_blob BLOB,
     PRIMARY KEY (stream_id, seq)
 );
 CREATE INDEX IF NOT EXISTS clips_media ON clips (stream_id, media_start, seq);
@@ -222,6 +226,7 @@ class EmbeddedStore(MemoryStore):
         self._add_spans(db)
         self._add_counters(db)
         self._add_thumbnails(db)
+        self._add_keys(db)
         if version < SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if older:
@@ -255,6 +260,14 @@ class EmbeddedStore(MemoryStore):
             return
         db.execute("ALTER TABLE clips ADD COLUMN thumbnail BLOB")
         log.info("memory at %s: clips keep a thumbnail from now on", self.path)
+
+    def _add_keys(self, db: sqlite3.Connection) -> None:
+        """Give a file written before clips kept the reasoner's keys (reasoner.keys) those columns (NULL: none)."""
+        if "key_blob" in {row[1] for row in db.execute("PRAGMA table_info(clips)")}:
+            return
+        for column in ("key_tag TEXT", "key_shape TEXT", "key_blob BLOB"):
+            db.execute(f"ALTER TABLE clips ADD COLUMN {column}")
+        log.info("memory at %s: clips keep the reasoner's keys from now on", self.path)
 
     @staticmethod
     def _stream(db: sqlite3.Connection, stream_id: str) -> tuple[Any, ...]:
@@ -419,6 +432,49 @@ class EmbeddedStore(MemoryStore):
                 (stream_id, json.dumps(seqs)),
             ).fetchall()
         return codec.stack_tokens(stream_id, seqs, shape, {r[0]: r[1:] for r in rows})
+
+    def put_keys(
+        self, stream_id: str, tag: str, seqs: Sequence[int], keys: np.ndarray, *, generation: str | None = None
+    ) -> int:
+        enc = codec.encode_keys(stream_id, tag, seqs, keys)
+        with self._tx() as db:
+            shape, _, _, _, _, _, held_generation = self._stream(db, stream_id)
+            if generation is not None and held_generation != generation:
+                return 0
+            codec.check_keys_fit(stream_id, enc, shape)
+            held = dict(  # seq -> the bytes of the keys it holds now, which the new ones replace
+                db.execute(
+                    "SELECT seq, COALESCE(LENGTH(key_blob), 0) FROM clips "
+                    "WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?))",
+                    (stream_id, json.dumps(enc.seqs)),
+                ).fetchall()
+            )
+            rows = [(seq, blob) for seq, blob in zip(enc.seqs, enc.blobs, strict=True) if seq in held]
+            db.executemany(
+                "UPDATE clips SET key_tag = ?, key_shape = ?, key_blob = ?, nbytes = nbytes + ? "
+                "WHERE stream_id = ? AND seq = ?",
+                [(tag, enc.shape, blob, len(blob) - held[seq], stream_id, seq) for seq, blob in rows],
+            )
+            total, max_bytes = db.execute(
+                "UPDATE streams SET bytes = bytes + ? WHERE stream_id = ? RETURNING bytes, max_bytes",
+                (sum(len(blob) - held[seq] for seq, blob in rows), stream_id),
+            ).fetchone()
+            if max_bytes is not None and total > max_bytes:
+                evicted = self._evict_oldest(db, stream_id, total - max_bytes)
+                log.debug("stream %r over %d bytes: evicted seqs %s on put_keys", stream_id, max_bytes, evicted)
+        return len(rows)
+
+    def keys(self, stream_id: str, tag: str, seqs: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        codec.check_tag(tag)
+        seqs = [int(s) for s in seqs]
+        with self._tx(write=False) as db:
+            self._stream(db, stream_id)
+            rows = db.execute(
+                "SELECT seq, key_tag, key_shape, key_blob FROM clips "
+                "WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?)) AND key_tag = ?",
+                (stream_id, json.dumps(seqs), tag),
+            ).fetchall()
+        return codec.stack_keys(stream_id, seqs, {r[0]: r[1:] for r in rows}, tag)
 
     def thumbnails(self, stream_id: str, seqs: Sequence[int]) -> dict[int, bytes]:
         with self._tx(write=False) as db:

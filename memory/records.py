@@ -64,7 +64,7 @@ class Retention:
 class StreamStats:
     stream_id: str
     clips: int
-    bytes: int  # token + vector + thumbnail bytes held
+    bytes: int  # token + vector + thumbnail + key-index bytes held
     first: ClipMeta | None
     last: ClipMeta | None
     retention: Retention = field(default_factory=Retention)

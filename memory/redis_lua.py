@@ -90,6 +90,38 @@ return {1, evicted}
 """
 )
 
+# KEYS: streams, info, media, wall, seqs. ARGV: stream_id, clip prefix, tag, key shape ('HkvxTxhd'), tokens per clip
+# (T), key width (Hkv * hd), generation ('' for any), eviction limit, then (member, keys blob) pairs. Keeps the
+# keys in the clips' own hashes (fields ktag, kshape, keys: they go with the clip), counted in its nbytes and the
+# stream's bytes. Returns {-2} if the stream is unknown, {-1, shape} if the keys do not fit its tokens, {0, {}} if
+# it is of another generation, else {clips that took keys, evicted members}.
+PUT_KEYS = (
+    _EVICT
+    + """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return {-2} end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[2], 'gen') ~= ARGV[7] then return {0, {}} end
+local shape = redis.call('HGET', KEYS[2], 'shape')
+if shape then
+  local t, d = string.match(shape, '^(%d+)x(%d+)$')
+  if tonumber(t) ~= tonumber(ARGV[5]) or tonumber(ARGV[6]) > tonumber(d) then return {-1, shape} end
+end
+local stored = 0
+for i = 9, #ARGV, 2 do
+  local clip = ARGV[2] .. ARGV[i]
+  if redis.call('EXISTS', clip) == 1 then
+    local delta = string.len(ARGV[i + 1]) - redis.call('HSTRLEN', clip, 'keys')
+    redis.call('HSET', clip, 'ktag', ARGV[3], 'kshape', ARGV[4], 'keys', ARGV[i + 1])
+    redis.call('HINCRBY', clip, 'nbytes', delta)
+    redis.call('HINCRBY', KEYS[2], 'bytes', delta)
+    stored = stored + 1
+  end
+end
+local evicted = {}
+evict_to_cap(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[2], evicted, tonumber(ARGV[8]))
+return {stored, evicted}
+"""
+)
+
 # KEYS: streams, info, media, wall, seqs. ARGV: stream_id, now, clip prefix, limit, offset (clips past the age
 # cutoff by start but not by end, skipped by earlier calls). One chunk of retention: evicts at most `limit` clips
 # by age, then (if the age pass is done) at most `limit` more by bytes. Returns {evicted members, clips skipped,

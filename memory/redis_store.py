@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 CHUNK = 256  # clips per bounded call: a pick's ranks, an eviction or a delete step (about a millisecond of Redis)
 SCAN_CHUNK = 4096  # members per ZRANGE when listing a stream's seqs or vectors
 PUT_EVICT_LIMIT = 64  # evictions one write may make; a lowered max_bytes is met over the next writes or sweeps
+KEYS_CHUNK = 32  # clips' keys per PUT_KEYS call: 1 MB for the 2B (32 KB a clip), so no call holds Redis long
 
 
 class _StreamKeys(NamedTuple):
@@ -62,7 +63,8 @@ class _StreamKeys(NamedTuple):
     media: str  # sorted set: member -> media_start
     wall: str  # sorted set: member -> wall_start
     seqs: str  # sorted set: member -> seq (for an index to fetch only the clips after its last)
-    clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end, thumb (if any)
+    clip_prefix: str  # + member: hash of meta, fmt, ntok, dim, tokens, vector, nbytes, wall_end, thumb (if any),
+    # and ktag, kshape, keys (the reasoner's keys, if any)
     streams: str  # set: the ids of the registered streams (a cluster: this stream's own, holding only its id)
     configs: str  # hash: stream_id -> sealed config (a cluster: this stream's own)
 
@@ -153,6 +155,7 @@ class RedisStore(MemoryStore):
         self._streams_key = f"{prefix}:streams"
         self._configs_key = f"{prefix}:configs"
         self._put = self._redis.register_script(redis_lua.PUT)
+        self._put_keys = self._redis.register_script(redis_lua.PUT_KEYS)
         self._enforce = self._redis.register_script(redis_lua.ENFORCE)
         self._locate = self._redis.register_script(redis_lua.LOCATE)
         self._fetch = self._redis.register_script(redis_lua.FETCH)
@@ -332,6 +335,54 @@ class RedisStore(MemoryStore):
         held = {seq: f for seq, f in zip(wanted, fields, strict=True) if f[0]}
         blobs = {seq: (blob, fmt.decode(), int(n), int(d)) for seq, (blob, fmt, n, d) in held.items()}
         return codec.stack_tokens(stream_id, seqs, None if shape is None else shape.decode(), blobs)
+
+    def put_keys(
+        self, stream_id: str, tag: str, seqs: Sequence[int], keys: np.ndarray, *, generation: str | None = None
+    ) -> int:
+        """A chunk of clips per call (KEYS_CHUNK), each atomic."""
+        enc = codec.encode_keys(stream_id, tag, seqs, keys)
+        k = self._keys(stream_id)
+        stored, evicted = 0, []
+        for i in range(0, len(enc.seqs), KEYS_CHUNK):
+            pairs = zip(enc.seqs[i : i + KEYS_CHUNK], enc.blobs[i : i + KEYS_CHUNK], strict=True)
+            with self._reachable():
+                reply = self._put_keys(
+                    keys=[k.streams, k.info, k.media, k.wall, k.seqs],
+                    args=[
+                        stream_id,
+                        k.clip_prefix,
+                        tag,
+                        enc.shape,
+                        enc.tokens,
+                        enc.width,
+                        generation or "",
+                        PUT_EVICT_LIMIT,
+                        *(x for seq, blob in pairs for x in (_member(seq), blob)),
+                    ],
+                )
+            if reply[0] == -2:
+                raise UnknownStream(stream_id)
+            if reply[0] == -1:
+                codec.check_keys_fit(stream_id, enc, reply[1].decode())  # raises, naming both shapes
+            stored += reply[0]
+            evicted += [int(m) for m in reply[1]]
+        if evicted:
+            log.debug("stream %r over its max_bytes: evicted seqs %s on put_keys", stream_id, evicted)
+        return stored
+
+    def keys(self, stream_id: str, tag: str, seqs: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        codec.check_tag(tag)
+        seqs = [int(s) for s in seqs]
+        wanted = sorted(set(seqs))
+        k = self._keys(stream_id)
+        pipe = self._redis.pipeline(transaction=False).sismember(k.streams, stream_id)
+        for seq in wanted:
+            pipe.hmget(k.clip_prefix + _member(seq), "ktag", "kshape", "keys")
+        with self._reachable():
+            known, *fields = pipe.execute()
+        if not known:
+            raise UnknownStream(stream_id)
+        return codec.stack_keys(stream_id, seqs, dict(zip(wanted, fields, strict=True)), tag)
 
     def thumbnails(self, stream_id: str, seqs: Sequence[int]) -> dict[int, bytes]:
         k = self._keys(stream_id)

@@ -143,6 +143,25 @@ class MemoryStore(abc.ABC):
         """Float16 [len(seqs), T, D] tokens in the order asked; KeyError naming the seqs that are not held."""
 
     @abc.abstractmethod
+    def put_keys(
+        self, stream_id: str, tag: str, seqs: Sequence[int], keys: np.ndarray, *, generation: str | None = None
+    ) -> int:
+        """Keep clips' keys [len(seqs), Hkv, T, hd] (`reasoner.keys`) beside their tokens, as float16, under `tag`
+        (the model and layer that made them, 1-32 of [0-9A-Za-z_.-]); how many clips were held to take them.
+
+        One set a clip: keys under another tag replace it. They go with their clip (eviction, delete_stream) and
+        count in its bytes, so a put may evict the stream's oldest clips as `put` does. A seq not held is skipped,
+        and nothing is written unless the stream is still of `generation` when given (deleted and made again, its
+        seqs name other clips). ValueError for a bad tag, seqs or shape: T must be the clip's tokens and Hkv * hd at
+        most their width (keys never outweigh tokens); UnknownStream if the stream is not registered.
+        """
+
+    @abc.abstractmethod
+    def keys(self, stream_id: str, tag: str, seqs: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(found seqs int64 [m], float16 keys [m, Hkv, T, hd]) of those of `seqs` held with keys under `tag`, in the
+        order asked. Keys under another tag, or damaged ones, are misses, never errors; UnknownStream as `tokens`."""
+
+    @abc.abstractmethod
     def thumbnails(self, stream_id: str, seqs: Sequence[int]) -> dict[int, bytes]:
         """The JPEG thumbnails of those of `seqs` the stream holds with one, by seq (UnknownStream if it is not
         registered; a seq not held, or stored without a thumbnail, is left out). O(1) per seq."""
@@ -167,7 +186,7 @@ class MemoryStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_stream(self, stream_id: str) -> None:
-        """Forget the stream: its clips, retention, counters and config."""
+        """Forget the stream: its clips (with their keys), retention, counters and config."""
 
     @abc.abstractmethod
     def set_retention(self, stream_id: str, retention: Retention) -> None:

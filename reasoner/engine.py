@@ -31,7 +31,7 @@ from hico.relevance import block_scores, clip_keys, default_layer, question_quer
 from memory.index import ClipIndex
 from memory.records import ClipMeta, Clock
 from memory.store import MemoryStore, Picked
-from reasoner.keys import KeyIndex, KeyIndexer
+from reasoner.keys import KeyIndex, KeyIndexer, StoredKeys
 from vcflash.serve.errors import Invalid, NotFound, excerpt
 from vcflash.serve.settings import ReasonerSettings
 
@@ -265,7 +265,8 @@ class Reasoner:
         self.model, self.store, self.index = model, store, index
         self.limits = limits or ReasonerSettings()
         self.model_lock = model_lock or threading.Lock()
-        self.keys = KeyIndex()  # where the model builds them: float32 on a CPU, the model's dtype on an accelerator
+        # where the model builds them: float32 on a CPU, the model's dtype on an accelerator; loaded from memory first
+        self.keys = KeyIndex(stored=StoredKeys.of(store, model) if self.limits.keys_stored else None)
         self.scans_capped = 0  # scans over `limits.max_scan_clips` clips, scored by the key index instead
 
     def ask(self, p: AskParams) -> Iterator[str | AskResult]:

@@ -5,6 +5,12 @@ A clip's keys depend on nothing but its tokens, so they are computed once: ahead
 counted, never an error). A question then costs one short prefill for its query and one product with the range's
 keys (`hico.relevance.block_scores`).
 
+Persisted: with `StoredKeys`, memory keeps each clip's keys beside its tokens (`MemoryStore.put_keys`, float16,
+under a tag naming the model, layer and dtype that made them, `key_tag`). What memory holds for the tag is loaded
+before anything is computed, so a restarted reasoner, or another replica, fills its blocks from memory and computes
+only the clips nobody has; what it computes it writes back. Keys are a cache and tokens the truth: a memory that
+fails to read or keep them is logged and counted (`store_failures`), and the keys are built, or kept in RAM only.
+
 Layout: each stream's keys are one growable block [Hkv, hd, rows * T] (`hico.relevance.key_block`: each kv head's
 keys one [hd, tokens] matrix, which is what the product with the query reads without a transpose; measured on
 this VM's CPU, 9.5 ms against 12.6 ms for [Hkv, tokens, hd] over 7,500 clips), rows ascending by seq. A range
@@ -24,6 +30,9 @@ writes rows it covers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -34,12 +43,44 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hico.relevance import key_block
+from hico.model import VideoChatFlashModel
+from hico.relevance import context_prefix, default_layer, key_block
 from memory.store import MemoryStore, UnknownStream
 
 log = logging.getLogger(__name__)
 
 GROWTH = 1.5  # a full block grows to this many times its rows
+LOAD_BATCH = 256  # clips' keys `KeyIndexer` reads from memory at once (8 MB for the 2B): no model time, so not sized
+KEYS_LAYOUT = 1  # in every tag: raised when `clip_keys` computes other keys from the same weights, so old ones miss
+SAMPLED = 4096  # values of each LLM tensor a tag digests
+
+
+def key_tag(model: VideoChatFlashModel, layer: int) -> str:
+    """The tag memory keeps keys under (`MemoryStore.put_keys`): a digest of what makes them: the LLM's config, the
+    scoring layer, the model's dtype, the context a clip is spliced into, and the weights (each LLM tensor's name,
+    shape and `SAMPLED` evenly spaced values: a fine-tune changes them everywhere, and hashing all of a 2B's weights
+    would cost seconds at every start). Keys of another model, layer or dtype are then misses, never used."""
+    h = hashlib.blake2b(digest_size=8)
+    made_by = [KEYS_LAYOUT, layer, str(model.dtype), dataclasses.asdict(model.config.text), context_prefix(model)]
+    h.update(json.dumps(made_by, sort_keys=True).encode())
+    for name, p in model.llm.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(flat[:: max(1, len(flat) // SAMPLED)][:SAMPLED].float().cpu().numpy().tobytes())
+    return f"k{KEYS_LAYOUT}-{h.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class StoredKeys:
+    """Memory keeping each clip's keys beside its tokens, under `tag` (`key_tag` of the model that makes them)."""
+
+    store: MemoryStore
+    tag: str
+
+    @classmethod
+    def of(cls, store: MemoryStore, model: VideoChatFlashModel) -> StoredKeys:
+        """For the keys `reasoner.engine.Reasoner.clip_keys` makes: at the model's default scoring layer."""
+        return cls(store, key_tag(model, default_layer(model.config.text)))
 
 
 def capacity_for(rows: int) -> int:
@@ -100,16 +141,25 @@ class KeyIndex:
     """Per-stream key blocks (see the module docstring). Thread-safe; `build` callbacks run outside its lock."""
 
     def __init__(
-        self, max_clips: int = 100_000, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        max_clips: int = 100_000,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        stored: StoredKeys | None = None,
     ) -> None:
         """Keys are kept on `device` in `dtype`; by default where they were built, in float32 on a CPU (no fast half
-        GEMM there) and in their own dtype (the model's) on an accelerator."""
+        GEMM there) and in their own dtype (the model's) on an accelerator. With `stored`, keys are read from and
+        written to memory, and those built are rounded to float16 as memory keeps them (so an index filled from
+        memory scores exactly as the one that built them; on an accelerator the block is then float16)."""
         if max_clips < 1:
             raise ValueError(f"max_clips must be >= 1, got {max_clips}")
         self.max_clips = max_clips
         self.device, self.dtype = None if device is None else torch.device(device), dtype
+        self.stored = stored
         self.built = 0  # clips whose keys a question built (lazily), since start
         self.built_ahead = 0  # clips whose keys were built as they were written (`KeyIndexer`), since start
+        self.loaded = 0  # clips whose keys were read from memory (`stored`), since start
+        self.store_failures = 0  # reads or writes of keys that memory failed (logged; the keys built or kept in RAM)
         self._blocks: OrderedDict[str, _Block] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
@@ -166,7 +216,9 @@ class KeyIndex:
             found = block.rows(want)[1] if block is not None else np.zeros(len(want), bool)
         missing = np.unique(want[~found]).tolist()
         if missing:
-            self.add(stream_id, missing, build(missing), generation, ahead=False)
+            loaded = set(self._load(stream_id, missing, generation, evict=False).tolist())
+            if rest := [s for s in missing if s not in loaded]:
+                self.add(stream_id, rest, build(rest), generation, ahead=False)
         with self._lock:
             block = self._block(stream_id, generation)
             assert block is not None or not len(want)
@@ -175,7 +227,7 @@ class KeyIndex:
             rows, found = block.rows(want)
             if not found.all():  # dropped by a concurrent caller's overflow: build those again, alone
                 lost = want[~found].tolist()
-                self._insert(block, stream_id, lost, build(lost))
+                self._insert(block, stream_id, lost, self._rounded(build(lost)))
                 self.built += len(lost)
                 rows, found = block.rows(want)
             self._blocks.move_to_end(stream_id)
@@ -191,10 +243,64 @@ class KeyIndex:
         generation: str | None = None,
         ahead: bool = True,
     ) -> int:
-        """Hold the keys [m, Hkv, T, hd] of the stream's clips `seqs` (those already held are skipped); counted in
-        `built_ahead`, or `built` when a question built them (`ahead=False`). Returns how many were new."""
+        """Hold the keys [m, Hkv, T, hd] built for the stream's clips `seqs` (those already held are skipped), and
+        write the new ones to memory with `stored`; counted in `built_ahead`, or `built` when a question built them
+        (`ahead=False`). Returns how many were new."""
         if len(seqs) != len(keys):
             raise ValueError(f"{len(seqs)} seqs for {len(keys)} clips' keys")
+        if self.stored is not None:
+            keys, want = self._rounded(keys), np.asarray(seqs, dtype=np.int64)
+            fresh = ~np.isin(want, self.held(stream_id, generation)) & ~_repeated(want)
+            self._save(stream_id, want[fresh].tolist(), keys[torch.from_numpy(fresh).to(keys.device)], generation)
+        return self._hold(stream_id, seqs, keys, generation, "ahead" if ahead else "lazily", evict=ahead)
+
+    def load(self, stream_id: str, seqs: Sequence[int], generation: str | None = None) -> np.ndarray:
+        """Hold the keys memory keeps for those of the stream's clips `seqs` not held yet (none without `stored`);
+        their seqs (int64), counted in `loaded`. A memory that fails to read them loads none (logged, counted)."""
+        return self._load(stream_id, seqs, generation, evict=True)
+
+    def _load(self, stream_id: str, seqs: Sequence[int], generation: str | None, evict: bool) -> np.ndarray:
+        """`load`; `evict` False for a question's own clips (`get` evicts after, knowing which to keep)."""
+        if self.stored is None or not len(seqs):
+            return np.empty(0, np.int64)
+        try:
+            found, keys = self.stored.store.keys(stream_id, self.stored.tag, seqs)
+        except UnknownStream:
+            return np.empty(0, np.int64)
+        except Exception as e:  # noqa: BLE001 - keys are a cache: built from the tokens instead
+            with self._lock:
+                self.store_failures += 1
+            log.warning("event=keys_load_failed stream=%r clips=%d error=%s", stream_id, len(seqs), e)
+            return np.empty(0, np.int64)
+        if len(found):
+            self._hold(stream_id, found.tolist(), torch.from_numpy(keys), generation, "loaded", evict)
+        return found
+
+    def _save(self, stream_id: str, seqs: list[int], keys: torch.Tensor, generation: str | None) -> None:
+        """Write built keys to memory beside their clips' tokens; a failure is logged and counted, never raised."""
+        if not seqs or self.stored is None:
+            return
+        try:
+            self.stored.store.put_keys(
+                stream_id, self.stored.tag, seqs, keys.cpu().numpy(), generation=generation or None
+            )
+        except Exception as e:  # noqa: BLE001 - keys are a cache: this process keeps them in RAM all the same
+            with self._lock:
+                self.store_failures += 1
+            log.warning("event=keys_store_failed stream=%r clips=%d error=%s", stream_id, len(seqs), e)
+
+    def _rounded(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys as memory keeps them (float16) when it does and they fit; else as built (memory then refuses them)."""
+        if self.stored is None:
+            return keys
+        k16 = keys.to(torch.float16)
+        return k16 if bool(torch.isfinite(k16).all()) else keys
+
+    def _hold(
+        self, stream_id: str, seqs: Sequence[int], keys: torch.Tensor, generation: str | None, when: str, evict: bool
+    ) -> int:
+        """`add` without memory: hold the keys, count the new ones under `when` (ahead, lazily, loaded), and past
+        `max_clips` evict (not for a question's own clips: `get` evicts after, knowing which to keep)."""
         with self._lock:
             block = self._block(stream_id, generation)
             if block is None:
@@ -204,12 +310,14 @@ class KeyIndex:
                 empty = torch.empty(hkv, hd, 0, dtype=dtype, device=device)
                 block = self._blocks[stream_id] = _Block(empty, np.empty(0, np.int64), t, generation)
             new = self._insert(block, stream_id, list(seqs), keys)
-            if ahead:
+            if when == "ahead":
                 self.built_ahead += new
-            else:
+            elif when == "lazily":
                 self.built += new
+            else:
+                self.loaded += new
             self._blocks.move_to_end(stream_id)
-            if ahead:  # a question's own clips are evicted by `get`, which knows which to keep
+            if evict:
                 self._evict(keep=stream_id)
             return new
 
@@ -328,8 +436,8 @@ class KeyIndexer:
             await asyncio.sleep(self.poll_s)
 
     def step(self) -> int:
-        """One batch of keys for every stream with clips not indexed yet; how many clips were built (0: every
-        stream is caught up). Blocking."""
+        """One batch of keys for every stream with clips not indexed yet; how many clips were built or loaded from
+        memory (0: every stream is caught up). Blocking."""
         streams = self.store.streams()
         for gone in set(self._next) - set(streams):  # deleted: its keys go too
             del self._next[gone]
@@ -343,7 +451,8 @@ class KeyIndexer:
         return built
 
     def _batch(self, stream_id: str, backlog: int) -> int:
-        """One batch of the stream's clips not indexed yet (at first sight, of its newest `backlog` clips)."""
+        """One batch of the stream's clips not indexed yet (at first sight, of its newest `backlog` clips): the keys
+        memory holds for the next `LOAD_BATCH` of them loaded, then a batch of the others built."""
         stats = self.store.stats(stream_id)
         if stats.first is None or stats.last is None:
             return 0
@@ -354,24 +463,27 @@ class KeyIndexer:
         self.index.forget_before(stream_id, stats.first.seq)
         todo = np.arange(start, stats.last.seq + 1, dtype=np.int64)
         todo = todo[~np.isin(todo, self.index.held(stream_id, stats.generation))]  # a question may have built some
-        seqs = todo[: batch_size(self._per_clip_s, self.batch_s)].tolist()
-        self._next[stream_id] = (stats.generation, seqs[-1] + 1 if seqs else max(start, stats.last.seq + 1))
+        window = todo[:LOAD_BATCH]
+        loaded = self.index.load(stream_id, window.tolist(), stats.generation)  # nothing to build for those
+        seqs = window[~np.isin(window, loaded)][: batch_size(self._per_clip_s, self.batch_s)].tolist()
+        done = seqs[-1] + 1 if seqs else int(window[-1]) + 1 if len(window) else stats.last.seq + 1
+        self._next[stream_id] = (stats.generation, max(start, done))
         if not seqs:
-            return 0
+            return len(loaded)
         held = self.store.metas(stream_id, seqs)
         seqs = [s for s in seqs if s in held]  # a seq never written, or evicted since
         if not seqs:
-            return 0
+            return len(loaded)
         try:
             tokens = torch.from_numpy(self.store.tokens(stream_id, seqs))
         except KeyError:  # evicted between the two reads: this batch again at the next round
             self._next[stream_id] = (stats.generation, start)
-            return 0
+            return len(loaded)
         t0 = time.perf_counter()
         with self.lock:
             keys = self.keys_of(tokens)
         self._per_clip_s = (time.perf_counter() - t0) / len(seqs)
-        return self.index.add(stream_id, seqs, keys, stats.generation)
+        return len(loaded) + self.index.add(stream_id, seqs, keys, stats.generation)
 
 
 def batch_size(per_clip_s: float, batch_s: float, most: int = 256) -> int:

@@ -311,6 +311,7 @@ class ReasonerCollector(Collector):
         )
         built.add_metric(["lazily"], keys.built)
         built.add_metric(["ahead"], keys.built_ahead)
+        built.add_metric(["loaded"], keys.loaded)  # from memory, where an earlier run stored them
         yield built
         yield GaugeMetricFamily("vcflash_key_index_clips", "Clips whose keys the key index holds", len(keys))
         yield GaugeMetricFamily("vcflash_key_index_bytes", "Bytes of the keys the key index holds", keys.bytes())

@@ -13,7 +13,8 @@ from hico.prompt import PromptVideo, build_prompt
 from reasoner.engine import AskError, AskParams, Reasoner, Segment
 from vcflash.serve.settings import ReasonerSettings
 
-LIMITS = ReasonerSettings(max_history_turn_chars=100, max_history_chars=250, max_prompt_tokens=400)
+# keys_stored off: the counting stand-in below has no weights to name stored keys by
+LIMITS = ReasonerSettings(max_history_turn_chars=100, max_history_chars=250, max_prompt_tokens=400, keys_stored=False)
 Q = "What happens?"
 
 

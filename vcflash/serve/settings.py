@@ -199,6 +199,9 @@ class ReasonerSettings(Section):
     # build the key index's keys in the background as clips are written (the default selection, index, reads them);
     # off: a question builds the keys of the clips it covers the first time (reasoner/keys.py)
     keys_ahead: bool = True
+    # keep those keys in memory beside each clip's tokens (they count toward the stream's bytes): a restarted or a
+    # second reasoner of the same model loads them instead of computing them (reasoner/keys.py, StoredKeys)
+    keys_stored: bool = True
     max_alerts: int = setting(100, lo=1)  # standing questions (vcflash alerts add), all streams together
     alert_poll_s: float = setting(0.2, lo=0.01, hi=60.0)  # how often the alert runner looks for new clips
     # replicated reasoners share the alerts' streams as ingest shards share streams (ingest/shards.py): this one
