@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,8 +114,9 @@ class RtspServer:
             command.append(f"--clock-offset={self.clock_offset_s}")
         if self.gop is not None:
             command.append(f"--gop={self.gop}")
+        self.stderr = tempfile.TemporaryFile()  # kept for `describe`: why a server died
         self.process = subprocess.Popen(
-            [*command, *(["--auth", self.auth] if self.auth else [])], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            [*command, *(["--auth", self.auth] if self.auth else [])], stdout=subprocess.PIPE, stderr=self.stderr
         )
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
@@ -123,12 +125,21 @@ class RtspServer:
             self.kill()
             raise RuntimeError(f"RTSP server on port {self.port} did not start within {timeout_s} s: {line!r}")
 
+    def describe(self) -> str:
+        """Whether the server still runs (or its exit status) and the end of what it wrote to stderr."""
+        if self.process is None:
+            return "not running"
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-2000:].decode(errors="replace")
+        return f"exit status {self.process.poll()}, stderr {tail!r}"
+
     def kill(self) -> None:
         """SIGKILL: the camera vanishes without a TEARDOWN, as when it loses power."""
         if self.process is not None:
             self.process.kill()
             self.process.wait(5)
             self.process.stdout.close()  # type: ignore[union-attr]
+            self.stderr.close()
             self.process = None
 
 
@@ -496,7 +507,10 @@ async def test_keyframes_only_camera_falls_back_when_its_gop_is_longer_than_the_
     manager = IngestManager(FAST, registry=registry)
     manager.add("fast", StreamSpec(server.url(), fps=FPS, keyframes_only=True))  # samples every 0.2 s
     manager.add("slow", StreamSpec(server.url(), fps=1.0, keyframes_only=True))
-    clips = [c for c in await take(manager, 3) if c.stream_id == "fast"]  # "slow" needs 4 s for its first clip
+    try:
+        clips = [c for c in await take(manager, 3) if c.stream_id == "fast"]  # "slow" needs 4 s for its first clip
+    except AssertionError as e:  # twice in full-suite runs the server was gone (connection refused): say why
+        raise AssertionError(f"{e}; RTSP server: {server.describe()}") from None
     deadline = time.monotonic() + 10
     while manager.worker("slow").status().decode != "keyframes only" and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -28,6 +28,7 @@ from protos.vcflash.v1 import vcflash_pb2_grpc as pb_grpc
 from reasoner.engine import AskParams, Reasoner
 from reasoner.keys import KeyIndex, StoredKeys, batch_size, key_tag
 from reasoner.server import ReasonerService
+from vcflash import niah
 from vcflash.serve.settings import ReasonerSettings, Settings
 
 HKV, T, HD, H = 2, 8, 4, 4  # small random keys: 2 kv heads, 8 tokens a clip, 4 dims, 4 query heads
@@ -439,16 +440,19 @@ def test_the_tag_names_the_model_layer_and_dtype_the_keys_come_from(model: Video
 
 
 def test_float16_keys_rank_the_same_top_clips_as_float32() -> None:
-    """Memory keeps keys in float16: on the shipped (trained) tiny model the top 10 clips come in the same order and
-    the scores stay within 0.5% of float32's (measured 0.07-0.10% at most over 300 random clips, three questions)."""
+    """Memory keeps keys in float16: on the shipped (trained) tiny model the top 10 clips come in the same order (up
+    to near ties) and the scores stay within 0.5% of float32's (measured 0.07-0.16% at most), over 300 clips of
+    rendered scenes (the needle evaluation's haystack, float16 tokens as memory holds them) and three questions."""
     model = VideoChatFlash.from_pretrained("tiny")
     layer = default_layer(model.config.text)
-    g = torch.Generator().manual_seed(3)
-    tokens = (torch.randn(300, 64, model.config.text.hidden_size, generator=g) * 0.05).half().float()
+    tokens = torch.from_numpy(niah.encode_haystack(model, niah.make_haystack(1200, 0))).float()  # [300, 64, D]
     keys = clip_keys(model, tokens, layer)  # float32 [300, Hkv, T, hd]
-    for question in [Q, "Is there a person at the door?", "What color is the car?"]:
+    for question in [Q, niah.question("circle"), "Is there a person at the door?"]:
         query = question_query(model, question, layer)
         exact, rounded = key_scores(query, keys), key_scores(query, keys.half())
         assert exact.max() > 20 * exact.min()  # scores that rank: far from uniform
-        assert torch.topk(exact, 10).indices.tolist() == torch.topk(rounded, 10).indices.tolist()
+        # the same top 10 in the same order, up to near ties: the i-th clip by rounded keys is within 0.5% of the i-th
+        # best exact score (two of these clips' exact scores are 0.004% apart)
+        best, picked = torch.topk(exact, 10).values, exact[torch.topk(rounded, 10).indices]
+        assert (picked >= best * (1 - 5e-3)).all(), (best, picked)
         torch.testing.assert_close(rounded, exact, rtol=5e-3, atol=0)
