@@ -99,7 +99,6 @@ class TrainConfig:
     max_frames: int = 512  # frame budget per video, as `vcflash ask --max-frames`
     anchors: float = 0.0  # chance of the wall-clock span in the time message (the live ask-live prompt)
     relevance: float = 0.0  # weight of the relevance loss on samples with `moments` (0: off)
-    relevance_layer: int | None = None  # the layer it trains (default: the scoring layer, `default_layer`)
     eval_every: int = 200  # steps between evaluations and resumable checkpoints
     eval_samples: int = 64
     device: str = "cpu"
@@ -626,7 +625,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
     eval_cache = FrameCache(model.config.vision.image_size, cfg.max_frames, cfg.cache_bytes // 4)
     held_out = eval_samples[:: max(1, len(eval_samples) // cfg.eval_samples)][: cfg.eval_samples]  # spread out
     model.train()
-    layer = default_layer(model.config.text) if cfg.relevance_layer is None else cfg.relevance_layer
+    layer = default_layer(model.config.text)  # the scoring layer the key index ranks by, hence the one trained
     t0, start_seen = time.perf_counter(), seen
     recent: list[float] = []
     recent_relevance: list[float] = []

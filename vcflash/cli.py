@@ -163,7 +163,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_frames=args.frames,
         anchors=args.anchors,
         relevance=args.relevance,
-        relevance_layer=args.relevance_layer,
         eval_every=args.eval_every,
         eval_samples=args.eval_samples,
         device=args.device,
@@ -1157,7 +1156,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--relevance", type=float, default=0.0, help="weight of the loss teaching the key index the lines' `moments`"
     )
-    fit.add_argument("--relevance-layer", type=int, help="the layer it trains (default: the scoring layer)")
     fit.add_argument("--eval-every", type=int, default=200, help="steps between evaluations and checkpoints")
     fit.add_argument("--eval-samples", type=int, default=64)
     fit.add_argument("--device", default="cpu")
