@@ -32,6 +32,8 @@ from vcflash.serve.errors import Exhausted, FailedPrecondition, Invalid, NotFoun
 
 log = logging.getLogger(__name__)
 
+RESUME_BACKOFF_MAX_S = 5.0  # memory unreachable at start: retried at most this far apart
+
 
 class Streams:
     """Add, resume and remove streams, with their configs, retention and stored-clip counts.
@@ -104,12 +106,25 @@ class Streams:
         await asyncio.to_thread(self.store.set_retention, stream_id, retention or self.default_retention)
         return status
 
-    async def resume(self) -> list[str]:
+    async def resume(self, max_wait_s: float = RESUME_BACKOFF_MAX_S) -> list[str]:
         """Restart the streams that were active when the server last stopped; a stored config that no longer
         passes (a lower limit, a bad value) leaves its stream stopped, not the server. A shard resumes only the
-        streams it owns."""
+        streams it owns. Memory that cannot be reached (Redis restarting, a Cluster master failing over) is
+        waited for, logged and retried with backoff up to `max_wait_s` apart: the server is not SERVING meanwhile,
+        and goes on from the streams already resumed."""
+        started: list[str] = []
+        delay = 0.25
+        while True:
+            try:
+                await self._resume(started)
+                return started
+            except Unavailable as e:
+                log.warning("event=resume_waiting_for_memory retry_in_s=%.2f error=%s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, max_wait_s)
+
+    async def _resume(self, started: list[str]) -> None:
         configs = await asyncio.to_thread(self.store.stream_configs)
-        started = []
         for stream_id, config in sorted(configs.items()):
             if not config.get("active") or stream_id in self.manager.names() or not self.shard.owns(stream_id):
                 continue
@@ -119,7 +134,6 @@ class Streams:
                 log.warning("event=stream_not_resumed stream=%s error=%s", stream_id, e)
                 continue
             started.append(stream_id)
-        return started
 
     async def restart(self, stream_id: str) -> StreamStatus:
         """Start an ended stream again with its spec and retention, continuing its clip numbering and media clock:
@@ -258,7 +272,11 @@ class Streams:
 
     async def _retire_when_done(self, stream_id: str, spec: StreamSpec) -> None:
         """A source that ended by itself (a file played out, a camera that refused us) is not restarted with the
-        server: a failed stream comes back only on request (RestartStream), so a restart never locks an account."""
-        status = await self.manager.wait(stream_id)
+        server: a failed stream comes back only on request (RestartStream), so a restart never locks an account.
+        A stream closed with the manager (the server stopping) is left as it is: it resumes with the server."""
+        try:
+            status = await self.manager.wait(stream_id)
+        except NotFound:
+            return
         if status.state in (StreamState.FINISHED, StreamState.FAILED) and spec.resume:
             await asyncio.to_thread(self.store.put_stream_config, stream_id, spec.to_config(active=False))

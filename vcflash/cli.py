@@ -106,6 +106,33 @@ def csv(kind: type) -> object:
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from vcflash.shapes import make_dataset
 
+    if (args.kind == "hard") != (args.model is not None):
+        print(
+            "vcflash: make-dataset hard needs --model (the model whose key index picks the distractors)"
+            if args.kind == "hard"
+            else f"vcflash: --model is for make-dataset hard, not {args.kind}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.kind == "hard":
+        from hico import VideoChatFlash
+        from hico.checkpoint import resolve_checkpoint
+        from vcflash.mining import make_hard_dataset
+
+        model = VideoChatFlash.from_pretrained(resolve_checkpoint(args.model))
+        model.eval()
+        paths = make_hard_dataset(
+            args.out,
+            model,
+            videos=args.videos,
+            test_videos=args.test_videos,
+            pool_clips=args.pool_clips,
+            seed=args.seed,
+            progress=sys.stderr.isatty(),
+        )
+        for path in paths.values():
+            print(path)
+        return 0
     paths = make_dataset(
         args.out,
         videos=args.videos,
@@ -1106,9 +1133,10 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = sub.add_parser("make-dataset", help="write a synthetic training and held-out set (videos + JSON lines)")
     dataset.add_argument(
         "kind",
-        choices=("shapes", "brief"),
+        choices=("shapes", "brief", "hard"),
         help="shapes: coloured shapes moving over textures; brief: long 1 fps videos of such scenes, asked about"
-        " brief events among distractors",
+        " brief events among distractors; hard: brief events among the clips --model's key index ranks highest for"
+        " the question (the hard negatives a long-memory Ask shows it)",
     )
     dataset.add_argument("out")
     dataset.add_argument("--videos", type=int, default=1000, help="training videos (default 1000)")
@@ -1118,6 +1146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dataset.add_argument("--fps", type=csv(int), default=(1,) * 9 + (10,), help="frame rates drawn from 1 x9, 10")
     dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument(
+        "--model", help="hard: the model whose key index ranks the distractors (tiny, a dir, a hub id)"
+    )
+    dataset.add_argument("--pool-clips", type=int, default=2000, help="hard: 4 s clips ranked per split (default 2000)")
     dataset.set_defaults(func=cmd_make_dataset)
 
     tower = sub.add_parser(

@@ -20,6 +20,7 @@ from ingest.spec import StreamSpec
 from ingest.streams import Streams
 from memory.embedded import EmbeddedStore
 from memory.records import ClipMeta, ClipRecord, Retention, clip_vector
+from memory.store import MemoryUnavailable
 from vcflash.serve.errors import AlreadyExists, Exhausted, Invalid, NotFound
 from vcflash.serve.settings import IngestSettings
 
@@ -215,6 +216,47 @@ async def test_resume_continues_after_the_last_stored_clip(store: EmbeddedStore,
         await asyncio.sleep(0.01)
     assert store.stream_configs()["cam"] == StreamSpec.from_config(old).to_config(active=False)
     await streams.manager.close()
+
+
+class Unreachable(EmbeddedStore):
+    """Embedded memory that fails as an unreachable Redis does (MemoryUnavailable) for its first `fail` reads of
+    stream configs and of a stream's stats: a restarting Redis, a Cluster master failing over."""
+
+    def __init__(self, path: Path, fail: int) -> None:
+        super().__init__(path)
+        self.fail = {"stream_configs": fail, "stats": fail}
+
+    def _maybe_fail(self, what: str) -> None:
+        if self.fail[what] > 0:
+            self.fail[what] -= 1
+            raise MemoryUnavailable(f"redis at 127.0.0.1:1 unreachable ({what})")
+
+    def stream_configs(self) -> dict:
+        self._maybe_fail("stream_configs")
+        return super().stream_configs()
+
+    def stats(self, stream_id: str):  # type: ignore[no-untyped-def]
+        self._maybe_fail("stats")
+        return super().stats(stream_id)
+
+
+@pytest.mark.asyncio
+async def test_resume_waits_for_memory_that_cannot_be_reached(
+    tmp_path: Path, videos: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Memory failing at start (on the configs, then in the middle of a stream's start) is waited for and
+    retried, never fatal: every active stream resumes once, each where it left off."""
+    with Unreachable(tmp_path / "memory.sqlite3", fail=2) as store:
+        for name in ("a", "b"):
+            store.put_stream_config(name, {"source": str(videos["20s"]), "fps": 1.0, "active": True})
+        streams = registry(store)
+        with caplog.at_level("WARNING", logger="ingest.streams"):
+            assert await streams.resume(max_wait_s=0.05) == ["a", "b"]
+        assert sorted(streams.manager.names()) == ["a", "b"]
+        assert store.fail == {"stream_configs": 0, "stats": 0}
+        waits = [r.getMessage() for r in caplog.records if "event=resume_waiting_for_memory" in r.getMessage()]
+        assert len(waits) == 4 and all("unreachable" in w for w in waits)
+        await streams.manager.close()
 
 
 @pytest.mark.asyncio

@@ -244,7 +244,15 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
 class HealthServicer(health.aio.HealthServicer):
     """grpc's asyncio health servicer with `List`, which grpc.health.v1 has and the stock servicer lacks (the generated
-    base raises NotImplementedError: UNKNOWN for any caller, no token needed, and a traceback in the log)."""
+    base raises NotImplementedError: UNKNOWN for any caller, no token needed, and a traceback in the log).
+    The whole server ("") and each named service start NOT_SERVING: the stock servicer says SERVING for "" from
+    the start, so a server still resuming (or about to fail doing so) would pass `vcflash health` and compose's
+    check."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        super().__init__()
+        for name in ["", *names]:
+            self._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
@@ -277,11 +285,11 @@ def create_server(
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    health_servicer = HealthServicer()
     names = []
     for add, servicer, name in services:
         add(servicer, server)
         names.append(name)
+    health_servicer = HealthServicer(names)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
