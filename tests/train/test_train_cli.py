@@ -91,6 +91,20 @@ def test_a_malformed_line_is_one_error_line(tiny_base: Path, tmp_path: Path) -> 
     assert bad.returncode == 2 and "not a LoRA adapter directory" in bad.stderr
 
 
+def test_make_dataset_hard_mines_with_the_model_given(tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hard"
+    args = ("make-dataset", "hard", str(out), "--videos", "1", "--test-videos", "1", "--pool-clips", "12")
+    missing = vcflash(*args)
+    assert missing.returncode == 2 and "make-dataset hard needs --model" in missing.stderr and not out.exists()
+    stray = vcflash("make-dataset", "brief", str(out), "--model", str(tiny_base))
+    assert stray.returncode == 2 and "--model is for make-dataset hard" in stray.stderr and not out.exists()
+    run = vcflash(*args, "--model", str(tiny_base))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(out / "train.jsonl"), str(out / "test.jsonl")]
+    lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert lines and all(line["moments"] and (out / line["video"]).is_file() for line in lines)
+
+
 def test_inference_does_not_import_the_training_extra() -> None:
     code = "import sys, hico.chat, hico.checkpoint, vcflash.cli, vcflash.evaluate; print('peft' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
