@@ -91,19 +91,33 @@ def event_clip(rng: np.random.Generator, shape: str, others: Sequence[str]) -> t
     return replace(scene, sprites=(*scene.sprites, sprite)), len(scene.sprites)
 
 
-def pick_distractors(rng: np.random.Generator, scores: np.ndarray, allowed: np.ndarray, count: int) -> list[int]:
-    """`count` pool clips among `allowed` (bool [P]): `HARD_SHARE` of them from the `TOP_SHARE` best scored,
+def pick_distractors(
+    rng: np.random.Generator,
+    scores: np.ndarray,
+    allowed: np.ndarray,
+    count: int,
+    hard_share: float = HARD_SHARE,
+    top_share: float = TOP_SHARE,
+) -> list[int]:
+    """`count` pool clips among `allowed` (bool [P]): `hard_share` of them from the `top_share` best scored,
     the rest at random from the others allowed; without repeats."""
     candidates = np.flatnonzero(allowed)
     ranked = candidates[np.argsort(-scores[candidates], kind="stable")]
-    top = ranked[: max(1, int(round(TOP_SHARE * len(ranked))))]
-    hard = rng.choice(top, min(len(top), int(round(HARD_SHARE * count))), replace=False)
+    top = ranked[: max(1, int(round(top_share * len(ranked))))]
+    hard = rng.choice(top, min(len(top), int(round(hard_share * count))), replace=False)
     rest = np.setdiff1d(candidates, hard)
     easy = rng.choice(rest, min(len(rest), count - len(hard)), replace=False)
     return [int(i) for i in np.concatenate([hard, easy])]
 
 
-def assemble(rng: np.random.Generator, clips: Sequence[Scene], scores: dict[str, np.ndarray], length: int) -> LongVideo:
+def assemble(
+    rng: np.random.Generator,
+    clips: Sequence[Scene],
+    scores: dict[str, np.ndarray],
+    length: int,
+    hard_share: float = HARD_SHARE,
+    top_share: float = TOP_SHARE,
+) -> LongVideo:
     """A video of `length` 4 s clips: one or two brief events of distinct shapes (each in a clip of its own, at a
     random position) among distractors from `clips` that show neither shape, picked by `pick_distractors` from
     `scores[shape]` (the pool ranked for "What colour is the <shape>?"), split between the events."""
@@ -117,7 +131,7 @@ def assemble(rng: np.random.Generator, clips: Sequence[Scene], scores: dict[str,
         share = (length - count) // count + (i < (length - count) % count)
         free = allowed.copy()
         free[picked] = False
-        picked += pick_distractors(rng, scores[shape], free, share)
+        picked += pick_distractors(rng, scores[shape], free, share, hard_share, top_share)
     order = rng.permutation(len(picked) + count)  # positions: the events' first, then the distractors'
     scenes: list[Scene] = [clips[0]] * len(order)
     briefs = []
@@ -170,10 +184,13 @@ def make_hard_dataset(
     pool_clips: int = 2000,
     seed: int = 0,
     progress: bool = False,
+    hard_share: float = HARD_SHARE,
+    top_share: float = TOP_SHARE,
 ) -> dict[str, Path]:
     """As `shapes.make_dataset` (OUT/videos/{train,test}, OUT/{train,test}.jsonl with moments, OUT/scenes.jsonl),
-    the videos assembled by `assemble` from a pool of `pool_clips` clips per split, ranked by `model`. The two
-    splits draw their pools and videos from independent streams of the seed."""
+    the videos assembled by `assemble` from a pool of `pool_clips` clips per split, ranked by `model`
+    (`hard_share` of the distractors from the `top_share` best ranked). The two splits draw their pools and videos
+    from independent streams of the seed."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -191,7 +208,7 @@ def make_hard_dataset(
             with open(paths[split], "w") as lines:
                 for i in tqdm(range(count), desc=f"{split} videos", disable=not progress):
                     video = f"videos/{split}/{i:05d}.mp4"
-                    long = assemble(rng, clips, scores, int(rng.choice(VIDEO_CLIPS)))
+                    long = assemble(rng, clips, scores, int(rng.choice(VIDEO_CLIPS)), hard_share, top_share)
                     long.write(out / video)
                     scenes.write(json.dumps({"video": video, "scene": long.to_dict()}) + "\n")
                     for j, qa in enumerate(brief_questions(long, rng)):
