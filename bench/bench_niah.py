@@ -18,12 +18,15 @@ def pct(v: float | None) -> str:
 
 def accuracy(report: dict) -> list[str]:
     lines = [
-        "| frames | hops | selection | needles | answer | moment | recall | answer if recalled | Ask s (mean) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| frames | hops | selection | needles | answer | one-word baseline | commonest answer | moment | recall "
+        "| answer if recalled | Ask s (mean) |",
+        "|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["summary"]:
+        common = f"{r.get('top_answer') or '-'} {pct(r.get('top_answer_share'))}"
         lines.append(
-            f"| {r['frames']:,} | {r['hops']} | {r['selection']} | {r['n']} | {pct(r['answer'])} | {pct(r['moment'])} "
+            f"| {r['frames']:,} | {r['hops']} | {r['selection']} | {r['n']} | {pct(r['answer'])} "
+            f"| {pct(r.get('constant'))} | {common} | {pct(r['moment'])} "
             f"| {pct(r['recall'])} | {pct(r['answer_if_recalled'])} | {r['ask_s']:.2f} |"
         )
     return lines

@@ -26,6 +26,7 @@ import tempfile
 import time
 import zlib
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -370,9 +371,17 @@ def ask_chain(reasoner: Reasoner, stream_id: str, case: Case, selection: str, cf
     return row
 
 
+def constant_baseline(rows: Sequence[Row]) -> float:
+    """The answer accuracy of a model that says one word whatever it sees, the best word for these rows: every hop
+    expects it. The baseline beside `answer` (chance is not 1/4 when the needles' colours are not balanced)."""
+    words = {e for r in rows for e in r.expected}
+    return max((sum(all(e == w for e in r.expected) for r in rows) / len(rows) for w in words), default=0.0)
+
+
 def summarize(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, object]]:
     """Rows grouped by `keys` (in first-seen order): count, answer and moment accuracy, needle recall, mean and
-    max Ask latency."""
+    max Ask latency; the constant baseline and the commonest last answer with its share (a model answering one
+    word whatever the needle shows stands out: its share is 100%)."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault(tuple(getattr(r, k) for k in keys), []).append(r)
@@ -380,6 +389,8 @@ def summarize(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, object
     for key, items in groups.items():
         ranked = [r.moment_right for r in items if r.moment_right is not None]
         found = [r for r in items if r.recall]
+        given = Counter(r.answers[-1] if r.answers else "" for r in items)
+        top = given.most_common(1)[0][0]
         out.append(
             dict(zip(keys, key, strict=True))
             | {
@@ -391,6 +402,9 @@ def summarize(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, object
                 "answer_if_recalled": sum(r.answer_right for r in found) / len(found) if found else None,
                 "ask_s": float(np.mean([r.ask_s for r in items])),
                 "ask_max_s": max(r.ask_s for r in items),
+                "constant": constant_baseline(items),
+                "top_answer": top,
+                "top_answer_share": given[top] / len(items),
             }
         )
     return out
@@ -402,12 +416,13 @@ def format_summary(rows: Sequence[dict[str, object]]) -> str:
 
     lines = [
         f"{'frames':>7}{'hops':>5}{'selection':>11}{'n':>4}{'answer':>8}{'moment':>8}{'recall':>8}"
-        f"{'ans|rec':>9}{'ask s':>8}"
+        f"{'ans|rec':>9}{'ask s':>8}{'const':>7}  commonest answer"
     ]
     for r in rows:
         lines.append(
             f"{r['frames']:>7}{r['hops']:>5}{r['selection']:>11}{r['n']:>4}{pct(r['answer']):>8}"
             f"{pct(r['moment']):>8}{pct(r['recall']):>8}{pct(r['answer_if_recalled']):>9}{r['ask_s']:>8.2f}"
+            f"{pct(r['constant']):>7}  {r['top_answer'] or '-'} {pct(r['top_answer_share'])}"
         )
     return "\n".join(lines)
 

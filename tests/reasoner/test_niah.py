@@ -105,6 +105,7 @@ def test_a_small_run_end_to_end_writes_the_report_and_the_heatmap(tmp_path: Path
     assert all(r["recall"] for r in rows if r["selection"] == "oracle" and r["hops"] == 1)  # it asks around it
     for cell in report["summary"]:
         assert {"frames", "hops", "selection", "n", "answer", "moment", "recall", "answer_if_recalled"} <= set(cell)
+        assert {"constant", "top_answer", "top_answer_share"} <= set(cell)
     assert {(c["frames"], c["depth"], c["hops"]) for c in report["cells"]} == {
         (256, 0.25, 1),
         (256, 0.75, 1),
@@ -170,3 +171,27 @@ def test_a_scan_over_the_cap_is_scored_by_the_key_index(model: VideoChatFlash, t
     free = Reasoner(model, store, ClipIndex(), ReasonerSettings(max_scan_clips=32))
     assert picked(free, "scan") and free.scans_capped == 0 and free.keys.built == 0
     store.close()
+
+
+def test_a_one_word_model_stands_out_beside_its_baseline() -> None:
+    """A model that answers "red" whatever the needle is scores the share of red needles: the summary says so (its
+    commonest answer at 100%) and gives that share as the baseline beside the accuracy."""
+    expected = ["red", "green", "red", "blue", "red", "yellow", "green", "red"]
+    rows = [
+        niah.Row(10_000, 0.5, 1, t, "index", answers=["red"], expected=[e], answer_right=e == "red")
+        for t, e in enumerate(expected)
+    ]
+    rows += [
+        niah.Row(10_000, 0.5, 1, t, "oracle", answers=[e], expected=[e], answer_right=True)
+        for t, e in enumerate(expected)
+    ]
+    index, oracle = niah.summarize(rows, ("frames", "hops", "selection"))
+    assert index["answer"] == index["constant"] == 0.5 and (index["top_answer"], index["top_answer_share"]) == (
+        "red",
+        1.0,
+    )
+    assert oracle["answer"] == 1.0 and oracle["constant"] == 0.5 and oracle["top_answer_share"] == 0.5
+    two = [niah.Row(10_000, 0.5, 2, 0, "index", answers=["red", "red"], expected=["red", "blue"])]
+    assert niah.constant_baseline(two) == 0.0  # no one word answers both hops
+    table = niah.format_summary([index, oracle])
+    assert "red 100%" in table.splitlines()[1] and "const" in table.splitlines()[0]
