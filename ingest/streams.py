@@ -27,7 +27,7 @@ from ingest.shards import Shard
 from ingest.spec import StreamSpec
 from memory.index import ClipIndex
 from memory.records import Retention
-from memory.store import MemoryStore, UnknownStream
+from memory.store import MemoryStore, MemoryUnavailable, UnknownStream
 from vcflash.serve.errors import Exhausted, FailedPrecondition, Invalid, NotFound, Unavailable, excerpt
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Streams:
             try:
                 await self._resume(started)
                 return started
-            except Unavailable as e:
+            except MemoryUnavailable as e:
                 log.warning("event=resume_waiting_for_memory retry_in_s=%.2f error=%s", delay, e)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, max_wait_s)

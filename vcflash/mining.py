@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,15 +143,6 @@ def assemble(
         scenes[at] = clips[i]
     starts = tuple(CLIP_S * i for i in range(len(scenes)))
     return LongVideo(tuple(scenes), starts, tuple(sorted(briefs, key=lambda b: b.appear_s)))
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """The pool and its per-shape scores from one model: `scores[shape][i]` is pool clip i's key-index relevance to
-    "What colour is the <shape>?"."""
-
-    clips: list[Scene]
-    scores: dict[str, np.ndarray]
 
 
 def rank_pool(model: VideoChatFlashModel, clips: Sequence[Scene], batch: int = 32) -> dict[str, np.ndarray]:
