@@ -57,14 +57,15 @@ async def test_a_server_is_not_serving_until_ready_has_finished(tmp_path: Path) 
     streams): the stock health servicer says SERVING for "" from the start, so a server that then failed to
     resume had passed `vcflash health` and compose's healthcheck before it exited."""
     store = EmbeddedStore(tmp_path / "memory.sqlite3")
-    resumed = asyncio.Event()
+    resuming, resumed = asyncio.Event(), asyncio.Event()
 
     class Resuming(Service):
         async def setup(self) -> tuple[list[ServiceEntry], list[Coroutine[Any, Any, None]]]:
             servicer = MemoryServicer(store, MemorySettings(), functools.partial(delete_unless_active, store, None))
             return [(pb_grpc.add_MemoryServicer_to_server, servicer, SERVICE_NAME)], []
 
-        async def ready(self) -> None:
+        async def ready(self) -> None:  # after the server is listening
+            resuming.set()
             await resumed.wait()
 
     port = free_port()
@@ -80,8 +81,7 @@ async def test_a_server_is_not_serving_until_ready_has_finished(tmp_path: Path) 
 
     starting = asyncio.create_task(service.start())
     try:
-        while not hasattr(service, "health"):  # listening, `ready` running
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(resuming.wait(), 10)
         assert await statuses() == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
         resumed.set()
         assert await starting == port
