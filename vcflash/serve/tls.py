@@ -33,6 +33,10 @@ def server_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | 
 # Calls spread over every address a target has (each replica behind a dns:/// name, or an IP list) instead of
 # gRPC's default of sticking to the first: clients balance over replicated reasoners without a proxy.
 ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
+# Each channel its own connections: gRPC otherwise shares them, and their reconnect backoff, between the channels of a
+# process to one address, so a client opened right after a server restart failed at once (UNAVAILABLE) while an
+# older channel's backoff ran (round robin keeps reconnecting to a dead server, backing off up to 2 min).
+OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
 
 
 def grpc_target(address: str) -> str:
@@ -62,7 +66,7 @@ def grpc_target(address: str) -> str:
 def channel(address: str, ca: Path | None = None, options: Options = ()) -> grpc.Channel:
     """A blocking channel to `address` (see `grpc_target`), calls balanced round-robin over its addresses: TLS
     verified against the CA certificate `ca`, or plaintext without one."""
-    target, options = grpc_target(address), [ROUND_ROBIN, *options]
+    target, options = grpc_target(address), [ROUND_ROBIN, OWN_SUBCHANNELS, *options]
     if ca is None:
         return grpc.insecure_channel(target, options=options)
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(ca).read_bytes()), options=options)
@@ -70,7 +74,7 @@ def channel(address: str, ca: Path | None = None, options: Options = ()) -> grpc
 
 def aio_channel(address: str, ca: Path | None = None, options: Options = ()) -> grpc.aio.Channel:
     """`channel` for asyncio callers."""
-    target, options = grpc_target(address), [ROUND_ROBIN, *options]
+    target, options = grpc_target(address), [ROUND_ROBIN, OWN_SUBCHANNELS, *options]
     if ca is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(Path(ca).read_bytes()), options=options)
