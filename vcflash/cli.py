@@ -130,19 +130,17 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=sys.stderr.isatty(),
         )
-        for path in paths.values():
-            print(path)
-        return 0
-    paths = make_dataset(
-        args.out,
-        videos=args.videos,
-        test_videos=args.test_videos,
-        seconds=args.seconds,
-        fps=args.fps,
-        seed=args.seed,
-        progress=sys.stderr.isatty(),
-        kind=args.kind,
-    )
+    else:
+        paths = make_dataset(
+            args.out,
+            videos=args.videos,
+            test_videos=args.test_videos,
+            seconds=args.seconds,
+            fps=args.fps,
+            seed=args.seed,
+            progress=sys.stderr.isatty(),
+            kind=args.kind,
+        )
     for path in paths.values():
         print(path)
     return 0

@@ -37,6 +37,7 @@ from vcflash.shapes import (
     brief_questions,
     random_scene,
     record,
+    reshaped,
 )
 
 if TYPE_CHECKING:
@@ -70,8 +71,7 @@ def pool(rng: np.random.Generator, clips: int) -> list[Scene]:
     while len(out) < clips:
         seconds = CLIP_S * int(rng.integers(BRIEF_SCENE_SECONDS[0] // 4, BRIEF_SCENE_SECONDS[1] // 4 + 1))
         allowed = [str(k) for k in rng.permutation(list(SHAPES))[: int(rng.integers(1, 3))]]
-        scene = random_scene(rng, seconds, 1)
-        scene = replace(scene, sprites=tuple(replace(s, shape=str(rng.choice(allowed))) for s in scene.sprites))
+        scene = reshaped(random_scene(rng, seconds, 1), allowed, rng)
         out.extend(cut(scene, a) for a in np.arange(0.0, seconds, CLIP_S))
     return out[:clips]
 
@@ -79,8 +79,7 @@ def pool(rng: np.random.Generator, clips: int) -> list[Scene]:
 def event_clip(rng: np.random.Generator, shape: str, others: Sequence[str]) -> tuple[Scene, int]:
     """A 4 s clip of a random scene whose shapes are `others`, with a `shape` of a random colour on screen
     throughout: the brief event. Returns the clip and the event sprite's index in it."""
-    scene = random_scene(rng, CLIP_S, 1)
-    scene = replace(scene, sprites=tuple(replace(s, shape=str(rng.choice(list(others)))) for s in scene.sprites))
+    scene = reshaped(random_scene(rng, CLIP_S, 1), others, rng)
     colour = str(rng.choice(list(COLOURS)))
     for _ in range(200):
         sprite = replace(_random_sprite(rng, colour, shape, 0.0, CLIP_S, scene.size), leave_s=CLIP_S)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -235,6 +235,11 @@ def random_scene(rng: np.random.Generator, seconds: float, fps: int, size: tuple
     return Scene(seconds=float(seconds), fps=int(fps), background=random_background(rng), sprites=tuple(sprites))
 
 
+def reshaped(scene: Scene, shapes: Sequence[str], rng: np.random.Generator) -> Scene:
+    """The scene with each sprite's shape drawn from `shapes`: distractors that never show a shape left out."""
+    return replace(scene, sprites=tuple(replace(s, shape=str(rng.choice(list(shapes)))) for s in scene.sprites))
+
+
 def demo_scene(seconds: float = 16.0, fps: int = 25) -> Scene:
     """`vcflash make-test-video`: a red circle drifting right over stripes the whole time, and a blue square that
     rises from a quarter of the way in."""
@@ -423,11 +428,9 @@ def long_video(rng: np.random.Generator, seconds: float, size: tuple[int, int] =
             last = scenes.pop()
             length += last.seconds
             t = starts.pop()
-        scene = random_scene(rng, max(length, MIN_STAY_S), 1, size)
-        sprites = tuple(replace(s, shape=str(rng.choice(others))) for s in scene.sprites)
-        scenes.append(replace(scene, sprites=sprites))
+        scenes.append(reshaped(random_scene(rng, max(length, MIN_STAY_S), 1, size), others, rng))
         starts.append(t)
-        t += scene.seconds
+        t += scenes[-1].seconds
     briefs: list[Sprite] = []
     for shape in brief_shapes:
         colour = str(rng.choice(list(COLOURS)))
