@@ -114,6 +114,9 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.kind == "hard" and not (0 <= args.hard_share <= 1 and 0 < args.top_share <= 1):
+        print("vcflash: --hard-share must be in [0, 1] and --top-share in (0, 1]", file=sys.stderr)
+        return 2
     if args.kind == "hard":
         from hico import VideoChatFlash
         from hico.checkpoint import resolve_checkpoint
@@ -129,6 +132,8 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
             pool_clips=args.pool_clips,
             seed=args.seed,
             progress=sys.stderr.isatty(),
+            hard_share=args.hard_share,
+            top_share=args.top_share,
         )
     else:
         paths = make_dataset(
@@ -1148,6 +1153,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="hard: the model whose key index ranks the distractors (tiny, a dir, a hub id)"
     )
     dataset.add_argument("--pool-clips", type=int, default=2000, help="hard: 4 s clips ranked per split (default 2000)")
+    dataset.add_argument(
+        "--hard-share", type=float, default=0.75, help="hard: share of distractors from the top of the ranking (0.75)"
+    )
+    dataset.add_argument(
+        "--top-share", type=float, default=0.1, help="hard: the top of the ranking, as a share of the pool (0.1)"
+    )
     dataset.set_defaults(func=cmd_make_dataset)
 
     tower = sub.add_parser(

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from protos.clip import CLIP_FRAMES
-from vcflash.shapes import COLOURS, Scene, Sprite, _random_sprite, random_scene
+from vcflash.shapes import COLOURS, Scene, Sprite, _overlap, _random_sprite, random_scene
 
 if TYPE_CHECKING:
     from hico.model import VideoChatFlashModel
@@ -51,6 +51,7 @@ QUARTERS = tuple(COLOURS)  # the first indicator's colour -> the quarter of the 
 SCENE_SECONDS = (20, 40)  # haystack scenes, whole clips long so that no clip straddles two
 ORACLE = "oracle"  # a diagnostic beside the selections: each hop asked over the needle's own neighbourhood
 ORACLE_CLIPS = 4  # clips either side of the needle the oracle asks over (36 s: a training scene's length)
+PLACEMENT_TRIES = 200  # draws of a needle's place before a crowded scene keeps one that overlaps a shape
 WALL0 = 1_796_256_000.0  # 2026-12-03 00:00 UTC: the wall clock of the haystack's first frame
 
 
@@ -186,15 +187,28 @@ def make_case(clips: int, depth: float, hops: int, trial: int = 0, seed: int = 0
 
 
 def insert(haystack: Haystack, needles: Sequence[Needle], seed: int = 0) -> Haystack:
-    """The haystack with each needle drawn on top of its scene for exactly its clip (a random size, place and
-    motion, as the training scenes' shapes)."""
+    """The haystack with each needle drawn into its scene for exactly its clip: a random size, place and motion,
+    as the training scenes' shapes, and, as theirs, clear of every other shape on screen. A needle drawn over a
+    shape of its own colour would merge with it into one blob that no model (nor person) could call a triangle;
+    training scenes never overlap shapes, so such a needle also tests nothing the model was taught. Placement is
+    retried `PLACEMENT_TRIES` times; a scene too crowded for that takes the first try that overlaps only shapes
+    of other colours (drawn on top, its outline whole), else the last."""
     scenes = list(haystack.scenes)
     for n in needles:
         i = haystack.scene_at(n.clip * CLIP_FRAMES)
         scene, t0 = scenes[i], float(n.clip * CLIP_FRAMES - haystack.starts[i])
         rng = rng_for(seed, "needle", n)
-        # the training scenes' own sprite draw, its stay cut to the one clip
-        sprite: Sprite = _random_sprite(rng, n.colour, n.shape, t0, t0 + CLIP_FRAMES, scene.size)
+        fallback: Sprite | None = None
+        for _ in range(PLACEMENT_TRIES):
+            # the training scenes' own sprite draw, its stay cut to the one clip
+            sprite: Sprite = _random_sprite(rng, n.colour, n.shape, t0, t0 + CLIP_FRAMES, scene.size)
+            hit = [other for other in scene.sprites if _overlap(sprite, other, scene.seconds)]
+            if not hit:
+                break
+            if fallback is None and all(other.colour != n.colour for other in hit):
+                fallback = sprite
+        else:
+            sprite = fallback or sprite
         scenes[i] = replace(scene, sprites=(*scene.sprites, sprite))  # drawn last: on top
     return replace(haystack, scenes=tuple(scenes))
 

@@ -14,7 +14,7 @@ from hico import VideoChatFlash
 from memory import open_store
 from vcflash import niah
 from vcflash.cli import main
-from vcflash.shapes import COLOURS
+from vcflash.shapes import COLOURS, _overlap
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,24 @@ def test_the_needle_sits_at_its_logged_depth_for_exactly_one_clip(depth: float) 
     assert changed.reshape(4, -1).sum(1).min() > 500
     colour = np.array(COLOURS[needle.colour])
     assert (np.abs(full.clip_frames(needle.clip)[changed] - colour).max(-1) < 2).mean() > 0.9
+
+
+def test_needles_stand_clear_of_the_shapes_on_screen_as_training_shapes_do() -> None:
+    """A needle over a circle of its own colour would merge with it into one blob; training scenes never overlap
+    shapes. Crowded scenes may put it over shapes of other colours, drawn on top, rarely."""
+    hay = niah.make_haystack(4000, 0)
+    hits = []  # per needle: its colour, the shapes it overlaps
+    for trial in range(60):
+        case = niah.make_case(hay.clips, (trial % 20 + 0.5) / 20, 2 if trial % 3 == 0 else 1, trial, seed=0)
+        full = niah.insert(hay, case.needles)
+        for n in case.needles:
+            scene = full.scenes[full.scene_at(n.clip * 4)]
+            (needle,) = [s for s in scene.sprites if s.shape == n.shape]
+            others = [s for s in scene.sprites if s is not needle]
+            hits.append((n.colour, [s for s in others if _overlap(needle, s, scene.seconds)]))
+    assert len(hits) == 40 + 20 * 5
+    assert all(s.colour != colour for colour, hit in hits for s in hit)
+    assert sum(bool(hit) for _, hit in hits) <= 0.1 * len(hits)
 
 
 def test_two_hops_chain_the_indicator_to_its_quarter_with_a_decoy_in_each_other() -> None:

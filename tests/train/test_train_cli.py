@@ -98,7 +98,9 @@ def test_make_dataset_hard_mines_with_the_model_given(tiny_base: Path, tmp_path:
     assert missing.returncode == 2 and "make-dataset hard needs --model" in missing.stderr and not out.exists()
     stray = vcflash("make-dataset", "brief", str(out), "--model", str(tiny_base))
     assert stray.returncode == 2 and "--model is for make-dataset hard" in stray.stderr and not out.exists()
-    run = vcflash(*args, "--model", str(tiny_base))
+    share = vcflash(*args, "--model", str(tiny_base), "--top-share", "0")
+    assert share.returncode == 2 and "--top-share in (0, 1]" in share.stderr and not out.exists()
+    run = vcflash(*args, "--model", str(tiny_base), "--hard-share", "0.9", "--top-share", "0.02")
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(out / "train.jsonl"), str(out / "test.jsonl")]
     lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
