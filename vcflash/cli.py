@@ -136,16 +136,20 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
             top_share=args.top_share,
         )
     else:
-        paths = make_dataset(
-            args.out,
-            videos=args.videos,
-            test_videos=args.test_videos,
-            seconds=args.seconds,
-            fps=args.fps,
-            seed=args.seed,
-            progress=sys.stderr.isatty(),
-            kind=args.kind,
-        )
+        try:
+            paths = make_dataset(
+                args.out,
+                videos=args.videos,
+                test_videos=args.test_videos,
+                seconds=args.seconds,
+                fps=args.fps,
+                seed=args.seed,
+                progress=sys.stderr.isatty(),
+                kind=args.kind,
+            )
+        except ValueError as e:
+            print(f"vcflash: {e}", file=sys.stderr)
+            return 2
     for path in paths.values():
         print(path)
     return 0
@@ -1136,16 +1140,19 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = sub.add_parser("make-dataset", help="write a synthetic training and held-out set (videos + JSON lines)")
     dataset.add_argument(
         "kind",
-        choices=("shapes", "brief", "hard"),
-        help="shapes: coloured shapes moving over textures; brief: long 1 fps videos of such scenes, asked about"
-        " brief events among distractors; hard: brief events among the clips --model's key index ranks highest for"
-        " the question (the hard negatives a long-memory Ask shows it)",
+        choices=("shapes", "order", "brief", "hard"),
+        help="shapes: coloured shapes moving over textures; order: three shapes popping in 4 s or more apart, asked"
+        " only which of two came first, the shape seen first answering half; brief: long 1 fps videos of such"
+        " scenes, asked about brief events among distractors; hard: brief events among the clips --model's key"
+        " index ranks highest for the question (the hard negatives a long-memory Ask shows it)",
     )
     dataset.add_argument("out")
     dataset.add_argument("--videos", type=int, default=1000, help="training videos (default 1000)")
     dataset.add_argument("--test-videos", type=int, help="held-out videos (default a fifth as many, at least 10)")
     dataset.add_argument(
-        "--seconds", type=csv(float), help="lengths drawn from: shapes 8,8,8,8,16,24; brief 32,48,64,96,128"
+        "--seconds",
+        type=csv(float),
+        help="lengths drawn from: shapes 8,8,8,8,16,24; order 16,24; brief 32,48,64,96,128",
     )
     dataset.add_argument("--fps", type=csv(int), default=(1,) * 9 + (10,), help="frame rates drawn from 1 x9, 10")
     dataset.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ SIZE = (320, 240)  # width, height: the test video's size
 MIN_STAY_S = 4.0  # every shape is on screen at least this long
 MIN_TRAVEL_PX = 40.0
 ORDER_GAP_S = 4.0  # first appearances this far apart (a 4-frame clip at 1 fps) make an order question
+ORDER_MIN_SECONDS = MIN_STAY_S + 2 * ORDER_GAP_S + 1  # three staggered appearances on the half-second grid fit
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,28 @@ def random_scene(rng: np.random.Generator, seconds: float, fps: int, size: tuple
     return Scene(seconds=float(seconds), fps=int(fps), background=random_background(rng), sprites=tuple(sprites))
 
 
+def staggered_scene(rng: np.random.Generator, seconds: float, fps: int, size: tuple[int, int] = SIZE) -> Scene:
+    """Three shapes of distinct colours and kinds popping in at least `ORDER_GAP_S` apart, the first not always from
+    the start: `make-dataset order`'s scenes."""
+    if seconds < ORDER_MIN_SECONDS:
+        raise ValueError(f"staggered scenes need at least {ORDER_MIN_SECONDS:g} s, got {seconds:g}")
+    grid = [0.0, *(k + 0.5 for k in range(int(seconds - MIN_STAY_S)))]
+    while True:
+        times = sorted(float(t) for t in rng.choice(grid, size=3, replace=False))
+        if min(b - a for a, b in pairwise(times)) >= ORDER_GAP_S:
+            break
+    colours = rng.permutation(list(COLOURS))[:3]
+    shapes = rng.permutation(list(SHAPES))
+    sprites: list[Sprite] = []
+    for colour, shape, appear in zip(colours, shapes, times, strict=True):
+        for _ in range(200):
+            sprite = _random_sprite(rng, str(colour), str(shape), appear, seconds, size)
+            if not any(_overlap(sprite, other, seconds) for other in sprites):
+                break
+        sprites.append(sprite)  # after 200 tries, overlapping: the order is still right
+    return Scene(seconds=float(seconds), fps=int(fps), background=random_background(rng), sprites=tuple(sprites))
+
+
 def reshaped(scene: Scene, shapes: Sequence[str], rng: np.random.Generator) -> Scene:
     """The scene with each sprite's shape drawn from `shapes`: distractors that never show a shape left out."""
     return replace(scene, sprites=tuple(replace(s, shape=str(rng.choice(list(shapes)))) for s in scene.sprites))
@@ -386,7 +410,11 @@ def record(video: str, qa: QA, ident: str) -> dict:
 
 BRIEF_S = 4.0  # a brief event is on screen this long: one 4-frame clip's worth at 1 fps
 # video lengths (seconds) a data set draws from, per kind
-DATASET_SECONDS = {"shapes": (8.0, 8.0, 8.0, 8.0, 16.0, 24.0), "brief": (32.0, 48.0, 64.0, 96.0, 128.0)}
+DATASET_SECONDS = {
+    "shapes": (8.0, 8.0, 8.0, 8.0, 16.0, 24.0),
+    "order": (16.0, 24.0),
+    "brief": (32.0, 48.0, 64.0, 96.0, 128.0),
+}
 BRIEF_SCENE_SECONDS = (8, 24)  # the distractor scenes a long video is made of, whole seconds
 
 
@@ -451,6 +479,14 @@ def long_video(rng: np.random.Generator, seconds: float, size: tuple[int, int] =
     return LongVideo(tuple(scenes), tuple(starts), tuple(briefs))
 
 
+def balanced_order_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
+    """Two order questions about a staggered scene's shapes A, B, C (in order of appearance): B or C, and A against
+    one of them. The shape seen first in the whole video answers half, not the two thirds (or, in `questions`, the
+    85%) that asking every pair gives, so naming the shape there from the start is no shortcut."""
+    a, b, c = sorted(scene.sprites, key=first_seen)
+    return [order_question(b, c, rng), order_question(a, b if rng.random() < 0.5 else c, rng)]
+
+
 def brief_questions(video: LongVideo, rng: np.random.Generator) -> list[QA]:
     """What only the brief events answer: each one's colour (its shape is named, and is nowhere else), its presence
     and the absence of the same shape in another colour, and which of two came first. Each question's moments are
@@ -490,11 +526,14 @@ def make_dataset(
     OUT/videos/{train,test}/, their questions in OUT/train.jsonl and OUT/test.jsonl (video paths relative to OUT)
     and each scene's log in OUT/scenes.jsonl. Each scene's length and frame rate are drawn from `seconds` and `fps`.
     Default lengths per kind: `DATASET_SECONDS`. The two splits draw from independent streams of the seed.
-    `kind` "brief": long videos (`long_video`, 1 fps, lengths from `seconds`) asked only about their brief events
+    `kind` "order": staggered three-shape scenes asked only which of two came first (`balanced_order_questions`);
+    "brief": long videos (`long_video`, 1 fps, lengths from `seconds`) asked only about their brief events
     (`brief_questions`)."""
     if kind not in DATASET_SECONDS:
         raise ValueError(f"unknown dataset kind {kind!r}")
     seconds = DATASET_SECONDS[kind] if seconds is None else seconds
+    if kind == "order" and min(seconds) < ORDER_MIN_SECONDS:
+        raise ValueError(f"make-dataset order needs videos of at least {ORDER_MIN_SECONDS:g} s, got {min(seconds):g}")
     out = Path(out)
     test_videos = max(10, videos // 5) if test_videos is None else test_videos
     train_seq, test_seq = np.random.SeedSequence(seed).spawn(2)
@@ -512,6 +551,9 @@ def make_dataset(
                     if kind == "brief":
                         scene: Scene | LongVideo = long_video(rng, float(rng.choice(seconds)))
                         qas = brief_questions(scene, rng)
+                    elif kind == "order":
+                        scene = staggered_scene(rng, float(rng.choice(seconds)), int(rng.choice(fps)))
+                        qas = balanced_order_questions(scene, rng)
                     else:
                         scene = random_scene(rng, float(rng.choice(seconds)), int(rng.choice(fps)))
                         qas = questions(scene, rng)

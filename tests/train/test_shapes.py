@@ -14,9 +14,11 @@ from vcflash.shapes import (
     CATEGORIES,
     COLOURS,
     FREE_TEXT,
+    ORDER_GAP_S,
     QA,
     SHAPES,
     Scene,
+    balanced_order_questions,
     brief_questions,
     demo_scene,
     describe,
@@ -24,6 +26,7 @@ from vcflash.shapes import (
     make_dataset,
     questions,
     random_scene,
+    staggered_scene,
 )
 
 
@@ -163,3 +166,36 @@ def test_brief_data_set_is_training_format(tmp_path: Path) -> None:
     assert all(s.video.is_file() for s in samples)
     with pytest.raises(ValueError, match="unknown dataset kind"):
         make_dataset(tmp_path / "x", videos=1, kind="nope")
+
+
+def test_order_scenes_stagger_three_shapes_and_the_first_seen_answers_half() -> None:
+    # In `questions` the shape seen first answers ~85% of order questions (it is there from the start and in two of
+    # three pairs), so naming it passes without comparing times; the order kind takes that shortcut away.
+    rng = np.random.default_rng(4)
+    starts, first_answers, asked = [], 0, 0
+    for seconds in (16.0, 24.0) * 100:
+        scene = staggered_scene(rng, seconds, 1)
+        a, b, c = sorted(scene.sprites, key=lambda s: s.appear_s)
+        assert len({s.colour for s in scene.sprites}) == len({s.shape for s in scene.sprites}) == 3
+        assert b.appear_s - a.appear_s >= ORDER_GAP_S and c.appear_s - b.appear_s >= ORDER_GAP_S
+        assert c.appear_s + 4.0 <= seconds  # the last still stays 4 s
+        starts.append(a.appear_s)
+        qas = balanced_order_questions(scene, rng)
+        assert len(qas) == 2 and {q.category for q in qas} == {"order"}
+        assert qas[0].answer == f"the {b.name}" and set(qas[0].choices) == {f"the {b.name}", f"the {c.name}"}
+        assert qas[1].answer == f"the {a.name}" and f"the {a.name}" in qas[1].choices
+        first_answers += sum(q.answer == f"the {a.name}" for q in qas)
+        asked += len(qas)
+    assert first_answers / asked == 0.5
+    assert 0.2 < np.mean([t == 0.0 for t in starts]) < 0.8  # the first is not always there from the start
+    with pytest.raises(ValueError, match="at least 13 s"):
+        staggered_scene(rng, 12.0, 1)
+
+
+def test_order_data_set_is_training_format(tmp_path: Path) -> None:
+    make_dataset(tmp_path, videos=3, test_videos=2, seed=2, kind="order")
+    samples = read_samples(tmp_path / "train.jsonl")
+    assert len(samples) == 6 and {s.extra["category"] for s in samples} == {"order"}
+    assert len(read_samples(tmp_path / "test.jsonl")) == 4 and all(s.video.is_file() for s in samples)
+    with pytest.raises(ValueError, match="at least 13 s"):
+        make_dataset(tmp_path / "x", videos=1, seconds=(8.0,), kind="order")
