@@ -183,6 +183,7 @@ class StreamWorker:
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
+        self._thread: threading.Thread | None = None
         self._dropping = False  # logging state of queue_full drops, event loop only
         self._repeats = 0  # disconnects in a row for the same reason, source thread only
 
@@ -213,7 +214,8 @@ class StreamWorker:
             raise RuntimeError(f"stream {self.name} already started")
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
-        threading.Thread(target=self._run, name=f"ingest-{self.name}", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name=f"ingest-{self.name}", daemon=True)
+        self._thread.start()
         spec = self.spec
         logger.info(
             "stream started stream=%s url=%s fps=%g live=%s realtime=%s loop_file=%s transport=%s listen=%s "
@@ -245,6 +247,9 @@ class StreamWorker:
         if self._done is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._done), timeout_s)
+                # the thread resolved _done as its last act: joining it takes a moment, and then it is gone
+                if self._thread is not None:
+                    await asyncio.to_thread(self._thread.join, timeout_s)
             except TimeoutError:
                 logger.warning("stream stop timed out stream=%s timeout_s=%g", self.name, timeout_s)
         return self.status()
