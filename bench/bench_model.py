@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8", help="encoder batch sizes in clips")
     ap.add_argument("--frames", default="64,512", help="prefill lengths in frames (16 tokens each)")
     ap.add_argument("--compress", default=None, help="also time prefill with this dropout spec TYPE:LAYERS:RATIOS")
+    ap.add_argument("--question-batches", default="8,32", help="encoder batches of a whole question (8: the service)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = ap.parse_args()
@@ -150,7 +151,8 @@ def main() -> None:
     if drop:
         records += bench_prefill(model, frames, drop, args.repeat)
     if device.type == "cuda":
-        records += [bench_question_memory(model, 512, d, 32) for d in (None, drop)]
+        batches = [int(x) for x in args.question_batches.split(",")]
+        records += [bench_question_memory(model, 512, d, b) for b in batches for d in dict.fromkeys((None, drop))]
     machine = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     )
@@ -182,7 +184,8 @@ def main() -> None:
             )
         else:
             print(
-                f"| 512-frame question, dropout {r['dropout']} | peak {r['peak_gb']:.2f} GB "
+                f"| 512-frame question, encoder batch {r['encode_batch']}, dropout {r['dropout']} | "
+                f"peak {r['peak_gb']:.2f} GB "
                 f"(weights {r['weights_gb']:.2f} GB) |"
             )
 

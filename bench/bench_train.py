@@ -110,7 +110,7 @@ def lora(size: str, res: int, frames: int, questions: int, rank: int, steps: int
             ids = torch.randint(1, vocab - 3, (questions, 60), device=device, generator=gen)
             suffix = model.embed_text(ids)
             rows = torch.tensor([(k, t) for k in range(questions) for t in range(44, 59)], device=device)
-            batch = VideoBatch(prefix, suffix, rows, ids[rows[:, 0], rows[:, 1] + 1])
+            batch = VideoBatch(prefix, suffix, rows, ids[rows[:, 0], rows[:, 1] + 1], tokens)
             loss = answer_loss(model, [batch], checkpoint=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -125,7 +125,7 @@ def scan_clips(
         batch: Sequence[int] = starts[i : i + batch_size]
         tokens = torch.stack([load(s, s + size) for s in batch])  # [b, size, T, D]
         with hold():
-            per_clip = clip_scores(scan(model, tokens.flatten(1, 2), prompt, layer, batch_size), tokens.shape[2])
+            per_clip = clip_scores(scan(model, tokens.flatten(1, 2), prompt, layer, batch_size), tokens.shape[2]).cpu()
         for s, row in zip(batch, per_clip, strict=True):
             fresh = scores[s : s + size].isnan()
             scores[s : s + size][fresh] = row[fresh]
