@@ -200,6 +200,16 @@ async def test_clips_take_the_camera_clock_once_it_reports(camera: RtspServer) -
     assert_accounted(status)
 
 
+async def wait_reviving(camera: RtspServer, predicate: Callable[[], bool], what: str) -> None:
+    """`wait_for` with room for the camera to be revived once: GStreamer's RTSP server aborts now and then when two
+    clients set up its shared media at once (`gst_rtsp_media_get_rates: assertion failed`, seen under load), which
+    is the test camera failing, not ingest; ingest reconnects to the revived camera like to any rebooted one."""
+    try:
+        await wait_for(lambda: camera.revive() and predicate(), 2 * REPORT_WITHIN_S, what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; camera revived {camera.revived} times, now {camera.describe()}") from None
+
+
 @needs_gstreamer
 @pytest.mark.asyncio
 async def test_a_camera_clock_too_far_off_is_ignored_with_one_warning_per_stream(
@@ -213,20 +223,13 @@ async def test_a_camera_clock_too_far_off_is_ignored_with_one_warning_per_stream
     manager.add("far", StreamSpec(camera.url(), fps=FPS, camera_clock=True))
     manager.add("plain", StreamSpec(camera.url(), fps=FPS))
     ignored = re.compile(r"server \(camera clock off by \+99\d\.\d s\)")
-    await wait_for(lambda: bool(ignored.fullmatch(manager.status()["far"].clock)), REPORT_WITHIN_S, "ignored")
+    await wait_reviving(camera, lambda: bool(ignored.fullmatch(manager.status()["far"].clock)), "ignored")
     clips = await collect(manager, {"far": 2, "plain": 2})
     camera.kill()
     await wait_for(lambda: manager.status()["far"].clock == WAITING_FOR_REPORT, 5, "waiting for the camera again")
     camera.start()
     await wait_for(lambda: manager.status()["far"].reconnects >= 1, 10, "reconnected")
-    try:  # room for the camera to be revived once
-        await wait_for(
-            lambda: camera.revive() and bool(ignored.fullmatch(manager.status()["far"].clock)),
-            2 * REPORT_WITHIN_S,
-            "ignored again",
-        )
-    except AssertionError as e:
-        raise AssertionError(f"{e}; camera revived {camera.revived} times, now {camera.describe()}") from None
+    await wait_reviving(camera, lambda: bool(ignored.fullmatch(manager.status()["far"].clock)), "ignored again")
     for name, more in (await collect(manager, {"far": 2, "plain": 2})).items():
         clips[name] += more
     statuses: dict[str, StreamStatus] = {name: await manager.remove(name) for name in ("far", "plain")}
@@ -235,7 +238,8 @@ async def test_a_camera_clock_too_far_off_is_ignored_with_one_warning_per_stream
     assert all(-SLACK_S < s < 0.1 for name in skews for s in skews[name]), skews  # all on this server's clock
     assert statuses["plain"].clock == SERVER_CLOCK and ignored.fullmatch(statuses["far"].clock)
     messages = [(r.levelno, r.getMessage()) for r in caplog.records if "camera clock ignored stream=far" in r.message]
-    assert [level for level, _ in messages] == [logging.WARNING, logging.DEBUG], messages  # once per stream
+    levels = [level for level, _ in messages]  # a warning once per stream, then one debug line per reconnect
+    assert levels[0] == logging.WARNING and levels[1:] and set(levels[1:]) == {logging.DEBUG}, messages
     assert re.match(r"stream camera clock ignored stream=far skew_s=\+99\d\.\d{3} max_skew_s=300: ", messages[0][1])
     assert not [r for r in caplog.records if "camera clock" in r.message and "stream=plain" in r.message]
 
