@@ -31,6 +31,8 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 from bench_model import random_model, sync  # noqa: E402
 
 from hico import VideoChatFlash  # noqa: E402
+from hico.checkpoint import as_dtype  # noqa: E402
+from hico.kernels import default_dtype  # noqa: E402
 from hico.relevance import block_scores, clip_keys, default_layer, key_block, question_query, scan_clips  # noqa: E402
 from hico.tokenizer import load_tokenizer  # noqa: E402
 
@@ -109,7 +111,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="windows prefilled together")
     args = ap.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = default_dtype(device) if args.dtype is None else as_dtype(args.dtype)
     header = {"python": platform.python_version(), "torch": torch.__version__, "size": args.size, "dtype": str(dtype)}
     if device.type == "cuda":
         header["device"] = torch.cuda.get_device_name(device)
