@@ -32,6 +32,7 @@ from bench_model import random_model, sync  # noqa: E402
 
 from hico import VideoChatFlash  # noqa: E402
 from hico.checkpoint import as_dtype  # noqa: E402
+from hico.generation import warm_up_model  # noqa: E402
 from hico.kernels import default_dtype  # noqa: E402
 from hico.relevance import block_scores, clip_keys, default_layer, key_block, question_query, scan_clips  # noqa: E402
 from hico.tokenizer import load_tokenizer  # noqa: E402
@@ -60,7 +61,7 @@ def key_index(model, tokens: torch.Tensor, layer: int, args: argparse.Namespace)
     )
     block = key_block(torch.cat(keys), model.dtype)  # [Hkv, hd, clips * T]
     questions = (QUESTIONS * (1 + args.queries // len(QUESTIONS)))[: args.queries]
-    block_scores(question_query(model, "warm-up", layer), block, t)
+    warm_up_model(model)  # what the reasoner runs before serving: the first Search below is a user's first
     search = [seconds(lambda q=q: block_scores(question_query(model, q, layer), block, t), device) for q in questions]
     query = statistics.median(seconds(lambda q=q: question_query(model, q, layer), device) for q in questions)
     return {
@@ -69,6 +70,7 @@ def key_index(model, tokens: torch.Tensor, layer: int, args: argparse.Namespace)
         "key_bytes_per_clip": block.nbytes // clips,
         "search_ms_median": 1e3 * statistics.median(search),
         "search_ms_max": 1e3 * max(search),
+        "search_ms_first": 1e3 * search[0],
         "query_ms_median": 1e3 * query,
     }
 
@@ -126,13 +128,14 @@ def main() -> None:
         rows.append(measure(model, frames, args))
         print(json.dumps(rows[-1]), flush=True)
     print(
-        "\n| frames | clips | keys: build ms/clip | key bytes / token bytes | Search ms (median / max) | query ms "
-        "| windowed scan s | scan ms/clip |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| frames | clips | keys: build ms/clip | key bytes / token bytes | Search ms (median / max / first) "
+        "| query ms | windowed scan s | scan ms/clip |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for r in rows:
         print(
             f"| {r['frames']:,} | {r['clips']:,} | {r['keys_ms_per_clip']:.2f} | {r['key_bytes_per_clip']:,} / "
-            f"{r['token_bytes_per_clip']:,} | {r['search_ms_median']:.1f} / {r['search_ms_max']:.1f} "
+            f"{r['token_bytes_per_clip']:,} | {r['search_ms_median']:.1f} / {r['search_ms_max']:.1f} / "
+            f"{r['search_ms_first']:.1f} "
             f"| {r['query_ms_median']:.1f} | {r['scan_s']:.2f} | {r['scan_ms_per_clip']:.2f} |"
         )
 

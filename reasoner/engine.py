@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from hico.config import DropConfig
-from hico.generation import Generated, generate_text
+from hico.generation import Generated, generate_text, warm_up_model
 from hico.model import VideoChatFlashModel
 from hico.prompt import PromptVideo, build_prompt, describe, find_marker
 from hico.relevance import block_scores, clip_keys, default_layer, question_query, scan_clips
@@ -268,6 +268,13 @@ class Reasoner:
         # where the model builds them: float32 on a CPU, the model's dtype on an accelerator; loaded from memory first
         self.keys = KeyIndex(stored=StoredKeys.of(store, model) if self.limits.keys_stored else None)
         self.scans_capped = 0  # scans over `limits.max_scan_clips` clips, scored by the key index instead
+
+    def warm_up(self) -> float:
+        """`warm_up_model` under the model lock, before the service takes questions; the seconds it took."""
+        with self.model_lock:
+            seconds = warm_up_model(self.model)
+        log.info("model warmed up in %.2f s", seconds)
+        return seconds
 
     def ask(self, p: AskParams) -> Iterator[str | AskResult]:
         """Yield answer text pieces, then the AskResult. Raises AskError, NotFound (unknown stream)

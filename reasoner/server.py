@@ -428,6 +428,7 @@ class ReasonerService(MemoryService):
         self.index = ClipIndex()
         await asyncio.to_thread(self.index.rebuild, self.store)
         self.reasoner = Reasoner(self.model, self.store, self.index, self.settings.reasoner)
+        await asyncio.to_thread(self.reasoner.warm_up)  # first-call costs before the first question, not in it
         entries, alerts = reasoner_entries(self.reasoner, self, self.alert_owns)
         # the encoder writes in another process: new clips join the index incrementally, evicted ones in batches
         return entries, [follow_forever(self.store, self.index), alerts]

@@ -63,6 +63,7 @@ class App(ServesStreams):
             on_health=self.set_healthy,
         )
         self.reasoner = Reasoner(model, self.store, self.index, s.reasoner, model_lock=lock)
+        await asyncio.to_thread(self.reasoner.warm_up)  # first-call costs before the first question, not in it
         entries, alerts = reasoner_entries(self.reasoner, self, alert_shard(s).owns)
         sweeps = [sweep_forever(self.store, self.index), self.streams.sweep_recordings_forever()]
         return [entry, *entries], [encoder.run(), *sweeps, alerts]

@@ -216,3 +216,17 @@ def test_a_range_inside_one_clip_asks_about_that_clip(reasoner_on: Reasoner, clo
     assert evidence(end - 0.001, end + 0.001) == [2, 3]
     assert evidence(end, end + 3) == [3]  # clip 2 ends where the range starts
     assert evidence(end + 11.5, None) == [5]  # open end, inside the last clip
+
+
+def test_the_warm_up_touches_neither_memory_nor_the_answers(stored: tuple[Reasoner, list[Clip]]) -> None:
+    reasoner, _ = stored
+    params = AskParams(["cam"], QUESTION, anchors=False, max_new_tokens=6, selection="index")
+    before = [e for e in reasoner.ask(params)][-1]
+    keys = (reasoner.keys.built, reasoner.keys.built_ahead, reasoner.keys.loaded, len(reasoner.keys))
+    stats = reasoner.store.stats("cam")
+    assert reasoner.warm_up() > 0
+    assert (reasoner.keys.built, reasoner.keys.built_ahead, reasoner.keys.loaded, len(reasoner.keys)) == keys
+    assert reasoner.store.stats("cam") == stats  # nothing written, nothing evicted
+    after = [e for e in reasoner.ask(params)][-1]
+    assert (after.answer, after.evidence, after.moments) == (before.answer, before.evidence, before.moments)
+    assert not reasoner.model_lock.locked()
