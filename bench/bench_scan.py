@@ -32,10 +32,10 @@ from bench_model import random_model, sync  # noqa: E402
 
 from hico import VideoChatFlash  # noqa: E402
 from hico.checkpoint import as_dtype  # noqa: E402
-from hico.generation import warm_up_model  # noqa: E402
 from hico.kernels import default_dtype  # noqa: E402
 from hico.relevance import block_scores, clip_keys, default_layer, key_block, question_query, scan_clips  # noqa: E402
 from hico.tokenizer import load_tokenizer  # noqa: E402
+from hico.warmup import warm_up_model  # noqa: E402
 
 QUESTIONS = [f"When did the {c} {s} leave?" for c in ("red", "white", "blue", "green") for s in ("van", "car", "dog")]
 

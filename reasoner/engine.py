@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from hico.config import DropConfig
-from hico.generation import Generated, generate_text, warm_up_model
+from hico.generation import Generated, generate_text
 from hico.model import VideoChatFlashModel
 from hico.prompt import PromptVideo, build_prompt, describe, find_marker
 from hico.relevance import block_scores, clip_keys, default_layer, question_query, scan_clips
+from hico.warmup import warm_up_model
 from memory.index import ClipIndex
 from memory.records import ClipMeta, Clock
 from memory.store import MemoryStore, Picked
