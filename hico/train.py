@@ -323,39 +323,36 @@ class Batcher:
         return project(self.model, self.features.get(key, frozen), parts)
 
     def build(self, chunks: Sequence[Sequence[Sample]], rng: np.random.Generator) -> list[VideoBatch]:
-        out = []
+        model, out = self.model, []
         for chunk in chunks:
             frames = self.frames(chunk[0], [s.where for s in chunk])
             if frames is None:
                 continue
             tokens = self.visual_tokens(chunk[0].video_key, frames)  # [C, 64, D]
-            clip = self.model.config.vision.num_frames
+            encoded = []
+            for sample in chunk:
+                video = prompt_video(len(frames.pixels), frames.duration_s, rng, self.cfg.anchors)
+                encoded.append(encode_conversation(model.tokenize, self.eos, sample.turns, video))
+            # `before` is the system prompt and the opening of the first user turn: the same for every sample.
+            prefix, _ = model.embed([encoded[0].before, tokens])  # [1, P, D]
+            length = max(len(e.after) for e in encoded)
+            suffix = torch.stack([F.pad(model.embed_text(e.after), (0, 0, 0, length - len(e.after))) for e in encoded])
+            rows = [(k, t - 1) for k, e in enumerate(encoded) for t in e.targets]  # logits one earlier predict it
+            targets = [e.after[t] for e in encoded for t in e.targets]
+            clip = model.config.vision.num_frames
             moments = [(s.turns[-1][0], frames.clips_within(s.moments, clip)) for s in chunk if s.moments]
-            video = [prompt_video(len(frames.pixels), frames.duration_s, rng, self.cfg.anchors) for _ in chunk]
-            batch = video_batch(self.model, self.eos, [s.turns for s in chunk], video, tokens)
-            batch.moments = [(q, clips) for q, clips in moments if 0 < len(clips) < len(tokens)]  # a choice to learn
-            out.append(batch)
+            device = model.device
+            out.append(
+                VideoBatch(
+                    prefix,
+                    suffix,
+                    torch.tensor(rows, device=device),
+                    torch.tensor(targets, device=device),
+                    tokens,
+                    [(q, clips) for q, clips in moments if 0 < len(clips) < len(tokens)],  # a choice to learn
+                )
+            )
         return out
-
-
-def video_batch(
-    model: VideoChatFlash,
-    eos: int,
-    conversations: Sequence[Sequence[tuple[str, str]]],
-    videos: Sequence[PromptVideo],
-    tokens: torch.Tensor,
-) -> VideoBatch:
-    """One video's conversations (each with its own time message) around its visual tokens [C, 64, D]."""
-    pairs = zip(conversations, videos, strict=True)
-    encoded = [encode_conversation(model.tokenize, eos, turns, v) for turns, v in pairs]
-    # `before` is the system prompt and the opening of the first user turn: the same for every conversation.
-    prefix, _ = model.embed([encoded[0].before, tokens])  # [1, P, D]
-    length = max(len(e.after) for e in encoded)
-    suffix = torch.stack([F.pad(model.embed_text(e.after), (0, 0, 0, length - len(e.after))) for e in encoded])
-    rows = [(k, t - 1) for k, e in enumerate(encoded) for t in e.targets]  # logits one earlier predict it
-    targets = [e.after[t] for e in encoded for t in e.targets]
-    device = model.device
-    return VideoBatch(prefix, suffix, torch.tensor(rows, device=device), torch.tensor(targets, device=device), tokens)
 
 
 def shared_prefix_forward(
