@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import resource
 import shutil
@@ -77,7 +78,7 @@ RESUME_KEYS = ("data", "model", "train", "lora_rank", "videos_per_step", "questi
 
 @dataclass
 class TrainConfig:
-    data: str  # JSON lines (LLaVA / VideoChat-Flash format)
+    data: str | tuple[str, ...]  # JSON lines (LLaVA / VideoChat-Flash format); several files are mixed
     model: str  # base checkpoint: dir, hub id or `tiny`
     out: str
     eval_data: str | None = None
@@ -551,7 +552,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def load_data(cfg: TrainConfig, report: Callable[[str], None]) -> tuple[list[Sample], list[Sample], list[str]]:
-    samples, bad = check_videos(read_samples(cfg.data, cfg.data_root), cfg.bad_videos)
+    files = [cfg.data] if isinstance(cfg.data, str | os.PathLike) else list(cfg.data)
+    samples, bad = check_videos([s for f in files for s in read_samples(f, cfg.data_root)], cfg.bad_videos)
     eval_samples: list[Sample] = []
     if cfg.eval_data:
         eval_samples, bad_eval = check_videos(read_samples(cfg.eval_data, cfg.data_root), cfg.bad_videos)
@@ -559,7 +561,7 @@ def load_data(cfg: TrainConfig, report: Callable[[str], None]) -> tuple[list[Sam
     for line in bad:
         report(f"skipping a bad video: {line}")
     if not samples:
-        raise DataError(f"{cfg.data}: no usable samples")
+        raise DataError(f"{', '.join(map(str, files))}: no usable samples")
     return samples, eval_samples, bad
 
 

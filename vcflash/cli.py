@@ -76,7 +76,13 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         from vcflash.shapes import corpus
 
         made = make_tiny_checkpoint(
-            args.dir, seed=args.seed, config=shapes_config(), corpus=corpus(), greedy=True, for_training=True
+            args.dir,
+            seed=args.seed,
+            config=shapes_config(),
+            corpus=corpus(),
+            greedy=True,
+            for_training=True,
+            layer_std=args.layer_std,
         )
         print(made)
         return 0
@@ -178,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hico.train import TrainConfig, train
 
     cfg = TrainConfig(
-        data=args.data,
+        data=args.data[0] if len(args.data) == 1 else tuple(args.data),
         model=args.model,
         out=args.out,
         eval_data=args.eval,
@@ -900,6 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         help="shapes: the wider base (shapes vocabulary, greedy answers) that vcflash train makes the shipped tiny of",
     )
+    tiny.add_argument(
+        "--layer-std",
+        type=float,
+        default=0.08,  # hico.checkpoint.LAYER_STD (not imported here: the parser stays torch-free)
+        help="--preset shapes: std of the LLM decoder layers' starting weights (default 0.08; the shipped tiny "
+        "started from 0.02, Qwen's initializer_range)",
+    )
     tiny.set_defaults(func=cmd_make_tiny)
 
     def service(name: str, help: str, model: bool) -> argparse.ArgumentParser:
@@ -1183,7 +1196,11 @@ def build_parser() -> argparse.ArgumentParser:
     tower.set_defaults(func=cmd_pretrain_tower)
 
     fit = sub.add_parser("train", help="fine-tune a checkpoint on LLaVA / VideoChat-Flash format JSON lines")
-    fit.add_argument("data", help="JSON lines: a video path and `conversations` of human/gpt turns per line")
+    fit.add_argument(
+        "data",
+        nargs="+",
+        help="JSON lines: a video path and `conversations` of human/gpt turns per line; several files are mixed",
+    )
     fit.add_argument("--model", required=True, help="base checkpoint: hub id, local dir or tiny")
     fit.add_argument("--out", required=True, help="where the checkpoint (or LoRA adapter) and OUT/last/ go")
     fit.add_argument("--eval", help="held-out JSON lines: loss and exact-match accuracy every --eval-every steps")

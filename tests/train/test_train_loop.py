@@ -232,6 +232,34 @@ def test_bad_videos_are_skipped_or_fail_never_silently(tiny_base: Path, videos: 
         train(config(data, tiny_base, tmp_path / "out2", bad_videos="fail"))
 
 
+def test_several_data_files_are_mixed_each_relative_to_its_own_directory(videos: list[Path], tmp_path: Path) -> None:
+    """`vcflash train A.jsonl B.jsonl`: one pool of samples; a relative video path resolves under its own file's
+    directory, and a bad line is named by its own file."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    for d, vs in ((a_dir, videos[:2]), (b_dir, videos[2:3])):
+        (d / "videos").mkdir(parents=True)
+        for v in vs:
+            (d / "videos" / v.name).symlink_to(v)
+    a = write_lines(
+        a_dir / "train.jsonl",
+        [{"video": f"videos/{v.name}", "conversations": conversation("Q?", "red")} for v in videos[:2]],
+    )
+    b_lines = [{"video": f"videos/{videos[2].name}", "conversations": conversation("Q?", "blue")}]
+    b = write_lines(
+        b_dir / "train.jsonl", b_lines + [{"video": "videos/gone.mp4", "conversations": conversation("Q?", "no")}]
+    )
+    samples, _, bad = hico.train.load_data(
+        TrainConfig(data=(str(a), str(b)), model="-", out="-"), report=lambda _: None
+    )
+    assert [s.video for s in samples] == [a_dir / "videos" / v.name for v in videos[:2]] + [
+        b_dir / "videos" / videos[2].name
+    ]
+    assert len(bad) == 1 and f"{b}:2" in bad[0], bad
+    empty = write_lines(tmp_path / "e.jsonl", [b_lines[0] | {"video": "nope.mp4"}])
+    with pytest.raises(DataError, match=f"{empty}, {empty}: no usable samples"):
+        hico.train.load_data(TrainConfig(data=(str(empty), str(empty)), model="-", out="-"), report=lambda _: None)
+
+
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     tiny_base: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,3 +313,34 @@ def test_a_patch_embedding_to_train_from_reads_colour_and_layout() -> None:
     flat[0] = 1.0  # a red patch
     response = (basis * flat).sum((1, 2, 3))
     assert response[0] == pytest.approx(0.5 * 16) and response[1:].abs().max() < 1e-5
+
+
+def test_the_llm_layers_start_at_their_own_scale_with_the_same_draws() -> None:
+    """`layer_std` scales the LLM decoder layers' matrices and nothing else; the random draws stay the same, so
+    two bases differ by exactly that factor (what the README's comparison of 0.02 and 0.08 relies on)."""
+    from hico.checkpoint import init_for_training_, shapes_config
+    from hico.model import VideoChatFlashModel
+
+    a, b = VideoChatFlashModel(shapes_config()), VideoChatFlashModel(shapes_config())
+    init_for_training_(a, seed=3, layer_std=0.02)
+    init_for_training_(b, seed=3)  # the default, 0.08
+    wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
+    scaled = {n for n in wa if not torch.equal(wa[n], wb[n])}
+    assert scaled == {n for n, p in wa.items() if n.startswith("llm.model.layers.") and p.ndim == 2}
+    for n in scaled:
+        torch.testing.assert_close(wb[n], 4 * wa[n], rtol=1e-6, atol=0)
+    assert 0.075 < float(wb["llm.model.layers.0.mlp.up_proj.weight"].std()) < 0.085
+    from hico.checkpoint import LAYER_STD
+    from vcflash.cli import build_parser
+
+    cli = build_parser().parse_args(["make-tiny-checkpoint", "base", "--preset", "shapes"])
+    assert cli.layer_std == LAYER_STD == 0.08
+
+
+@pytest.mark.parametrize("std", [0.0, -0.08, float("nan")])
+def test_a_start_scale_that_is_not_positive_is_refused(std: float) -> None:
+    from hico.checkpoint import init_for_training_, shapes_config
+    from hico.model import VideoChatFlashModel
+
+    with pytest.raises(ValueError, match="layer_std must be a positive number"):
+        init_for_training_(VideoChatFlashModel(shapes_config()), seed=0, layer_std=std)
