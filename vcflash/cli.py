@@ -82,10 +82,12 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
             corpus=corpus(),
             greedy=True,
             for_training=True,
-            layer_std=args.layer_std,
+            **({} if args.layer_std is None else {"layer_std": args.layer_std}),
         )
         print(made)
         return 0
+    if args.layer_std is not None:
+        raise ValueError("--layer-std sets the base to train from: it goes with --preset shapes")
     print(make_tiny_checkpoint(args.dir, res=args.res, seed=args.seed, tower=args.tower))
     return 0
 
@@ -909,9 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--layer-std",
         type=float,
-        default=0.08,  # hico.checkpoint.LAYER_STD (not imported here: the parser stays torch-free)
-        help="--preset shapes: std of the LLM decoder layers' starting weights (default 0.08; the shipped tiny "
-        "started from 0.02, Qwen's initializer_range)",
+        help="--preset shapes: std of the LLM decoder layers' starting weights (default 0.08, "
+        "hico.checkpoint.LAYER_STD; the shipped tiny started from 0.02, Qwen's initializer_range)",
     )
     tiny.set_defaults(func=cmd_make_tiny)
 

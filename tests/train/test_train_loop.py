@@ -334,7 +334,7 @@ def test_the_llm_layers_start_at_their_own_scale_with_the_same_draws() -> None:
     from vcflash.cli import build_parser
 
     cli = build_parser().parse_args(["make-tiny-checkpoint", "base", "--preset", "shapes"])
-    assert cli.layer_std == LAYER_STD == 0.08
+    assert cli.layer_std is None and LAYER_STD == 0.08  # the CLI leaves the default to hico.checkpoint
 
 
 @pytest.mark.parametrize("std", [0.0, -0.08, float("nan")])
@@ -344,3 +344,10 @@ def test_a_start_scale_that_is_not_positive_is_refused(std: float) -> None:
 
     with pytest.raises(ValueError, match="layer_std must be a positive number"):
         init_for_training_(VideoChatFlashModel(shapes_config()), seed=0, layer_std=std)
+
+
+def test_a_start_scale_without_the_shapes_preset_is_refused(tmp_path: Path) -> None:
+    from vcflash.cli import main
+
+    assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--layer-std", "0.08"]) == 2
+    assert not (tmp_path / "x").exists()
