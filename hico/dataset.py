@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -253,20 +254,28 @@ class Frames:
 
 
 class BytesLRU:
-    """Values by key, the least recently used dropped once they hold more than `max_bytes` (`nbytes` of each)."""
+    """Values by key, the least recently used dropped once they hold more than `max_bytes` (`nbytes` of each).
+    Safe to share between threads; `compute` runs outside the lock, so two threads may both compute a missing key
+    (the first stored wins)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self._bytes = max_bytes, 0
         self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = self._items[key] = compute()
-        self._bytes += value.nbytes
-        while self._bytes > self.max_bytes and len(self._items) > 1:
-            self._bytes -= self._items.popitem(last=False)[1].nbytes
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            if key in self._items:
+                return self._items[key]
+            self._items[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                self._bytes -= self._items.popitem(last=False)[1].nbytes
         return value
 
 

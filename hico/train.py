@@ -29,6 +29,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,10 +274,19 @@ def step_chunks(chunks: list[list[Sample]], step: int, per_step: int, seed: int)
     return [chunks[j] for j in order[i * per_step : (i + 1) * per_step]]
 
 
+def shared_length(sequences: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading ids all `sequences` share, at most `limit`."""
+    n = 0
+    while n < limit and all(n < len(s) and s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return n
+
+
 @dataclass
 class VideoBatch:
-    """One video's part of a step: the shared prefix (system prompt, user turn opening, visual tokens) and each
-    conversation's suffix (time message, question, answer), right-padded; targets as (row, suffix position)."""
+    """One video's part of a step: the shared prefix (system prompt, user turn opening, visual tokens, and what
+    follows them in every conversation) and each conversation's suffix (the rest: question, answer), right-padded;
+    targets as (row, suffix position)."""
 
     prefix: torch.Tensor  # [1, P, D]
     suffix: torch.Tensor  # [K, S, D]
@@ -334,11 +344,17 @@ class Batcher:
             for sample in chunk:
                 video = prompt_video(len(frames.pixels), frames.duration_s, rng, self.cfg.anchors)
                 encoded.append(encode_conversation(model.tokenize, self.eos, sample.turns, video))
-            # `before` is the system prompt and the opening of the first user turn: the same for every sample.
-            prefix, _ = model.embed([encoded[0].before, tokens])  # [1, P, D]
-            length = max(len(e.after) for e in encoded)
-            suffix = torch.stack([F.pad(model.embed_text(e.after), (0, 0, 0, length - len(e.after))) for e in encoded])
-            rows = [(k, t - 1) for k, e in enumerate(encoded) for t in e.targets]  # logits one earlier predict it
+            # `before` is the system prompt and the opening of the first user turn: the same for every sample. So,
+            # most often, is the time message after the video: it joins the prefix too, up to the first position
+            # whose logits are a target's.
+            first = min(t for e in encoded for t in e.targets) - 1
+            common = shared_length([e.after for e in encoded], first)
+            prefix, _ = model.embed([encoded[0].before, tokens, encoded[0].after[:common]])  # [1, P, D]
+            afters = [e.after[common:] for e in encoded]
+            length = max(len(a) for a in afters)
+            suffix = torch.stack([F.pad(model.embed_text(a), (0, 0, 0, length - len(a))) for a in afters])
+            # the logits one position earlier predict each target
+            rows = [(k, t - 1 - common) for k, e in enumerate(encoded) for t in e.targets]
             targets = [e.after[t] for e in encoded for t in e.targets]
             clip = model.config.vision.num_frames
             moments = [(s.turns[-1][0], frames.clips_within(s.moments, clip)) for s in chunk if s.moments]
@@ -354,6 +370,13 @@ class Batcher:
                 )
             )
         return out
+
+
+def prefetch(cache: FrameCache, chunks: Sequence[Sequence[Sample]]) -> None:
+    """Decode the videos of `chunks` into `cache`; a video that fails is left for `Batcher.frames` to report."""
+    for chunk in chunks:
+        with contextlib.suppress(*VIDEO_ERRORS):
+            cache.get(chunk[0])
 
 
 def shared_prefix_forward(
@@ -633,38 +656,45 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
     recent_relevance: list[float] = []
     loss_value = float("nan")
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    while step < total:
-        rng = np.random.default_rng([cfg.seed, 1, step])
-        with autocast:
-            batches = batcher.build(step_chunks(chunks, step, cfg.videos_per_step, cfg.seed), rng)
-            loss = answer_loss(model, batches, checkpointing) if batches else None
-            relevance = relevance_loss(model, batches, layer) if loss is not None and cfg.relevance else None
-        if loss is not None:
-            loss_value = float(loss.detach())  # the answer loss, comparable with and without relevance
-            recent = (recent + [loss_value])[-20:]
-            if relevance is not None:
-                recent_relevance = (recent_relevance + [float(relevance.detach())])[-20:]
-                loss = loss + cfg.relevance * relevance
-            n = sum(b.rows for b in batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
-            optimizer.step()
-            seen += n
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "-", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if step % cfg.eval_every == 0 or step == total:
-            record: dict[str, float] = {"step": step, "train_loss": float(np.mean(recent)) if recent else math.nan}
-            if recent_relevance:
-                record["train_relevance_loss"] = float(np.mean(recent_relevance))
-            if held_out:
-                record |= evaluate(model, cfg, batcher, held_out, eval_cache, autocast, layer)
-            evals.append(record)
-            report(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            save_state(last, model, optimizer, scheduler, step, cfg, {"evals": evals, "samples": seen})
+    # decoding a video the first time it is met is about 40% of a tiny-recipe step in the first epoch: a thread
+    # decodes the next step's videos while this one trains (PyAV and torch release the GIL)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
+        ahead = decoder.submit(prefetch, cache, step_chunks(chunks, step, cfg.videos_per_step, cfg.seed))
+        while step < total:
+            rng = np.random.default_rng([cfg.seed, 1, step])
+            ahead.result()  # this step's videos, decoded while the last one trained
+            if step + 1 < total:
+                ahead = decoder.submit(prefetch, cache, step_chunks(chunks, step + 1, cfg.videos_per_step, cfg.seed))
+            with autocast:
+                batches = batcher.build(step_chunks(chunks, step, cfg.videos_per_step, cfg.seed), rng)
+                loss = answer_loss(model, batches, checkpointing) if batches else None
+                relevance = relevance_loss(model, batches, layer) if loss is not None and cfg.relevance else None
+            if loss is not None:
+                loss_value = float(loss.detach())  # the answer loss, comparable with and without relevance
+                recent = (recent + [loss_value])[-20:]
+                if relevance is not None:
+                    recent_relevance = (recent_relevance + [float(relevance.detach())])[-20:]
+                    loss = loss + cfg.relevance * relevance
+                n = sum(b.rows for b in batches)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
+                optimizer.step()
+                seen += n
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "-", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % cfg.eval_every == 0 or step == total:
+                record: dict[str, float] = {"step": step, "train_loss": float(np.mean(recent)) if recent else math.nan}
+                if recent_relevance:
+                    record["train_relevance_loss"] = float(np.mean(recent_relevance))
+                if held_out:
+                    record |= evaluate(model, cfg, batcher, held_out, eval_cache, autocast, layer)
+                evals.append(record)
+                report(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                save_state(last, model, optimizer, scheduler, step, cfg, {"evals": evals, "samples": seen})
     bar.close()
     seconds = time.perf_counter() - t0
 

@@ -122,6 +122,9 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.jobs is not None and args.jobs < 1:
+        print("vcflash: --jobs must be at least 1", file=sys.stderr)
+        return 2
     if args.kind == "hard" and not (0 <= args.hard_share <= 1 and 0 < args.top_share <= 1):
         print("vcflash: --hard-share must be in [0, 1] and --top-share in (0, 1]", file=sys.stderr)
         return 2
@@ -154,6 +157,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=sys.stderr.isatty(),
                 kind=args.kind,
+                jobs=args.jobs,
             )
         except ValueError as e:
             print(f"vcflash: {e}", file=sys.stderr)
@@ -1170,6 +1174,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dataset.add_argument("--fps", type=csv(int), default=(1,) * 9 + (10,), help="frame rates drawn from 1 x9, 10")
     dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument(
+        "--jobs", type=int, help="processes encoding videos (default: one per CPU; the files are the same for any)"
+    )
     dataset.add_argument(
         "--model", help="hard: the model whose key index ranks the distractors (tiny, a dir, a hub id)"
     )

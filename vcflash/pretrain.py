@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,19 +114,26 @@ def pretrain_tower(cfg: PretrainConfig, report: Callable[[str], None] = log.info
     evals: list[dict] = []
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.steps + 1), desc="tower", disable=not progress, unit="step")
-    for step in bar:
-        loss, _ = loss_of(draw(rng, cfg.clips))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            with torch.no_grad():
-                _, logits = loss_of(held_out)
-            row = {"step": step, "seconds": round(time.perf_counter() - t0, 1)}
-            row |= {k: round(covered_accuracy(logits[k], held_out.labels[k]), 4) for k in heads}
-            evals.append(row)
-            report(f"step {step}: held-out patch accuracy " + ", ".join(f"{k} {row[k]:.1%}" for k in heads))
+    # rendering is about a third of a step: one thread draws the next batch while torch trains on this one (PIL and
+    # torch release the GIL); only that thread draws from `rng`, so the batches are those drawn in line
+    with ThreadPoolExecutor(1, thread_name_prefix="draw") as drawer:
+        upcoming = drawer.submit(draw, rng, cfg.clips)
+        for step in bar:
+            batch = upcoming.result()
+            if step < cfg.steps:
+                upcoming = drawer.submit(draw, rng, cfg.clips)
+            loss, _ = loss_of(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                with torch.no_grad():
+                    _, logits = loss_of(held_out)
+                row = {"step": step, "seconds": round(time.perf_counter() - t0, 1)}
+                row |= {k: round(covered_accuracy(logits[k], held_out.labels[k]), 4) for k in heads}
+                evals.append(row)
+                report(f"step {step}: held-out patch accuracy " + ", ".join(f"{k} {row[k]:.1%}" for k in heads))
     out = save_checkpoint(model, cfg.out)
     copy_side_files(base, out)
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "evals": evals}

@@ -13,10 +13,13 @@ apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
@@ -128,14 +131,16 @@ class Scene:
         """What covers each cell of a grid x grid patch grid over the squashed frame at time t, as area fractions
         [1 + K, grid, grid]: background first, then each of the K kinds of `key` (`LABELS`: shape, colour or the
         direction it moves). The dense labels that teach a vision tower what the scenes show (`vcflash.pretrain`)."""
-        kinds = LABELS[key]
         maps = []
-        for kind in kinds:
+        for kind in LABELS[key]:
+            sprites = [s for s in self.sprites if s.visible(t) and getattr(s, key) == kind]
+            if not sprites:  # most kinds are absent from a frame: no full-size mask to draw and shrink
+                maps.append(np.zeros((grid, grid), np.float32))
+                continue
             mask = Image.new("F", self.size, 0.0)
             draw = ImageDraw.Draw(mask)
-            for s in self.sprites:
-                if s.visible(t) and getattr(s, key) == kind:
-                    _draw(draw, s, t, 1.0)
+            for s in sprites:
+                _draw(draw, s, t, 1.0)
             maps.append(np.asarray(mask.resize((grid, grid), Image.Resampling.BOX)))  # the mean over each cell
         covered = np.stack(maps)
         return np.concatenate([np.clip(1.0 - covered.sum(0, keepdims=True), 0.0, 1.0), covered])
@@ -521,6 +526,7 @@ def make_dataset(
     seed: int = 0,
     progress: bool = False,
     kind: str = "shapes",
+    jobs: int | None = None,
 ) -> dict[str, Path]:
     """Write `videos` training scenes and `test_videos` (default a fifth as many, at least 10) held-out ones under
     OUT/videos/{train,test}/, their questions in OUT/train.jsonl and OUT/test.jsonl (video paths relative to OUT)
@@ -528,7 +534,8 @@ def make_dataset(
     Default lengths per kind: `DATASET_SECONDS`. The two splits draw from independent streams of the seed.
     `kind` "order": staggered three-shape scenes asked only which of two came first (`balanced_order_questions`);
     "brief": long videos (`long_video`, 1 fps, lengths from `seconds`) asked only about their brief events
-    (`brief_questions`)."""
+    (`brief_questions`). Scenes are drawn in order and encoded by `jobs` processes (default: one per CPU), so the
+    files are the same for any `jobs`."""
     if kind not in DATASET_SECONDS:
         raise ValueError(f"unknown dataset kind {kind!r}")
     seconds = DATASET_SECONDS[kind] if seconds is None else seconds
@@ -541,12 +548,18 @@ def make_dataset(
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scenes.jsonl", "w") as scenes:
+    jobs = jobs or os.cpu_count() or 1
+    # encoding is most of the time (libx264 per frame): a pool of processes does it while scenes are drawn in order
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    written: list[Future] = []
+    with contextlib.ExitStack() as stack, open(out / "scenes.jsonl", "w") as scenes:
+        if pool is not None:
+            stack.callback(pool.shutdown, cancel_futures=True)
         for split, count, seq in (("train", videos, train_seq), ("test", test_videos, test_seq)):
             (out / "videos" / split).mkdir(parents=True, exist_ok=True)
             rng = np.random.default_rng(seq)
             with open(paths[split], "w") as lines:
-                for i in tqdm(range(count), desc=f"{split} videos", disable=not progress):
+                for i in tqdm(range(count), desc=f"{split} videos", disable=not progress or pool is not None):
                     video = f"videos/{split}/{i:05d}.mp4"
                     if kind == "brief":
                         scene: Scene | LongVideo = long_video(rng, float(rng.choice(seconds)))
@@ -557,8 +570,13 @@ def make_dataset(
                     else:
                         scene = random_scene(rng, float(rng.choice(seconds)), int(rng.choice(fps)))
                         qas = questions(scene, rng)
-                    scene.write(out / video)
+                    if pool is None:
+                        scene.write(out / video)
+                    else:
+                        written.append(pool.submit(scene.write, out / video))
                     scenes.write(json.dumps({"video": video, "scene": scene.to_dict()}) + "\n")
                     for j, qa in enumerate(qas):
                         lines.write(json.dumps(record(video, qa, f"{split}-{i:05d}-{j:02d}")) + "\n")
+        for done in tqdm(as_completed(written), total=len(written), desc="videos", disable=not progress):
+            done.result()  # an encoding error surfaces here
     return paths

@@ -33,12 +33,12 @@ from vcflash.shapes import (
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("shapes")
-    for name in ("a", "b"):
-        make_dataset(root / name, videos=4, test_videos=3, seconds=(8.0, 16.0), fps=(1, 5), seed=3)
+    for name, jobs in (("a", 2), ("b", 1)):  # encoded by a pool of processes, then in this one
+        make_dataset(root / name, videos=4, test_videos=3, seconds=(8.0, 16.0), fps=(1, 5), seed=3, jobs=jobs)
     return root / "a", root / "b"
 
 
-def test_the_same_seed_writes_the_same_data_set(made: tuple[Path, Path]) -> None:
+def test_the_same_seed_writes_the_same_data_set_with_any_jobs(made: tuple[Path, Path]) -> None:
     a, b = made
     for name in ("train.jsonl", "test.jsonl", "scenes.jsonl"):
         assert (a / name).read_text() == (b / name).read_text()

@@ -16,7 +16,7 @@ from hico import VideoChatFlash
 from hico.checkpoint import dct_patch_basis, read_config
 from hico.dataset import DataError, FrameCache, read_samples
 from hico.lora import load_adapter
-from hico.prompt import PromptVideo, build_prompt
+from hico.prompt import PromptVideo, build_prompt, time_message
 from hico.train import (
     Batcher,
     TrainConfig,
@@ -25,6 +25,7 @@ from hico.train import (
     encode_conversation,
     normalize_answer,
     relevance_loss,
+    shared_length,
     shared_prefix_forward,
     train,
 )
@@ -77,6 +78,9 @@ def test_the_training_forward_is_the_inference_forward(tiny_base: Path, data: Pa
     [batch] = batcher.build([samples], np.random.default_rng(0))
     frames = batcher.cache.get(samples[0])
     tokens = model.encode_clips(model.preprocess(frames.pixels))
+    # the time message after the video is the same for both questions: computed once, in the prefix
+    time_msg = model.tokenize(time_message(frames.duration_s, len(frames.pixels)))
+    assert batch.prefix.shape[1] >= tokens.shape[0] * tokens.shape[1] + len(time_msg)
     with torch.no_grad():
         hidden = shared_prefix_forward(model, batch.prefix, batch.suffix)
         for k, sample in enumerate(samples):
@@ -84,6 +88,13 @@ def test_the_training_forward_is_the_inference_forward(tiny_base: Path, data: Pa
             n = reference.shape[0] - batch.prefix.shape[1]  # the prompt's positions after the video
             ours = model.llm.lm_head(hidden[k, :n]).float()
             torch.testing.assert_close(ours, reference[-n:], rtol=1e-4, atol=1e-5)
+
+
+def test_the_shared_prefix_stops_where_the_conversations_part_or_at_the_limit() -> None:
+    assert shared_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]], 10) == 2
+    assert shared_length([[1, 2, 3, 4]], 2) == 2  # one conversation: up to the first target's logits
+    assert shared_length([[1, 2], [1, 2]], 5) == 2
+    assert shared_length([[7], [1]], 5) == 0
 
 
 def test_a_frozen_tower_runs_once_per_video_and_gives_the_same_tokens(tiny_base: Path, data: Path) -> None:
