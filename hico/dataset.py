@@ -18,9 +18,11 @@ inference see the same frames and the same time message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -283,21 +285,73 @@ class FrameCache:
     """Sampled, squashed frames per (video, range), least recently used dropped past `max_bytes`.
 
     Squashing in uint8 first is exactly `hico.video.preprocess_frames`' first step, so normalising the cached
-    frames later gives the same pixels as preprocessing the decoded ones."""
+    frames later gives the same pixels as preprocessing the decoded ones.
 
-    def __init__(self, image_size: int, max_frames: int, max_bytes: int = 1 << 30) -> None:
+    With `directory`, frames are also kept on disk, so later runs on the same videos (a second stage, a resumed or
+    repeated run) skip decoding: one file per (video file as it is now: path, size and mtime; range; frame budget;
+    input size), named by a hash of that, so an edited video or another budget is a miss, never stale. A file that
+    cannot be read is decoded again and rewritten. The directory grows with the data (about T x S x S x 3 bytes a
+    video) and is the user's to delete."""
+
+    def __init__(
+        self,
+        image_size: int,
+        max_frames: int,
+        max_bytes: int = 1 << 30,
+        directory: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.image_size, self.max_frames = image_size, max_frames
         self._lru = BytesLRU(max_bytes)
+        self.directory = None if directory is None else Path(directory)
+        if self.directory is not None:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # frames of the user's footage
+        self.decoded = 0  # videos decoded by this cache (not read from memory or disk)
 
     def get(self, sample: Sample) -> Frames:
         """Raises FileNotFoundError or VideoError (hico.video) for a video that cannot be used."""
+        return self._lru.get(sample.video_key, lambda: self._load(sample))
 
-        def load() -> Frames:
-            video = sample_video(sample, self.max_frames)
-            times = np.asarray(video.indices, np.float64) / video.fps
-            return Frames(np.stack([squash_resize(f, self.image_size) for f in video.frames]), video.duration_s, times)
+    def _decode(self, sample: Sample) -> Frames:
+        video = sample_video(sample, self.max_frames)
+        times = np.asarray(video.indices, np.float64) / video.fps
+        self.decoded += 1
+        return Frames(np.stack([squash_resize(f, self.image_size) for f in video.frames]), video.duration_s, times)
 
-        return self._lru.get(sample.video_key, load)
+    def _load(self, sample: Sample) -> Frames:
+        if self.directory is None:
+            return self._decode(sample)
+        stat = os.stat(sample.video)  # FileNotFoundError, as decoding would raise
+        key = (str(Path(sample.video).resolve()), stat.st_size, stat.st_mtime_ns, sample.start_s, sample.end_s)
+        name = hashlib.sha256(repr((*key, self.max_frames, self.image_size, FRAME_FILE_VERSION)).encode()).hexdigest()
+        path = self.directory / f"{name}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                cached = Frames(f["pixels"], float(f["duration_s"]), f["times_s"])
+            if well_formed(cached, self.image_size):
+                return cached
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # missing or unreadable: decode and (re)write
+        frames = self._decode(sample)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as out:
+            np.savez(out, pixels=frames.pixels, duration_s=frames.duration_s, times_s=frames.times_s)
+        os.replace(tmp, path)  # whole or absent, whoever reads it
+        return frames
+
+
+FRAME_FILE_VERSION = 1  # bump when what a cached frame file holds changes
+
+
+def well_formed(frames: Frames, image_size: int) -> bool:
+    """uint8 [T, S, S, 3] pixels with T >= 1 and one time per frame."""
+    p = frames.pixels
+    return (
+        p.dtype == np.uint8
+        and p.ndim == 4
+        and len(p) > 0
+        and p.shape[1:] == (image_size, image_size, 3)
+        and (frames.times_s.shape == (len(p),))
+    )
 
 
 VIDEO_ERRORS = (FileNotFoundError, VideoError, OSError, ValueError)

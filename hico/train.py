@@ -112,6 +112,7 @@ class TrainConfig:
     resume: bool = False
     bad_videos: str = "skip"  # or "fail"
     cache_bytes: int = 2 << 30  # decoded frames kept in memory
+    frame_cache: str | None = None  # a directory keeping decoded frames for later runs (`FrameCache`)
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -645,9 +646,10 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
         f"{n_trained / 1e6:.2f}M parameters"
     )
 
-    cache = FrameCache(model.config.vision.image_size, cfg.max_frames, cfg.cache_bytes)
+    size = model.config.vision.image_size
+    cache = FrameCache(size, cfg.max_frames, cfg.cache_bytes, cfg.frame_cache)
     batcher = Batcher(model, cfg, cache)
-    eval_cache = FrameCache(model.config.vision.image_size, cfg.max_frames, cfg.cache_bytes // 4)
+    eval_cache = FrameCache(size, cfg.max_frames, cfg.cache_bytes // 4, cfg.frame_cache)
     held_out = eval_samples[:: max(1, len(eval_samples) // cfg.eval_samples)][: cfg.eval_samples]  # spread out
     model.train()
     layer = default_layer(model.config.text)  # the scoring layer the key index ranks by, hence the one trained

@@ -217,6 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
         bad_videos=args.bad_videos,
+        frame_cache=args.frame_cache,
         threads=args.threads,
     )
     result = train(cfg, report=lambda line: print(line, file=sys.stderr, flush=True), progress=True)
@@ -1237,6 +1238,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--resume", action="store_true", help="continue from OUT/last/")
     fit.add_argument("--bad-videos", choices=("skip", "fail"), default="skip", help="missing or corrupt videos")
+    fit.add_argument(
+        "--frame-cache", metavar="DIR", help="keep decoded frames here, so later runs on the same videos skip decoding"
+    )
     fit.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     fit.set_defaults(func=cmd_train)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +155,47 @@ def test_moments_say_which_clips_answer(tmp_path: Path, videos: list[Path], tiny
     assert frames.clips_within([(16.5, 30.0)], 4) == []  # after the last frame
     ranged = read_samples(write_lines(tmp_path / "r.jsonl", [line | {"start": 8, "end": 16}]))[0]
     assert FrameCache(model.config.vision.image_size, 512).get(ranged).clips_within(ranged.moments, 4) == [0, 1]
+
+
+def test_a_frame_cache_directory_serves_later_runs_and_misses_what_changed(
+    data: Path, videos: list[Path], tmp_path: Path
+) -> None:
+    """Frames kept on disk are the decoded ones; another cache on the same directory (a later run) decodes nothing;
+    another frame budget, an unreadable file or an edited video is decoded again."""
+    samples = read_samples(data)
+    root = tmp_path / "frames"
+
+    def cache(max_frames: int = 512) -> FrameCache:
+        return FrameCache(112, max_frames, directory=root)
+
+    first = cache()
+    decoded = [first.get(s) for s in samples]
+    assert first.decoded == len(videos)  # once per video: its two questions share it
+    assert len(list(root.glob("*.npz"))) == len(videos) and not list(root.glob("*.tmp"))
+
+    later = cache()
+    for s, d in zip(samples, decoded, strict=True):
+        f = later.get(s)
+        assert np.array_equal(f.pixels, d.pixels) and np.array_equal(f.times_s, d.times_s)
+        assert f.duration_s == d.duration_s
+    assert later.decoded == 0
+
+    budget = cache(8)
+    assert len(budget.get(samples[0]).pixels) == 8 and budget.decoded == 1
+
+    for p in root.glob("*.npz"):
+        p.write_bytes(b"not an npz")
+    again = cache()
+    assert np.array_equal(again.get(samples[0]).pixels, decoded[0].pixels) and again.decoded == 1
+    rewritten = cache()
+    rewritten.get(samples[0])
+    assert rewritten.decoded == 0
+
+    edited = tmp_path / "edited.mp4"  # a copy, touched as if edited after the first run cached it
+    edited.write_bytes(Path(samples[0].video).read_bytes())
+    sample = replace(samples[0], video=edited)
+    cache().get(sample)
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
+    after = cache()
+    after.get(sample)
+    assert after.decoded == 1

@@ -287,9 +287,10 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(hico.train, "answer_loss", dies_in_step_four)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(data, tiny_base, tmp_path / "cut", **kw))
+    with pytest.raises(KeyboardInterrupt):  # the cut run keeps its frames on disk, its resumed run reads them there
+        train(config(data, tiny_base, tmp_path / "cut", frame_cache=str(tmp_path / "frames"), **kw))
     monkeypatch.setattr(hico.train, "answer_loss", real)
+    assert len(list((tmp_path / "frames").glob("*.npz"))) == 3  # the three videos
     state = torch.load(tmp_path / "cut" / "last" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2  # lost at most one eval interval
 
@@ -298,7 +299,10 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     with pytest.raises(ValueError, match="different run.*lora_rank"):
         train(config(data, tiny_base, tmp_path / "cut", resume=True, lora_rank=2, **kw))
     said: list[str] = []
-    resumed = train(config(data, tiny_base, tmp_path / "cut", resume=True, **kw), report=said.append)
+    resumed = train(
+        config(data, tiny_base, tmp_path / "cut", resume=True, frame_cache=str(tmp_path / "frames"), **kw),
+        report=said.append,
+    )
     assert any("resuming" in line and "step 2" in line for line in said)
     assert resumed.steps == whole.steps == 5
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
