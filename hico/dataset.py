@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import zipfile
@@ -35,6 +36,7 @@ from hico.pixels import squash_resize
 from hico.prompt import IMAGE_PLACEHOLDER, find_marker
 from hico.video import SampledVideo, VideoError, load_video
 
+log = logging.getLogger(__name__)
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
@@ -333,9 +335,13 @@ class FrameCache:
             pass  # missing or unreadable: decode and (re)write
         frames = self._decode(sample)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as out:
-            np.savez(out, pixels=frames.pixels, duration_s=frames.duration_s, times_s=frames.times_s)
-        os.replace(tmp, path)  # whole or absent, whoever reads it
+        try:
+            with open(tmp, "wb") as out:
+                np.savez(out, pixels=frames.pixels, duration_s=frames.duration_s, times_s=frames.times_s)
+            os.replace(tmp, path)  # whole or absent, whoever reads it
+        except OSError as e:  # a full disk fails the cache, not the video: its frames are decoded and right
+            tmp.unlink(missing_ok=True)
+            log.warning("frame cache %s: cannot write (%s); going on without keeping this video", self.directory, e)
         return frames
 
 

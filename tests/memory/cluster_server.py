@@ -140,7 +140,16 @@ class RedisClusterServer:
     def start(self) -> None:
         for node in self.nodes:
             node.directory.mkdir(parents=True, exist_ok=True)
-            node.start()
+            for attempt in range(3):
+                try:
+                    node.start()
+                    break
+                except RuntimeError as e:
+                    if "Address already in use" not in str(e) or attempt == 2:
+                        raise
+                    # a port picked free in __init__ was taken before the node bound it (another test's server, or
+                    # an outgoing connection's ephemeral port): before the cluster is made, fresh ones do as well
+                    node.port, node.bus_port = free_port(), free_port()
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         tls = ["--tls", "--cacert", str(self.tls.ca)] if self.tls else []
         subprocess.run(

@@ -199,3 +199,20 @@ def test_a_frame_cache_directory_serves_later_runs_and_misses_what_changed(
     after = cache()
     after.get(sample)
     assert after.decoded == 1
+
+
+def test_a_frame_cache_that_cannot_write_still_gives_the_frames(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk fails the cache, not the video: the frames come back decoded, with a warning, and no file is left."""
+    sample = read_samples(data)[0]
+    reference = FrameCache(112, 512).get(sample)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with caplog.at_level("WARNING", logger="hico.dataset"):
+        frames = FrameCache(112, 512, directory=tmp_path / "frames").get(sample)
+    assert np.array_equal(frames.pixels, reference.pixels)
+    assert "No space left" in caplog.text and not list((tmp_path / "frames").iterdir())
