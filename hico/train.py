@@ -661,14 +661,17 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
     # decoding a video the first time it is met is about 40% of a tiny-recipe step in the first epoch: a thread
     # decodes the next step's videos while this one trains (PyAV and torch release the GIL)
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
-        ahead = decoder.submit(prefetch, cache, step_chunks(chunks, step, cfg.videos_per_step, cfg.seed))
+        upcoming = step_chunks(chunks, step, cfg.videos_per_step, cfg.seed)
+        ahead = decoder.submit(prefetch, cache, upcoming)
         while step < total:
             rng = np.random.default_rng([cfg.seed, 1, step])
+            current = upcoming
             ahead.result()  # this step's videos, decoded while the last one trained
             if step + 1 < total:
-                ahead = decoder.submit(prefetch, cache, step_chunks(chunks, step + 1, cfg.videos_per_step, cfg.seed))
+                upcoming = step_chunks(chunks, step + 1, cfg.videos_per_step, cfg.seed)
+                ahead = decoder.submit(prefetch, cache, upcoming)
             with autocast:
-                batches = batcher.build(step_chunks(chunks, step, cfg.videos_per_step, cfg.seed), rng)
+                batches = batcher.build(current, rng)
                 loss = answer_loss(model, batches, checkpointing) if batches else None
                 relevance = relevance_loss(model, batches, layer) if loss is not None and cfg.relevance else None
             if loss is not None:
