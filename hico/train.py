@@ -113,6 +113,7 @@ class TrainConfig:
     bad_videos: str = "skip"  # or "fail"
     cache_bytes: int = 2 << 30  # decoded frames kept in memory
     frame_cache: str | None = None  # a directory keeping decoded frames for later runs (`FrameCache`)
+    compile: bool = False  # the LLM's training forward through torch.compile (`compiled_forward`)
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -407,11 +408,30 @@ def shared_prefix_forward(
     return llm.norm(hs)
 
 
-def answer_loss(model: VideoChatFlash, batches: Sequence[VideoBatch], checkpoint: bool = False) -> torch.Tensor:
+def compiled_forward(report: Callable[[str], None]) -> Callable[..., torch.Tensor]:
+    """`shared_prefix_forward` through torch.compile, or as it is where compiling cannot work here (no C++
+    compiler, say), which is reported. Sizes are symbolic, so the prefix and suffix lengths, which change every
+    step, reuse one graph; fusing the small element-wise operations of the tiny recipe's step makes it ~1.2x
+    cheaper on a CPU, for a compile of about two minutes the first time on a machine (torch caches it)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2))  # what compiling needs, in seconds
+    except Exception as e:  # noqa: BLE001 - any failure of the toolchain means: train without it
+        why = next(iter(str(e).splitlines()), "")[:200]
+        report(f"torch.compile is unavailable here ({type(e).__name__}: {why}); training without it")
+        return shared_prefix_forward
+    return torch.compile(shared_prefix_forward, dynamic=True)
+
+
+def answer_loss(
+    model: VideoChatFlash,
+    batches: Sequence[VideoBatch],
+    checkpoint: bool = False,
+    forward: Callable[..., torch.Tensor] = shared_prefix_forward,
+) -> torch.Tensor:
     """Mean cross-entropy over every answer token of the step; the vocabulary projection runs on those only."""
     total, count = None, 0
     for b in batches:
-        h = shared_prefix_forward(model, b.prefix, b.suffix, checkpoint)  # [K, S, D]
+        h = forward(model, b.prefix, b.suffix, checkpoint)  # [K, S, D]
         logits = model.llm.lm_head(h[b.positions[:, 0], b.positions[:, 1]]).float()  # [N, V]
         loss = F.cross_entropy(logits, b.targets, reduction="sum")
         total = loss if total is None else total + loss
@@ -653,6 +673,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
     held_out = eval_samples[:: max(1, len(eval_samples) // cfg.eval_samples)][: cfg.eval_samples]  # spread out
     model.train()
     layer = default_layer(model.config.text)  # the scoring layer the key index ranks by, hence the one trained
+    forward = compiled_forward(report) if cfg.compile else shared_prefix_forward
     t0, start_seen = time.perf_counter(), seen
     recent: list[float] = []
     recent_relevance: list[float] = []
@@ -672,7 +693,7 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
                 ahead = decoder.submit(prefetch, cache, upcoming)
             with autocast:
                 batches = batcher.build(current, rng)
-                loss = answer_loss(model, batches, checkpointing) if batches else None
+                loss = answer_loss(model, batches, checkpointing, forward) if batches else None
                 relevance = relevance_loss(model, batches, layer) if loss is not None and cfg.relevance else None
             if loss is not None:
                 loss_value = float(loss.detach())  # the answer loss, comparable with and without relevance

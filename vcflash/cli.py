@@ -218,6 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         bad_videos=args.bad_videos,
         frame_cache=args.frame_cache,
+        compile=args.compile,
         threads=args.threads,
     )
     result = train(cfg, report=lambda line: print(line, file=sys.stderr, flush=True), progress=True)
@@ -1240,6 +1241,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bad-videos", choices=("skip", "fail"), default="skip", help="missing or corrupt videos")
     fit.add_argument(
         "--frame-cache", metavar="DIR", help="keep decoded frames here, so later runs on the same videos skip decoding"
+    )
+    fit.add_argument(
+        "--compile", action="store_true", help="the LLM's forward through torch.compile (needs a C++ compiler on CPU)"
     )
     fit.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     fit.set_defaults(func=cmd_train)

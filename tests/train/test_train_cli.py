@@ -82,6 +82,19 @@ def test_train_then_eval_then_ask_with_the_adapter(shapes: Path, tiny_base: Path
     assert json.loads(ask.stdout)["new_tokens"] <= 2
 
 
+@pytest.mark.slow  # compiling takes a minute or two the first time on a machine
+def test_train_compiled_with_lora(shapes: Path, tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compiled"
+    run = vcflash(
+        "train", str(shapes / "train.jsonl"), "--model", str(tiny_base), "--out", str(out), "--compile",
+        "--lora-rank", "4", "--merge-lora", "--max-steps", "2", "--eval-every", "2", "--videos-per-step", "2",
+        timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "unavailable" not in run.stderr and json.loads(run.stdout)["steps"] == 2
+    assert json.loads((out / "training.json").read_text())["config"]["compile"] is True
+
+
 def test_a_malformed_line_is_one_error_line(tiny_base: Path, tmp_path: Path) -> None:
     data = write_lines(tmp_path / "d.jsonl", [{"video": "a.mp4", "conversations": conversation("Q", "A")}, "{oops"])
     run = vcflash("train", str(data), "--model", str(tiny_base), "--out", str(tmp_path / "o"))

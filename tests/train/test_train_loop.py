@@ -125,6 +125,43 @@ def test_a_frozen_tower_runs_once_per_video_and_gives_the_same_tokens(tiny_base:
         assert a.prefix.requires_grad  # the projector is trained through the cached features
 
 
+@pytest.mark.slow  # compiling takes a minute or two the first time on a machine
+def test_the_compiled_forward_gives_the_plain_forwards_loss_and_gradients(tiny_base: Path, data: Path) -> None:
+    """`--compile`: the same step as without it, for batches of other sizes too (one graph, sizes symbolic)."""
+    model = VideoChatFlash.from_pretrained(tiny_base)
+    hico.train.set_trainable(model, ("projector", "llm"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    samples = read_samples(data)
+    batcher = Batcher(
+        model, TrainConfig(data=str(data), model="-", out="-"), FrameCache(model.config.vision.image_size, 512)
+    )
+    reports: list[str] = []
+    compiled = hico.train.compiled_forward(reports.append)
+    assert compiled is not shared_prefix_forward and not reports
+    for per_video in (16, 3, 2):  # suffixes of several row counts and lengths
+        chunks = chunk_by_video(samples, per_video)
+        results = []
+        for forward in (shared_prefix_forward, compiled):
+            model.zero_grad(set_to_none=True)
+            loss = answer_loss(model, batcher.build(chunks, np.random.default_rng(0)), forward=forward)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in trained]))
+        (plain, plain_grads), (ours, our_grads) = results
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+        for a, b in zip(our_grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_without_a_working_compiler_training_goes_on_uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise RuntimeError("Failed to find C++ compiler. Please specify via CXX environment variable.")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    reports: list[str] = []
+    assert hico.train.compiled_forward(reports.append) is shared_prefix_forward
+    assert len(reports) == 1 and "unavailable" in reports[0] and "C++ compiler" in reports[0]
+
+
 # -- what trains ----------------------------------------------------------------------------------------------
 
 
