@@ -411,7 +411,7 @@ def shared_prefix_forward(
 def compiled_forward(report: Callable[[str], None]) -> Callable[..., torch.Tensor]:
     """`shared_prefix_forward` through torch.compile, or as it is where compiling cannot work here (no C++
     compiler, say), which is reported. Sizes are symbolic, so the prefix and suffix lengths, which change every
-    step, reuse one graph; fusing the small element-wise operations of the tiny recipe's step makes it ~1.2x
+    step, reuse one graph; fusing the small element-wise operations of the tiny recipe's step makes it ~1.3x
     cheaper on a CPU, for a compile of about two minutes the first time on a machine (torch caches it)."""
     try:
         torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2))  # what compiling needs, in seconds
