@@ -412,14 +412,24 @@ def compiled_forward(report: Callable[[str], None]) -> Callable[..., torch.Tenso
     """`shared_prefix_forward` through torch.compile, or as it is where compiling cannot work here (no C++
     compiler, say), which is reported. Sizes are symbolic, so the prefix and suffix lengths, which change every
     step, reuse one graph; fusing the small element-wise operations of the tiny recipe's step makes it ~1.3x
-    cheaper on a CPU, for a compile of about two minutes the first time on a machine (torch caches it)."""
+    cheaper on a CPU, for a compile of about a minute the first time on a machine (torch caches it)."""
     try:
         torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2))  # what compiling needs, in seconds
     except Exception as e:  # noqa: BLE001 - any failure of the toolchain means: train without it
         why = next(iter(str(e).splitlines()), "")[:200]
         report(f"torch.compile is unavailable here ({type(e).__name__}: {why}); training without it")
         return shared_prefix_forward
-    return torch.compile(shared_prefix_forward, dynamic=True)
+    compiled = torch.compile(shared_prefix_forward, dynamic=True)
+
+    def forward(
+        model: VideoChatFlash, prefix: torch.Tensor, suffix: torch.Tensor, checkpoint: bool = False
+    ) -> torch.Tensor:
+        # one graph for any number of conversations, one included: torch would otherwise specialise a size of 1 and
+        # compile a second graph (about a minute here) the first time a video has a single conversation in a step
+        torch._dynamo.decorators.mark_unbacked(suffix, 0)
+        return compiled(model, prefix, suffix, checkpoint)
+
+    return forward
 
 
 def answer_loss(

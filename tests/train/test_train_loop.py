@@ -138,7 +138,7 @@ def test_the_compiled_forward_gives_the_plain_forwards_loss_and_gradients(tiny_b
     reports: list[str] = []
     compiled = hico.train.compiled_forward(reports.append)
     assert compiled is not shared_prefix_forward and not reports
-    for per_video in (16, 3, 2):  # suffixes of several row counts and lengths
+    for per_video in (16, 3, 2, 1):  # suffixes of several row counts (one too) and lengths
         chunks = chunk_by_video(samples, per_video)
         results = []
         for forward in (shared_prefix_forward, compiled):
