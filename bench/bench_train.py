@@ -35,7 +35,7 @@ DATASET = ["--videos", "1500", "--test-videos", "200", "--seed", "0"]
 ORDER = ["--videos", "600", "--test-videos", "100", "--seed", "12"]
 TOWER = ["--steps", "1000", "--labels", "shape,colour", "--clips", "16", "--lr", "1e-3", "--seed", "0"]
 STEP = ["--train", "projector,llm", "--videos-per-step", "8", "--questions-per-video", "8", "--eval-samples", "200"]
-STEP += ["--compile"]  # ~1.2x cheaper steps after a compile of ~2 min (cached for the second run)
+STEP += ["--compile"]  # ~1.3x cheaper steps after a compile of ~1 min (cached for the second run)
 STAGE_1 = [
     ["--lr", "1e-3", "--max-steps", "2000", "--eval-every", "2000", "--seed", "0"],
     ["--lr", "5e-4", "--max-steps", "500", "--eval-every", "500", "--seed", "2"],

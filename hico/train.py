@@ -415,7 +415,7 @@ def compiled_forward(report: Callable[[str], None]) -> Callable[..., torch.Tenso
     cheaper on a CPU, for a compile of about a minute the first time on a machine (torch caches it)."""
     try:
         torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2))  # what compiling needs, in seconds
-    except Exception as e:  # noqa: BLE001 - any failure of the toolchain means: train without it
+    except Exception as e:  # any failure of the toolchain means: train without it
         why = next(iter(str(e).splitlines()), "")[:200]
         report(f"torch.compile is unavailable here ({type(e).__name__}: {why}); training without it")
         return shared_prefix_forward
