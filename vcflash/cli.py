@@ -176,7 +176,9 @@ def cmd_pretrain_tower(args: argparse.Namespace) -> int:
         steps=args.steps,
         labels=args.labels,
         clips=args.clips,
+        mirror=args.mirror,
         lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
         seed=args.seed,
         eval_every=args.eval_every,
         threads=args.threads,
@@ -1199,7 +1201,13 @@ def build_parser() -> argparse.ArgumentParser:
     tower.add_argument("--steps", type=int, default=1000)
     tower.add_argument("--labels", type=csv(str), default=("shape", "colour"), help="of shape,colour,direction")
     tower.add_argument("--clips", type=int, default=16, help="rendered 4-frame scenes a step")
+    tower.add_argument(
+        "--mirror", action="store_true", help="train each rendered batch twice: as drawn, then mirrored left-right"
+    )
     tower.add_argument("--lr", type=float, default=1e-3)
+    tower.add_argument(
+        "--min-lr-ratio", type=float, default=1.0, help="cosine decay to lr x this over the steps (1: constant)"
+    )
     tower.add_argument("--seed", type=int, default=0)
     tower.add_argument("--eval-every", type=int, default=250)
     tower.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
@@ -1209,7 +1217,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "data",
         nargs="+",
-        help="JSON lines: a video path and `conversations` of human/gpt turns per line; several files are mixed",
+        help="JSON lines: a video path and `conversations` of human/gpt turns per line; several files are mixed "
+        "(one given twice counts twice)",
     )
     fit.add_argument("--model", required=True, help="base checkpoint: hub id, local dir or tiny")
     fit.add_argument("--out", required=True, help="where the checkpoint (or LoRA adapter) and OUT/last/ go")

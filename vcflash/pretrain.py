@@ -38,7 +38,9 @@ class PretrainConfig:
     steps: int = 1000
     labels: tuple[str, ...] = ("shape", "colour")  # of LABELS
     clips: int = 16  # scenes a step
+    mirror: bool = False  # train every drawn batch twice, as drawn then mirrored left-right (half the rendering)
     lr: float = 1e-3
+    min_lr_ratio: float = 1.0  # cosine decay to lr * this over the steps (1: constant)
     seed: int = 0
     eval_every: int = 250
     eval_clips: int = 64
@@ -72,6 +74,24 @@ def clip_batch(
     return Batch(video.reshape(len(scenes), frames, *video.shape[1:]), {k: tokens(v) for k, v in labels.items()})
 
 
+def mirrored(batch: Batch, grid: int) -> Batch:
+    """The batch mirrored left-right: the pixels, each label map, and left and right swapped as directions.
+
+    Upright triangles, squares and circles keep their kind in a mirror, so this is a new scene with true labels,
+    for a flip of the drawn pixels instead of rendering more (rendering costs about as much CPU as the step)."""
+    labels = {}
+    for key, value in batch.labels.items():  # [B, T·G·G, 1 + K] -> [B, T, G(h), G(w), 1 + K], flip w
+        b, tokens, k = value.shape
+        flipped = value.reshape(b, tokens // (grid * grid), grid, grid, k).flip(3).reshape(b, tokens, k)
+        if key == "direction":  # channel 0 is the background, then the LABELS order
+            order = list(range(k))
+            left, right = (1 + LABELS[key].index(d) for d in ("left", "right"))
+            order[left], order[right] = right, left
+            flipped = flipped[..., order]
+        labels[key] = flipped
+    return Batch(batch.pixels.flip(-1), labels)
+
+
 def covered_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     """Accuracy over the patches more than half covered by a shape: is the kind covering most of it the guess?"""
     covered = target[..., 1:].max(-1).values > 0.5
@@ -83,7 +103,7 @@ def pretrain_tower(cfg: PretrainConfig, report: Callable[[str], None] = log.info
 
     from hico.chat import VideoChatFlash
     from hico.checkpoint import load_model, resolve_checkpoint, save_checkpoint
-    from hico.train import copy_side_files
+    from hico.train import copy_side_files, schedule
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -97,6 +117,7 @@ def pretrain_tower(cfg: PretrainConfig, report: Callable[[str], None] = log.info
         raise ValueError(f"unknown labels {sorted(unknown)}; choose from {', '.join(LABELS)}")
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(vision.hidden_size, 1 + len(LABELS[k])) for k in cfg.labels})
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg.steps, 0.0, cfg.min_lr_ratio))
     train_seq, test_seq = np.random.SeedSequence(cfg.seed).spawn(2)  # independent streams: no test scene trained on
     rng, test_rng = np.random.default_rng(train_seq), np.random.default_rng(test_seq)
 
@@ -118,15 +139,21 @@ def pretrain_tower(cfg: PretrainConfig, report: Callable[[str], None] = log.info
     # torch release the GIL); only that thread draws from `rng`, so the batches are those drawn in line
     with ThreadPoolExecutor(1, thread_name_prefix="draw") as drawer:
         upcoming = drawer.submit(draw, rng, cfg.clips)
+        drawn: Batch | None = None  # with `mirror`: the batch the step before drew, for this step to mirror
         for step in bar:
-            batch = upcoming.result()
-            if step < cfg.steps:
-                upcoming = drawer.submit(draw, rng, cfg.clips)
+            if drawn is not None:
+                batch, drawn = mirrored(drawn, grid), None
+            else:
+                batch = upcoming.result()
+                drawn = batch if cfg.mirror else None
+                if step + cfg.mirror < cfg.steps:
+                    upcoming = drawer.submit(draw, rng, cfg.clips)
             loss, _ = loss_of(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 with torch.no_grad():
                     _, logits = loss_of(held_out)

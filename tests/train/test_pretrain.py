@@ -3,7 +3,9 @@ learns from them while every other tensor stays as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from hico.checkpoint import make_tiny_checkpoint, shapes_config
-from vcflash.pretrain import clip_batch, covered_accuracy
+from vcflash import pretrain
+from vcflash.pretrain import PretrainConfig, clip_batch, covered_accuracy, mirrored
 from vcflash.shapes import COLOURS, DIRECTIONS, SHAPES, Background, Scene, Sprite, corpus
 
 PLAIN = Background("plain", (120, 120, 120), 10.0, 20.0, 0.0, 0)
@@ -101,3 +104,52 @@ def test_pretrain_tower_trains_the_tower_only_and_learns_colours(tmp_path: Path)
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     evals = json.loads((out / "pretrain_tower.json").read_text())["evals"]
     assert [e["step"] for e in evals] == [15, 30]
+
+
+def test_a_mirrored_batch_is_the_mirrored_scene_with_true_labels() -> None:
+    flat = Background("plain", (120, 120, 120), 0.0, 20.0, 0.0, 0)  # no texture: only the sprites are not symmetric
+    sprites = (
+        Sprite("red", "triangle", 70, 80.0, 100.0, "right", 30.0, 0.0, 4.0),
+        Sprite("blue", "square", 60, 250.0, 170.0, "up", 20.0, 1.0, 4.0),
+        Sprite("green", "circle", 50, 170.0, 60.0, "left", 25.0, 0.0, 2.0),
+    )
+
+    def mirror(s: Sprite) -> Sprite:
+        return dataclasses.replace(
+            s, x=320 - s.x, direction={"left": "right", "right": "left"}.get(s.direction, s.direction)
+        )
+
+    batch = clip_batch([Scene(4.0, 1, flat, sprites)], frames=4, image_size=112, grid=7)
+    expected = clip_batch([Scene(4.0, 1, flat, tuple(map(mirror, sprites)))], frames=4, image_size=112, grid=7)
+    got = mirrored(batch, 7)
+    for key in batch.labels:
+        assert not torch.equal(got.labels[key], batch.labels[key]), key
+        np.testing.assert_allclose(got.labels[key].numpy(), expected.labels[key].numpy(), atol=0.03, err_msg=key)
+    assert (got.pixels - expected.pixels).abs().mean() < 0.01  # PIL rounds edges: a pixel's shift at most
+    twice = mirrored(got, 7)
+    assert torch.equal(twice.pixels, batch.pixels)
+    assert all(torch.equal(twice.labels[k], batch.labels[k]) for k in batch.labels)
+
+
+def test_mirroring_renders_half_the_scenes_and_decay_ends_at_its_ratio(tmp_path: Path, monkeypatch) -> None:
+    base = make_tiny_checkpoint(
+        tmp_path / "base", config=shapes_config(), corpus=corpus(), greedy=True, for_training=True
+    )
+    rendered, lrs = [], []
+    monkeypatch.setattr(
+        pretrain, "clip_batch", lambda scenes, *a, **k: rendered.append(len(scenes)) or clip_batch(scenes, *a, **k)
+    )
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(
+        torch.optim.AdamW, "step", lambda self, *a, **k: lrs.append(self.param_groups[0]["lr"]) or step(self, *a, **k)
+    )
+    for mirror, ratio in ((False, 1.0), (True, 0.1)):
+        rendered.clear(), lrs.clear()
+        cfg = PretrainConfig(
+            str(base), tmp_path / f"out{mirror}", steps=5, clips=2, mirror=mirror, min_lr_ratio=ratio, eval_clips=4
+        )
+        pretrain.pretrain_tower(cfg)
+        assert rendered == [4] + [2] * (3 if mirror else 5)  # the held-out batch, then one a step or one a pair
+        # the cosine from lr to lr x ratio over the steps; the last step is three quarters down it
+        last = 1e-3 * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(0.75 * math.pi)))
+        assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(last) and lrs == sorted(lrs, reverse=True)

@@ -303,6 +303,11 @@ def test_several_data_files_are_mixed_each_relative_to_its_own_directory(videos:
         b_dir / "videos" / videos[2].name
     ]
     assert len(bad) == 1 and f"{b}:2" in bad[0], bad
+    # a file given twice counts twice: each of its videos' conversations twice, still in one chunk per video
+    twice, _, _ = hico.train.load_data(TrainConfig(data=(str(a), str(b), str(b)), model="-", out="-"), lambda _: None)
+    assert len(twice) == len(samples) + 1
+    chunks = hico.train.chunk_by_video(twice, 8)
+    assert [len(c) for c in chunks] == [1, 1, 2] and chunks[2][0] == chunks[2][1] == samples[2]
     empty = write_lines(tmp_path / "e.jsonl", [b_lines[0] | {"video": "nope.mp4"}])
     with pytest.raises(DataError, match=f"{empty}, {empty}: no usable samples"):
         hico.train.load_data(TrainConfig(data=(str(empty), str(empty)), model="-", out="-"), report=lambda _: None)
