@@ -105,6 +105,8 @@ def pretrain_tower(cfg: PretrainConfig, report: Callable[[str], None] = log.info
     from hico.checkpoint import load_model, resolve_checkpoint, save_checkpoint
     from hico.train import copy_side_files, schedule
 
+    if not 0.0 < cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio is a share of lr in (0, 1], got {cfg.min_lr_ratio}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

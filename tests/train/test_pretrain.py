@@ -153,3 +153,11 @@ def test_mirroring_renders_half_the_scenes_and_decay_ends_at_its_ratio(tmp_path:
         # the cosine from lr to lr x ratio over the steps; the last step is three quarters down it
         last = 1e-3 * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(0.75 * math.pi)))
         assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(last) and lrs == sorted(lrs, reverse=True)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5])
+def test_a_decay_ratio_outside_0_to_1_is_refused(tmp_path: Path, ratio: float) -> None:
+    base = make_tiny_checkpoint(tmp_path / "base", config=shapes_config(), corpus=corpus(), for_training=True)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        pretrain.pretrain_tower(PretrainConfig(str(base), tmp_path / "out", steps=2, min_lr_ratio=ratio))
+    assert not (tmp_path / "out").exists()
