@@ -321,15 +321,24 @@ class Qwen2ForCausalLM(nn.Module):
 
 
 def decoder_layer(
-    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple[torch.Tensor, ...] | None
+    layer: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    past: tuple[torch.Tensor, ...] | None,
+    outputs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`Qwen2DecoderLayer.forward` over h [B, S, D], optionally after a shared prefix's keys and values `past`
-    ([1, Hkv, P, hd] each, seen by every row). Returns the new h and this part's keys and values."""
+    ([1, Hkv, P, hd] each, seen by every row). Returns the new h and this part's keys and values; with `outputs`
+    False only the keys and values are computed and h comes back as it was (a shared prefix's last layer: later
+    positions read its keys and values, nothing reads its outputs)."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
-    q = apply_rope(attn._heads(attn.q_proj(x), attn.num_heads), cos, sin)  # [B, H, S, hd]
-    k = apply_rope(attn._heads(attn.k_proj(x), attn.num_kv_heads), cos, sin)  # [B, Hkv, S, hd]
+    k = attn.keys(x, cos, sin)  # [B, Hkv, S, hd]
     v = attn._heads(attn.v_proj(x), attn.num_kv_heads)
+    if not outputs:
+        return h, k, v
+    q = attn.queries(x, cos, sin)  # [B, H, S, hd]
     if past is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:

@@ -394,10 +394,14 @@ def shared_prefix_forward(
     rope_p = llm.rotary_emb(torch.arange(p, device=prefix.device), prefix.dtype)
     rope_s = llm.rotary_emb(torch.arange(p, p + s, device=prefix.device), prefix.dtype)
     hp, hs = prefix, suffix
-    for layer in llm.layers:
+    last = len(llm.layers) - 1
+    for i, layer in enumerate(llm.layers):
 
-        def run(hp: torch.Tensor, hs: torch.Tensor, layer: nn.Module = layer) -> tuple[torch.Tensor, torch.Tensor]:
-            hp, k, v = decoder_layer(layer, hp, *rope_p, None)
+        def run(
+            hp: torch.Tensor, hs: torch.Tensor, layer: nn.Module = layer, outputs: bool = i < last
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            # no logits are read at prefix positions: the last layer needs only the prefix's keys and values
+            hp, k, v = decoder_layer(layer, hp, *rope_p, None, outputs)
             hs, _, _ = decoder_layer(layer, hs, *rope_s, (k, v))
             return hp, hs
 

@@ -90,6 +90,25 @@ def test_the_training_forward_is_the_inference_forward(tiny_base: Path, data: Pa
             torch.testing.assert_close(ours, reference[-n:], rtol=1e-4, atol=1e-5)
 
 
+def test_the_prefix_skips_the_last_layers_outputs(tiny_base: Path, data: Path) -> None:
+    """No logits are read at prefix positions, so the last layer computes only the prefix's keys and values: its
+    MLP sees the conversations' rows, never the prefix (the earlier layers see both)."""
+    model = VideoChatFlash.from_pretrained(tiny_base)
+    samples = read_samples(data)[:2]
+    batcher = Batcher(
+        model, TrainConfig(data=str(data), model="-", out="-"), FrameCache(model.config.vision.image_size, 512)
+    )
+    [batch] = batcher.build([samples], np.random.default_rng(0))
+    seen: dict[int, list[tuple[int, ...]]] = {}
+    for i, layer in enumerate(model.llm.model.layers):
+        layer.mlp.register_forward_hook(lambda _m, args, _out, i=i: seen.setdefault(i, []).append(args[0].shape))
+    with torch.no_grad():
+        shared_prefix_forward(model, batch.prefix, batch.suffix)
+    last = len(model.llm.model.layers) - 1
+    assert seen[last] == [batch.suffix.shape]
+    assert all(seen[i] == [batch.prefix.shape, batch.suffix.shape] for i in range(last))
+
+
 def test_the_shared_prefix_stops_where_the_conversations_part_or_at_the_limit() -> None:
     assert shared_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]], 10) == 2
     assert shared_length([[1, 2, 3, 4]], 2) == 2  # one conversation: up to the first target's logits
