@@ -144,7 +144,8 @@ def test_mirroring_renders_half_the_scenes_and_decay_ends_at_its_ratio(tmp_path:
         torch.optim.AdamW, "step", lambda self, *a, **k: lrs.append(self.param_groups[0]["lr"]) or step(self, *a, **k)
     )
     for mirror, ratio in ((False, 1.0), (True, 0.1)):
-        rendered.clear(), lrs.clear()
+        rendered.clear()
+        lrs.clear()
         cfg = PretrainConfig(
             str(base), tmp_path / f"out{mirror}", steps=5, clips=2, mirror=mirror, min_lr_ratio=ratio, eval_clips=4
         )
