@@ -386,17 +386,22 @@ def init_for_training_(model: VideoChatFlashModel, seed: int, layer_std: float =
     proj.copy_(dct_patch_basis(proj.shape[0], proj.shape[-1]).view_as(proj))
 
 
-def shapes_config() -> VideoChatFlashConfig:
+def shapes_config(heads: int = 4, kv_heads: int = 2) -> VideoChatFlashConfig:
     """The shape of the shipped `tiny` model: 4 decoder layers 128 wide with a 1,024-token vocabulary that holds
     the shapes questions' words whole, and a 4-block UMT tower 128 wide at 112 px (7 x 7 patches a frame, merged
-    to the usual 16), which costs a ninth of 224 px to train on CPU. A few MB."""
+    to the usual 16), which costs a ninth of 224 px to train on CPU. A few MB.
+
+    `heads` / `kv_heads` split the same 128 wide attention otherwise (8 / 4: heads of 16; the weights' shapes, and
+    so a seed's starting weights, stay the same)."""
+    if heads < 1 or 128 % heads or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"heads {heads} / key-value heads {kv_heads}: heads must divide 128 and kv_heads heads")
     text = TextConfig(
         vocab_size=1024,
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
     )
     vision = VisionConfig(
         hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, image_size=112

@@ -75,10 +75,13 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         from hico.checkpoint import shapes_config
         from vcflash.shapes import corpus
 
+        if args.heads is not None and len(args.heads) != 2:
+            raise ValueError(f"--heads takes Q,KV (two numbers, as 8,4), got {args.heads}")
+
         made = make_tiny_checkpoint(
             args.dir,
             seed=args.seed,
-            config=shapes_config(),
+            config=shapes_config(*(args.heads or (4, 2))),
             corpus=corpus(),
             greedy=True,
             for_training=True,
@@ -86,8 +89,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         )
         print(made)
         return 0
-    if args.layer_std is not None:
-        raise ValueError("--layer-std sets the base to train from: it goes with --preset shapes")
+    if args.layer_std is not None or args.heads is not None:
+        raise ValueError("--layer-std and --heads set the base to train from: they go with --preset shapes")
     print(make_tiny_checkpoint(args.dir, res=args.res, seed=args.seed, tower=args.tower))
     return 0
 
@@ -921,6 +924,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="--preset shapes: std of the LLM decoder layers' starting weights (default 0.08, "
         "hico.checkpoint.LAYER_STD; the shipped tiny started from 0.02, Qwen's initializer_range)",
+    )
+    tiny.add_argument(
+        "--heads",
+        type=csv(int),
+        metavar="Q,KV",
+        help="--preset shapes: attention heads and key-value heads (default 4,2; 8,4 splits the same weights in "
+        "heads of 16)",
     )
     tiny.set_defaults(func=cmd_make_tiny)
 

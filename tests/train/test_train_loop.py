@@ -427,3 +427,27 @@ def test_a_start_scale_without_the_shapes_preset_is_refused(tmp_path: Path) -> N
 
     assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--layer-std", "0.08"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_the_shapes_base_splits_its_attention_in_more_heads_with_the_same_weights(tmp_path: Path) -> None:
+    """`--heads 8,4` changes only how the 128-wide attention is split (README Fine-tuning: the 8-head runs): the
+    config says 8 / 4 and every tensor equals the default base's of the same seed."""
+    from vcflash.cli import main
+
+    assert main(["make-tiny-checkpoint", str(tmp_path / "h4"), "--preset", "shapes"]) == 0
+    assert main(["make-tiny-checkpoint", str(tmp_path / "h8"), "--preset", "shapes", "--heads", "8,4"]) == 0
+    h4, h8 = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("h4", "h8"))
+    assert (h4["num_attention_heads"], h4["num_key_value_heads"]) == (4, 2)
+    assert (h8["num_attention_heads"], h8["num_key_value_heads"]) == (8, 4)
+    assert {k: v for k, v in h4.items() if "heads" not in k} == {k: v for k, v in h8.items() if "heads" not in k}
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("h4", "h8"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("heads", ["8", "8,4,2", "6,2", "8,3"])
+def test_a_head_split_that_does_not_fit_is_refused(tmp_path: Path, heads: str) -> None:
+    from vcflash.cli import main
+
+    assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--preset", "shapes", "--heads", heads]) == 2
+    assert not (tmp_path / "x").exists()
+    assert main(["make-tiny-checkpoint", str(tmp_path / "y"), "--heads", "8,4"]) == 2  # the tiny preset: refused
