@@ -391,13 +391,16 @@ def shapes_config(heads: int = 4, kv_heads: int = 2) -> VideoChatFlashConfig:
     the shapes questions' words whole, and a 4-block UMT tower 128 wide at 112 px (7 x 7 patches a frame, merged
     to the usual 16), which costs a ninth of 224 px to train on CPU. A few MB.
 
-    `heads` / `kv_heads` split the same 128 wide attention otherwise (8 / 4: heads of 16; the weights' shapes, and
+    `heads` / `kv_heads` split the same 128-wide attention otherwise (8 / 4: heads of 16; the weights' shapes, and
     so a seed's starting weights, stay the same)."""
-    if heads < 1 or 128 % heads or kv_heads < 1 or heads % kv_heads:
-        raise ValueError(f"heads {heads} / key-value heads {kv_heads}: heads must divide 128 and kv_heads heads")
+    width = 128
+    if heads < 1 or width % heads or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"{heads} heads / {kv_heads} key-value heads: the heads must divide {width}, the key-value heads the heads"
+        )
     text = TextConfig(
         vocab_size=1024,
-        hidden_size=128,
+        hidden_size=width,
         intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=heads,
