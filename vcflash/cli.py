@@ -81,7 +81,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         made = make_tiny_checkpoint(
             args.dir,
             seed=args.seed,
-            config=shapes_config(*(args.heads or (4, 2))),
+            config=shapes_config(*(args.heads or ())),  # its defaults without --heads
             corpus=corpus(),
             greedy=True,
             for_training=True,

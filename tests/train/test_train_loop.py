@@ -422,10 +422,11 @@ def test_a_start_scale_that_is_not_positive_is_refused(std: float) -> None:
         init_for_training_(VideoChatFlashModel(shapes_config()), seed=0, layer_std=std)
 
 
-def test_a_start_scale_without_the_shapes_preset_is_refused(tmp_path: Path) -> None:
+def test_the_base_options_without_the_shapes_preset_are_refused(tmp_path: Path) -> None:
     from vcflash.cli import main
 
     assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--layer-std", "0.08"]) == 2
+    assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--heads", "8,4"]) == 2
     assert not (tmp_path / "x").exists()
 
 
@@ -450,4 +451,3 @@ def test_a_head_split_that_does_not_fit_is_refused(tmp_path: Path, heads: str) -
 
     assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--preset", "shapes", "--heads", heads]) == 2
     assert not (tmp_path / "x").exists()
-    assert main(["make-tiny-checkpoint", str(tmp_path / "y"), "--heads", "8,4"]) == 2  # the tiny preset: refused
