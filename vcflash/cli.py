@@ -208,6 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         lr=args.lr,
         vision_lr=args.vision_lr,
+        optimizer=args.optimizer,
         warmup=args.warmup,
         videos_per_step=args.videos_per_step,
         questions_per_video=args.questions_per_video,
@@ -1242,6 +1243,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     fit.add_argument("--lr", type=float, default=1e-4)
     fit.add_argument("--vision-lr", type=float, help="learning rate of the vision tower (default --lr)")
+    fit.add_argument(
+        "--optimizer",
+        choices=("adamw", "muon"),
+        default="adamw",
+        help="muon: Muon for the hidden matrices, AdamW for the rest",
+    )
     fit.add_argument("--warmup", type=float, default=0.03, help="warm-up, as a fraction of the steps")
     fit.add_argument("--videos-per-step", type=int, default=4)
     fit.add_argument("--questions-per-video", type=int, default=16, help="conversations sharing one encoding")

@@ -13,17 +13,20 @@ from safetensors.torch import load_file
 
 import hico.train
 from hico import VideoChatFlash
-from hico.checkpoint import dct_patch_basis, read_config
+from hico.checkpoint import dct_patch_basis, load_model, read_config
 from hico.dataset import DataError, FrameCache, read_samples
 from hico.lora import load_adapter
 from hico.prompt import PromptVideo, build_prompt, time_message
 from hico.train import (
     Batcher,
+    Muon,
     TrainConfig,
     answer_loss,
     chunk_by_video,
     encode_conversation,
+    make_optimizers,
     normalize_answer,
+    orthogonalize,
     relevance_loss,
     shared_length,
     shared_prefix_forward,
@@ -185,14 +188,22 @@ def test_without_a_working_compiler_training_goes_on_uncompiled(monkeypatch: pyt
 
 
 @pytest.mark.parametrize(
-    ("parts", "changed"),
-    [(("projector",), {"model.mm_projector."}), (("vision", "projector", "llm"), {"model.", "lm_head."})],
+    ("parts", "changed", "optimizer"),
+    [
+        (("projector",), {"model.mm_projector."}, "adamw"),
+        (("vision", "projector", "llm"), {"model.", "lm_head."}, "adamw"),
+        (
+            ("projector", "llm"),
+            {"model.mm_projector.", "model.layers.", "model.embed_tokens.", "model.norm.", "lm_head."},
+            "muon",
+        ),
+    ],
 )
 def test_loss_falls_and_only_the_asked_parts_change(
-    tiny_base: Path, data: Path, tmp_path: Path, parts: tuple[str, ...], changed: set[str]
+    tiny_base: Path, data: Path, tmp_path: Path, parts: tuple[str, ...], changed: set[str], optimizer: str
 ) -> None:
     before = data_loss(VideoChatFlash.from_pretrained(tiny_base), data)
-    result = train(config(data, tiny_base, tmp_path / "out", train=parts, max_steps=6))
+    result = train(config(data, tiny_base, tmp_path / "out", train=parts, max_steps=6, optimizer=optimizer))
     after = data_loss(VideoChatFlash.from_pretrained(tmp_path / "out"), data)
     assert after < before - 0.05, (before, after)
     assert result.steps == 6 and result.samples == 3 * 6 and result.final_loss < before  # 3 epochs of 6 samples
@@ -332,10 +343,11 @@ def test_several_data_files_are_mixed_each_relative_to_its_own_directory(videos:
         hico.train.load_data(TrainConfig(data=(str(empty), str(empty)), model="-", out="-"), report=lambda _: None)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(
-    tiny_base: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_base: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str
 ) -> None:
-    kw = {"max_steps": 5, "eval_every": 2, "anchors": 0.5}
+    kw = {"max_steps": 5, "eval_every": 2, "anchors": 0.5, "optimizer": optimizer}
     whole = train(config(data, tiny_base, tmp_path / "whole", **kw))
 
     calls = {"n": 0}
@@ -359,6 +371,9 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
         train(config(data, tiny_base, tmp_path / "cut", **kw))
     with pytest.raises(ValueError, match="different run.*lora_rank"):
         train(config(data, tiny_base, tmp_path / "cut", resume=True, lora_rank=2, **kw))
+    with pytest.raises(ValueError, match="different run.*optimizer"):
+        other = "adamw" if optimizer == "muon" else "muon"
+        train(config(data, tiny_base, tmp_path / "cut", resume=True, **(kw | {"optimizer": other})))
     said: list[str] = []
     resumed = train(
         config(data, tiny_base, tmp_path / "cut", resume=True, frame_cache=str(tmp_path / "frames"), **kw),
@@ -369,6 +384,57 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+# -- the optimizers ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(384, 128), (64, 128), (128, 128)])
+def test_orthogonalize_gives_about_the_nearest_semi_orthogonal_matrix(shape: tuple[int, int]) -> None:
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    o = orthogonalize(g)
+    assert o.shape == g.shape
+    s, s_g = torch.linalg.svdvals(o), torch.linalg.svdvals(g)  # both descending: the iteration keeps the order
+    kept = s[s_g > 0.003 * s_g[0]]  # five steps lift any direction above 0.3% of the largest to about unit size
+    assert len(kept) >= len(s) - 1 and 0.6 < kept.min() and kept.max() < 1.25
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), o.flatten(), dim=0) > 0.97
+
+
+def test_a_muon_step_moves_each_weight_by_adamws_amount_along_the_orthogonalised_gradient() -> None:
+    """`match AdamW`: an update's root mean square is 0.2 x lr whatever the matrix's shape, so --lr means the same
+    with either optimizer."""
+    lr = 1e-2
+    for shape in [(384, 128), (64, 128)]:
+        w = torch.nn.Parameter(torch.zeros(shape))
+        w.grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        Muon([w], lr=lr).step()
+        rms = float(w.detach().pow(2).mean().sqrt())
+        assert 0.15 * lr < rms < 0.23 * lr, (shape, rms)
+        assert (
+            torch.nn.functional.cosine_similarity(-w.detach().flatten(), orthogonalize(w.grad).flatten(), dim=0) > 0.999
+        )
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_base: Path) -> None:
+    model = load_model(tiny_base, "float32", "cpu", cls=VideoChatFlash)
+    hico.train.set_trainable(model, ("projector", "llm"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = TrainConfig(data="-", model="-", out="-", optimizer="muon", lr=2e-3)
+    adamw, muon = make_optimizers(model, cfg)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
+    matrices = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert matrices | rest == trained and not matrices & rest
+    assert "llm.model.layers.0.mlp.down_proj.weight" in matrices and "mm_projector.mlp.0.weight" in matrices
+    assert "llm.model.embed_tokens.weight" in rest and "llm.model.layers.0.self_attn.q_proj.bias" in rest
+    assert all(model.get_parameter(n).ndim == 2 for n in matrices)
+    assert {g["lr"] for o in (adamw, muon) for g in o.param_groups} == {2e-3}
+    (only,) = make_optimizers(model, TrainConfig(data="-", model="-", out="-"))
+    assert isinstance(only, torch.optim.AdamW) and sum(len(g["params"]) for g in only.param_groups) == len(trained)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(data="-", model="-", out="-", optimizer="sgd")
 
 
 def test_normalize_answer() -> None:
