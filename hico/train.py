@@ -653,28 +653,24 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
 
-def make_optimizers(model: VideoChatFlash, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for the trained tensors (the tower's at `vision_lr`); with `optimizer="muon"`, `Muon` takes the hidden
-    matrices, the 2-D weights of the projector, the LLM's layers and the tower's blocks, at the same rate, and AdamW
-    keeps what Muon is not for: embeddings, the tied output head, norms and biases."""
-    vision_ids = {id(p) for p in model.vision_tower.parameters()}
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = {
-        id(p) for n, p in named if cfg.optimizer == "muon" and p.ndim == 2 and "embed" not in n and "lm_head" not in n
-    }
+def make_optimizers(
+    named: Iterable[tuple[str, nn.Parameter, float]], optimizer: str = "adamw", weight_decay: float = 0.0
+) -> list[torch.optim.Optimizer]:
+    """AdamW for every (name, tensor, learning rate); with `optimizer="muon"`, `Muon` takes the hidden matrices (the
+    2-D weights between the input embeddings and the output heads) at the same rates, and AdamW keeps what Muon is
+    not for: embeddings, heads, norms, biases and convolutions."""
+    hidden, rest = [], []
+    for name, p, lr in named:
+        is_matrix = optimizer == "muon" and p.ndim == 2 and "embed" not in name and "head" not in name
+        (hidden if is_matrix else rest).append((p, lr))
 
-    def groups(in_hidden: bool) -> list[dict]:
-        kept = [p for _, p in named if (id(p) in hidden) == in_hidden]
-        split = (
-            ([p for p in kept if id(p) not in vision_ids], cfg.lr),
-            ([p for p in kept if id(p) in vision_ids], cfg.vision_lr or cfg.lr),
-        )
-        return [{"params": params, "lr": lr} for params, lr in split if params]
+    def groups(params: list[tuple[nn.Parameter, float]]) -> list[dict]:
+        rates = dict.fromkeys(lr for _, lr in params)  # in order of first use
+        return [{"params": [p for p, r in params if r == lr], "lr": lr} for lr in rates]
 
-    rest, matrices = groups(False), groups(True)
     return [
-        *([torch.optim.AdamW(rest, weight_decay=cfg.weight_decay)] if rest else []),
-        *([Muon(matrices, weight_decay=cfg.weight_decay)] if matrices else []),
+        *([torch.optim.AdamW(groups(rest), weight_decay=weight_decay)] if rest else []),
+        *([Muon(groups(hidden), weight_decay=weight_decay)] if hidden else []),
     ]
 
 
@@ -730,7 +726,16 @@ def train(cfg: TrainConfig, report: Callable[[str], None] = log.info, progress: 
         enable_gradient_checkpointing(model.vision_tower.blocks)  # the LLM layers: in shared_prefix_forward
 
     trained = [p for p in model.parameters() if p.requires_grad]
-    optimizers = make_optimizers(model, cfg)
+    vision_ids = {id(p) for p in model.vision_tower.parameters()}
+    optimizers = make_optimizers(
+        [
+            (n, p, (cfg.vision_lr or cfg.lr) if id(p) in vision_ids else cfg.lr)
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        ],
+        cfg.optimizer,
+        cfg.weight_decay,
+    )
     chunks = chunk_by_video(samples, cfg.questions_per_video)
     steps_per_epoch = math.ceil(len(chunks) / cfg.videos_per_step)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))

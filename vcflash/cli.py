@@ -1247,7 +1247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer",
         choices=("adamw", "muon"),
         default="adamw",
-        help="muon: Muon for the hidden matrices, AdamW for the rest",
+        help="muon: Muon for the hidden matrices (half the steps on the tiny recipe), AdamW for the rest",
     )
     fit.add_argument("--warmup", type=float, default=0.03, help="warm-up, as a fraction of the steps")
     fit.add_argument("--videos-per-step", type=int, default=4)

@@ -418,21 +418,27 @@ def test_a_muon_step_moves_each_weight_by_adamws_amount_along_the_orthogonalised
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_base: Path) -> None:
     model = load_model(tiny_base, "float32", "cpu", cls=VideoChatFlash)
-    hico.train.set_trainable(model, ("projector", "llm"))
-    names = {id(p): n for n, p in model.named_parameters()}
-    cfg = TrainConfig(data="-", model="-", out="-", optimizer="muon", lr=2e-3)
-    adamw, muon = make_optimizers(model, cfg)
+    hico.train.set_trainable(model, ("vision", "projector", "llm"))
+    vision = {id(p) for p in model.vision_tower.parameters()}
+    named = [(n, p, 1e-4 if id(p) in vision else 2e-3) for n, p in model.named_parameters()]
+    adamw, muon = make_optimizers(named, "muon")
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
     matrices = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert matrices | rest == trained and not matrices & rest
-    assert "llm.model.layers.0.mlp.down_proj.weight" in matrices and "mm_projector.mlp.0.weight" in matrices
-    assert "llm.model.embed_tokens.weight" in rest and "llm.model.layers.0.self_attn.q_proj.bias" in rest
+    assert matrices | rest == set(names.values()) and not matrices & rest
+    assert {"llm.model.layers.0.mlp.down_proj.weight", "mm_projector.mlp.0.weight"} <= matrices
+    assert {"vision_tower.blocks.0.attn.qkv.weight"} <= matrices
+    assert {"llm.model.embed_tokens.weight", "llm.model.layers.0.self_attn.q_proj.bias"} <= rest
+    assert {"vision_tower.patch_embed.proj.weight", "llm.model.norm.weight"} <= rest
     assert all(model.get_parameter(n).ndim == 2 for n in matrices)
-    assert {g["lr"] for o in (adamw, muon) for g in o.param_groups} == {2e-3}
-    (only,) = make_optimizers(model, TrainConfig(data="-", model="-", out="-"))
-    assert isinstance(only, torch.optim.AdamW) and sum(len(g["params"]) for g in only.param_groups) == len(trained)
+    for o in (adamw, muon):  # each tensor keeps its own rate
+        assert {(g["lr"], id(p) in vision) for g in o.param_groups for p in g["params"]} == {
+            (2e-3, False),
+            (1e-4, True),
+        }
+    (only,) = make_optimizers(named)
+    assert isinstance(only, torch.optim.AdamW) and sum(len(g["params"]) for g in only.param_groups) == len(named)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainConfig(data="-", model="-", out="-", optimizer="sgd")
 
