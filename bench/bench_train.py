@@ -37,7 +37,7 @@ ORDER = ["--videos", "600", "--test-videos", "100", "--seed", "12"]
 TOWER = ["--steps", "1000", "--labels", "shape,colour", "--clips", "16", "--lr", "1e-3", "--seed", "0"]
 STEP = ["--train", "projector,llm", "--videos-per-step", "8", "--questions-per-video", "8", "--eval-samples", "200"]
 STEP += ["--compile"]  # ~1.3x cheaper steps after a compile of ~1 min
-STAGE_1 = ["--optimizer", "muon", "--lr", "1e-3", "--max-steps", "1000", "--eval-every", "1000", "--seed", "0"]
+STAGE_1 = ["--optimizer", "muon", "--lr", "2e-3", "--max-steps", "1000", "--eval-every", "1000", "--seed", "0"]
 
 
 def recipe(root: Path, threads: int | None) -> dict:

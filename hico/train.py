@@ -8,7 +8,8 @@ message, same tokenization piece by piece), and the loss is the cross-entropy of
 
 What trains is chosen by part (`vision`, `projector`, `llm`), which is how the paper's stages differ (stage 1:
 projector; stages 2-3: all three; stage 4: vision and projector); `lora_rank` puts LoRA adapters on the LLM
-instead of training it in full (`hico.lora`). On a GPU the frozen weights stay in the load dtype (bf16) while
+instead of training it in full (`hico.lora`). AdamW trains them, or with `optimizer="muon"` Muon the weight matrices
+and AdamW the rest (`make_optimizers`). On a GPU the frozen weights stay in the load dtype (bf16) while
 trained ones are kept in float32 under autocast, with gradient checkpointing per transformer block.
 
 Every `eval_every` steps the loop measures the held-out loss and exact-match accuracy and writes

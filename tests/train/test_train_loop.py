@@ -402,8 +402,8 @@ def test_orthogonalize_gives_about_the_nearest_semi_orthogonal_matrix(shape: tup
 
 
 def test_a_muon_step_moves_each_weight_by_adamws_amount_along_the_orthogonalised_gradient() -> None:
-    """`match AdamW`: an update's root mean square is 0.2 x lr whatever the matrix's shape, so --lr means the same
-    with either optimizer."""
+    """An update's root mean square is about 0.2 x lr, AdamW's usual size, whatever the matrix's shape: --lr means
+    the same with either optimizer."""
     lr = 1e-2
     for shape in [(384, 128), (64, 128)]:
         w = torch.nn.Parameter(torch.zeros(shape))
