@@ -1245,7 +1245,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--vision-lr", type=float, help="learning rate of the vision tower (default --lr)")
     fit.add_argument(
         "--optimizer",
-        choices=("adamw", "muon"),
+        choices=("adamw", "muon"),  # hico.train.OPTIMIZERS, written out: building the parser loads no torch
         default="adamw",
         help="muon: Muon for the hidden matrices (half the steps on the tiny recipe), AdamW for the rest",
     )
